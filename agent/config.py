@@ -1,0 +1,105 @@
+"""Validated, immutable agent configuration.
+
+Every field is checked when a :class:`MonitorConfig` is constructed, so a bad
+argument fails at ``GradientMonitor(...)`` with a message naming it, never
+hours later inside the training loop.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+__all__ = ["ConfigError", "MonitorConfig"]
+
+_PROJECT_RE = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
+
+
+class ConfigError(ValueError):
+    """A monitor argument is invalid; the message names the argument."""
+
+
+@dataclass(frozen=True, slots=True)
+class MonitorConfig:
+    """Settings of one :class:`~gradwatch.agent.GradientMonitor`.
+
+    Attributes:
+        run: Display name of the run (1..200 characters).
+        server: Base URL of a gradwatch server (``http://host:port``), or
+            ``None`` for local mode (JSON lines under ``local_dir``).
+        project: Project the run belongs to (letters, digits, ``._-``).
+        run_id: UUID of the run; generated when not given. Pass the id of an
+            earlier run to keep streaming into it after a restart.
+        flush_every: Steps per host read and per batch sent (>= 1).
+        queue_size: Batches held in memory while the sender is busy (>= 1).
+        request_timeout_seconds: Timeout of one HTTP request, seconds (> 0).
+        retry_deadline_seconds: How long the sender keeps retrying one request
+            before it gives up on it, seconds (> 0).
+        local_dir: Directory for local-mode run files.
+    """
+
+    run: str
+    server: str | None = None
+    project: str = "default"
+    run_id: str = ""
+    flush_every: int = 50
+    queue_size: int = 1000
+    request_timeout_seconds: float = 10.0
+    retry_deadline_seconds: float = 60.0
+    local_dir: Path = Path("gradwatch-runs")
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.run, str) or not 1 <= len(self.run) <= 200:
+            raise ConfigError(f"run: expected a name of 1 to 200 characters, got {self.run!r}")
+        if self.server is not None:
+            object.__setattr__(self, "server", _check_url(self.server))
+        if not isinstance(self.project, str) or not _PROJECT_RE.match(self.project):
+            raise ConfigError(
+                f"project: expected 1 to 100 letters, digits, '.', '_' or '-', got {self.project!r}"
+            )
+        if self.run_id:
+            try:
+                canonical = str(uuid.UUID(self.run_id))
+            except (ValueError, TypeError, AttributeError):
+                raise ConfigError(f"run_id: expected a UUID, got {self.run_id!r}") from None
+            object.__setattr__(self, "run_id", canonical)
+        else:
+            object.__setattr__(self, "run_id", str(uuid.uuid4()))
+        _check_positive_int("flush_every", self.flush_every)
+        _check_positive_int("queue_size", self.queue_size)
+        _check_positive_float("request_timeout_seconds", self.request_timeout_seconds)
+        _check_positive_float("retry_deadline_seconds", self.retry_deadline_seconds)
+        object.__setattr__(self, "local_dir", Path(self.local_dir))
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name}: expected an integer >= 1, got {value!r}")
+
+
+def _check_positive_float(name: str, value: object) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not value > 0
+        or value == float("inf")
+    ):
+        raise ConfigError(f"{name}: expected a finite number of seconds > 0, got {value!r}")
+
+
+def _check_url(url: object) -> str:
+    if not isinstance(url, str):
+        raise ConfigError(f"server: expected a URL like 'http://127.0.0.1:8000', got {url!r}")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"server: expected a URL like 'http://127.0.0.1:8000', got {url!r}")
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError:
+        raise ConfigError(f"server: the port in {url!r} is not a number in 0..65535") from None
+    if parts.query or parts.fragment:
+        raise ConfigError(f"server: expected a base URL without query or fragment, got {url!r}")
+    return url.rstrip("/")

@@ -1,0 +1,542 @@
+"""GradientMonitor: the optimizer wrapper, the Keras callback and the custom-loop API.
+
+How a step flows:
+
+1. ``train_step`` calls ``optimizer.scale_loss(loss)`` (the wrapper records the
+   loss in a variable) and then ``optimizer.apply(grads, variables)``.
+2. The wrapper computes the step's statistics and applies the clip policy with
+   tf ops, writes one row into in-graph ring buffers at ``step % capacity``
+   and hands the (clipped) gradients to the inner optimizer, or skips the
+   update. Nothing here syncs with the host.
+3. Every ``flush_every`` steps the callback (or :meth:`GradientMonitor.on_step`
+   in a custom loop) reads the buffers once and submits a
+   :class:`~gradwatch.agent.records.StepBatch` to the sender thread.
+
+The ring holds ``flush_every + steps_per_execution`` rows: the host reads as
+soon as ``flush_every`` steps may be pending, and at most
+``steps_per_execution`` more run before the next callback, so no row is
+overwritten unread. Steps lost anyway (a custom loop that calls ``on_step``
+too rarely) are counted in :attr:`GradientMonitor.lost_steps`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from gradwatch.agent.clip import ClipContext, ClipPolicy
+from gradwatch.agent.config import ConfigError, MonitorConfig
+from gradwatch.agent.layers import LayerLayout, layout_of
+from gradwatch.agent.records import StepBatch
+from gradwatch.agent.sender import RetryPolicy, Sender
+from gradwatch.agent.stats import compute_gradient_stats
+from gradwatch.agent.transport import HttpTransport, JsonlTransport, RunInfo, Transport
+
+__all__ = ["GradientMonitor", "MonitoredOptimizer"]
+
+log = logging.getLogger("gradwatch.agent")
+
+# Columns of the per-step run buffer.
+_LOSS, _LOSS_KNOWN, _GLOBAL, _GLOBAL_CLIPPED, _COEF, _SKIPPED = range(6)
+_RUN_COLUMNS = 6
+
+
+def _variable_key(variable: Any) -> object:
+    """Identity of a variable that is the same across replicas and wrappers."""
+    value = getattr(variable, "value", variable)  # keras.Variable → tf.Variable
+    if hasattr(value, "_distributed_container"):
+        value = value._distributed_container()
+    return getattr(value, "_unique_id", id(value))
+
+
+class _GraphState(tf.Module):
+    """The monitor's in-graph variables: step counter, ring buffers, policy state."""
+
+    def __init__(self, layout: LayerLayout, capacity: int, first_step: int) -> None:
+        super().__init__(name="gradwatch")
+        agg = tf.VariableAggregation.ONLY_FIRST_REPLICA
+        num_layers = layout.num_layers
+
+        def var(value: Any, dtype: tf.DType, name: str) -> tf.Variable:
+            return tf.Variable(value, dtype=dtype, trainable=False, name=name, aggregation=agg)
+
+        self.layout = layout
+        self.capacity = capacity
+        self.step = var(first_step, tf.int64, "step")
+        self.loss = var(float("nan"), tf.float32, "loss")
+        self.loss_fresh = var(False, tf.bool, "loss_fresh")
+        self.step_buf = var(tf.fill([capacity], tf.constant(-1, tf.int64)), tf.int64, "step_buf")
+        self.run_buf = var(tf.zeros([capacity, _RUN_COLUMNS]), tf.float32, "run_buf")
+        self.norm_buf = var(tf.zeros([capacity, num_layers]), tf.float32, "norm_buf")
+        self.nonfinite_buf = var(
+            tf.zeros([capacity, num_layers], tf.int32), tf.int32, "nonfinite_buf"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Installed:
+    """An optimizer swap made by the callback, undone at the end of training."""
+
+    owner: Any  # the model, or the LossScaleOptimizer whose inner optimizer was swapped
+    attribute: str
+    original: Any
+
+
+class MonitoredOptimizer(keras.optimizers.Optimizer):  # type: ignore[misc]
+    """Wraps an optimizer so every ``apply`` is measured and clipped in-graph.
+
+    Made by :meth:`GradientMonitor.wrap`; follows the pattern of Keras' own
+    ``LossScaleOptimizer``. It exposes only the inner optimizer's variables, so
+    a checkpoint of the model looks exactly as without gradwatch.
+    """
+
+    def __init__(
+        self, inner_optimizer: keras.optimizers.Optimizer, monitor: GradientMonitor
+    ) -> None:
+        super().__init__(learning_rate=0.0, name=f"gradwatch_{inner_optimizer.name}")
+        self.inner_optimizer = inner_optimizer
+        object.__setattr__(self, "_gradwatch_monitor", monitor)
+
+    @property
+    def monitor(self) -> GradientMonitor:
+        """The monitor that records this optimizer's steps."""
+        return self._gradwatch_monitor  # type: ignore[no-any-return]
+
+    def build(self, var_list: Sequence[Any]) -> None:
+        """Build the inner optimizer and the monitor's in-graph state (eagerly)."""
+        if not self.inner_optimizer.built:
+            self.inner_optimizer.build(var_list)
+        self.monitor._build_state(var_list, self.inner_optimizer)
+        self.built = True
+
+    @property
+    def variables(self) -> list[Any]:
+        return list(self.inner_optimizer.variables)
+
+    @property
+    def iterations(self) -> Any:
+        return self.inner_optimizer.iterations
+
+    @property
+    def learning_rate(self) -> Any:
+        return self.inner_optimizer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, learning_rate: Any) -> None:
+        self.inner_optimizer.learning_rate = learning_rate
+
+    def scale_loss(self, loss: Any) -> Any:
+        """Record the step's loss, then let the inner optimizer scale it."""
+        self.monitor.record_loss(loss)
+        return self.inner_optimizer.scale_loss(loss)
+
+    def apply(self, grads: Sequence[Any], trainable_variables: Sequence[Any] | None = None) -> None:
+        """Measure, clip and apply one step's gradients (runs inside the compiled step)."""
+        if trainable_variables is None:
+            trainable_variables = self.inner_optimizer._trainable_variables
+        variables = list(trainable_variables)
+        if not self.built:
+            self.build(variables)
+        new_grads, skip = self.monitor._process(list(grads), variables)
+        if skip is None:
+            self.inner_optimizer.apply(new_grads, variables)
+            return
+
+        def update() -> tf.Tensor:
+            self.inner_optimizer.apply(new_grads, variables)
+            return tf.constant(True)
+
+        tf.cond(skip, lambda: tf.constant(False), update)
+
+    def finalize_variable_values(self, var_list: Sequence[Any]) -> None:
+        self.inner_optimizer.finalize_variable_values(var_list)
+
+    def get_config(self) -> dict[str, Any]:
+        return self.inner_optimizer.get_config()  # type: ignore[no-any-return]
+
+
+class GradientMonitor(keras.callbacks.Callback):  # type: ignore[misc]
+    """Records per-layer gradient statistics of every step and streams them.
+
+    Use it as a Keras callback (``model.fit(..., callbacks=[monitor])``), which
+    wraps the model's optimizer for the duration of training, or wrap the
+    optimizer yourself with :meth:`wrap`. In a custom loop, call
+    :meth:`on_step` after each step. Close it (or use it as a context manager)
+    to flush what is left.
+
+    Args:
+        run: Display name of the run.
+        server: Base URL of a gradwatch server, or ``None`` for local mode.
+        policy: Clip policy from :mod:`gradwatch.agent.clip`, or ``None`` to
+            monitor only.
+        flush_every: Steps per host read and per batch sent.
+        project: Project the run belongs to.
+        run_id: UUID of an existing run to continue; new one if omitted.
+        queue_size: Batches held in memory while the sender is busy.
+        request_timeout_seconds: Timeout of one HTTP request.
+        retry_deadline_seconds: How long to retry a request before giving up.
+        local_dir: Where local mode writes its files.
+        transport: A transport to use instead of the default one (tests).
+
+    Raises:
+        ConfigError: An argument is invalid (the message names it).
+
+    Thread-safety: training-thread object; :meth:`close` may be called from
+    any thread once training has stopped.
+    """
+
+    def __init__(
+        self,
+        run: str,
+        server: str | None = None,
+        policy: ClipPolicy | None = None,
+        flush_every: int = 50,
+        project: str = "default",
+        run_id: str | None = None,
+        queue_size: int = 1000,
+        request_timeout_seconds: float = 10.0,
+        retry_deadline_seconds: float = 60.0,
+        local_dir: str | None = None,
+        transport: Transport | None = None,
+    ) -> None:
+        super().__init__()
+        kwargs: dict[str, Any] = {}
+        if local_dir is not None:
+            kwargs["local_dir"] = local_dir
+        self.config = MonitorConfig(
+            run=run,
+            server=server,
+            project=project,
+            run_id=run_id or "",
+            flush_every=flush_every,
+            queue_size=queue_size,
+            request_timeout_seconds=request_timeout_seconds,
+            retry_deadline_seconds=retry_deadline_seconds,
+            **kwargs,
+        )
+        if policy is not None and not isinstance(policy, ClipPolicy):
+            raise ConfigError(
+                "policy: expected a policy from gradwatch.agent.clip "
+                f"(e.g. clip.global_norm(1.0)), got {policy!r}"
+            )
+        self.policy = policy
+        if transport is None:
+            if self.config.server is None:
+                transport = JsonlTransport(self.config.local_dir)
+            else:
+                transport = HttpTransport(self.config.server, self.config.request_timeout_seconds)
+        run_info = RunInfo(
+            run_id=self.config.run_id,
+            name=self.config.run,
+            project=self.config.project,
+            config={
+                "flush_every": self.config.flush_every,
+                "policy": policy.describe() if policy else None,
+            },
+        )
+        self._sender = Sender(
+            transport,
+            run_info,
+            queue_size=self.config.queue_size,
+            retry=RetryPolicy(deadline_seconds=self.config.retry_deadline_seconds),
+        )
+        self._state: _GraphState | None = None
+        self._policy_state: Any = None
+        self._var_segments: dict[object, int] = {}
+        self._wrapper: MonitoredOptimizer | None = None
+        self._installed: _Installed | None = None
+        self._steps_per_call = 1
+        self._unread_estimate = 0
+        self._read_count: int | None = None
+        self._lost_steps = 0
+        self._closed = False
+
+    # -- public API ------------------------------------------------------------------------
+
+    @property
+    def run_id(self) -> str:
+        """UUID of the run on the server."""
+        return self.config.run_id
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """Layer names in reporting order (empty until the first build)."""
+        return self._state.layout.names if self._state is not None else ()
+
+    @property
+    def lost_steps(self) -> int:
+        """Steps overwritten in the ring buffer before the host read them."""
+        return self._lost_steps
+
+    @property
+    def dropped_batches(self) -> dict[str, int]:
+        """Batches dropped by the sender, by reason."""
+        return self._sender.dropped_batches
+
+    @property
+    def sender(self) -> Sender:
+        """The background sender (for counters and flushing)."""
+        return self._sender
+
+    def wrap(self, optimizer: keras.optimizers.Optimizer) -> MonitoredOptimizer:
+        """Return ``optimizer`` wrapped so this monitor sees every step.
+
+        With mixed precision, let ``compile`` add the ``LossScaleOptimizer``
+        around the wrapper (or wrap the LSO's inner optimizer): a wrapper around
+        an LSO would see scaled gradients.
+
+        Raises:
+            ConfigError: The optimizer is already wrapped, or is a
+                ``LossScaleOptimizer``.
+        """
+        if isinstance(optimizer, MonitoredOptimizer):
+            raise ConfigError("optimizer: already wrapped by a GradientMonitor")
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            raise ConfigError(
+                "optimizer: wrap the LossScaleOptimizer's inner optimizer instead "
+                "(gradwatch must see unscaled gradients)"
+            )
+        if not isinstance(optimizer, keras.optimizers.Optimizer):
+            raise ConfigError(
+                f"optimizer: expected a keras.optimizers.Optimizer, got {optimizer!r}"
+            )
+        if self._wrapper is not None and self._wrapper.inner_optimizer is not optimizer:
+            raise ConfigError("optimizer: this monitor already wraps another optimizer")
+        if self._wrapper is None:
+            self._wrapper = MonitoredOptimizer(optimizer, self)
+        return self._wrapper
+
+    def apply_gradients(
+        self, grads_and_vars: Iterable[tuple[Any, Any]], loss: Any | None = None
+    ) -> None:
+        """Custom loops: record ``loss`` (optional) and apply through the wrapped optimizer."""
+        if self._wrapper is None:
+            raise ConfigError("optimizer: call monitor.wrap(optimizer) before apply_gradients")
+        if loss is not None:
+            self.record_loss(loss)
+        self._wrapper.apply_gradients(grads_and_vars)
+
+    def record_loss(self, loss: Any) -> None:
+        """Record the current step's loss (in-graph; no host sync)."""
+        if self._state is None:
+            return
+        value = tf.cast(tf.reduce_mean(loss), tf.float32)
+        self._state.loss.assign(value)
+        self._state.loss_fresh.assign(True)
+
+    def on_step(self, step: int | None = None) -> None:
+        """Custom loops: call after each training step (host side, cheap).
+
+        Reads the in-graph buffers once every ``flush_every`` calls.
+        """
+        self._unread_estimate += 1
+        if self._unread_estimate >= self.config.flush_every:
+            self._collect()
+
+    def flush(self, timeout_seconds: float = 10.0) -> bool:
+        """Read pending steps and wait up to ``timeout_seconds`` for delivery."""
+        self._collect()
+        return self._sender.flush(timeout_seconds)
+
+    def close(self, timeout_seconds: float = 10.0, status: str = "finished") -> bool:
+        """Read what is pending, mark the run ``status`` and flush, within the timeout.
+
+        Idempotent. Blocks up to ``timeout_seconds``.
+
+        Returns:
+            ``True`` if everything was delivered in time.
+        """
+        if self._closed:
+            return True
+        self._closed = True
+        self._collect()
+        self._sender.set_status(status)
+        return self._sender.close(timeout_seconds)
+
+    def __enter__(self) -> GradientMonitor:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close(status="failed" if exc_type is not None else "finished")
+
+    # -- Keras callback hooks --------------------------------------------------------------
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        model = self.model
+        self._install(model)
+        self._steps_per_call = max(1, int(getattr(model, "steps_per_execution", 1) or 1))
+        wrapper = self._wrapper
+        assert wrapper is not None
+        with model.distribute_strategy.scope():
+            if not wrapper.built:
+                wrapper.build(model.trainable_variables)
+            self._ensure_capacity()
+        # Trace again so the train function calls the (possibly new) wrapper.
+        model.train_function = None
+        model.make_train_function()
+        self._sender.set_status("running")
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        self._unread_estimate += self._steps_per_call
+        if self._unread_estimate >= self.config.flush_every:
+            self._collect()
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        self._collect()
+        self._sender.set_status("finished")
+        self._uninstall()
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _install(self, model: Any) -> None:
+        optimizer = model.optimizer
+        if optimizer is None:
+            raise ConfigError("model: compile the model with an optimizer before fit")
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            inner = optimizer.inner_optimizer
+            if isinstance(inner, MonitoredOptimizer):
+                self._check_own(inner)
+                return
+            optimizer.inner_optimizer = self.wrap(inner)
+            self._installed = _Installed(optimizer, "inner_optimizer", inner)
+            return
+        if isinstance(optimizer, MonitoredOptimizer):
+            self._check_own(optimizer)
+            return
+        model.optimizer = self.wrap(optimizer)
+        self._installed = _Installed(model, "optimizer", optimizer)
+
+    def _check_own(self, wrapper: MonitoredOptimizer) -> None:
+        if wrapper.monitor is not self:
+            raise ConfigError("optimizer: wrapped by a different GradientMonitor")
+
+    def _uninstall(self) -> None:
+        installed, self._installed = self._installed, None
+        if installed is None:
+            return
+        setattr(installed.owner, installed.attribute, installed.original)
+        model = self.model
+        if model is not None:
+            model.train_function = None
+
+    def _capacity(self) -> int:
+        return self.config.flush_every + self._steps_per_call
+
+    def _build_state(self, variables: Sequence[Any], inner: keras.optimizers.Optimizer) -> None:
+        """Create the in-graph state for ``variables`` (eager; once per monitor)."""
+        if self._state is not None:
+            return
+        layout = layout_of(variables)
+        first_step = int(inner.iterations.numpy()) if inner.built else 0
+        self._state = _GraphState(layout, self._capacity(), first_step)
+        self._var_segments = {
+            _variable_key(v): seg for v, seg in zip(variables, layout.segment_ids, strict=True)
+        }
+        if self.policy is not None:
+            self._policy_state = self.policy.init(variables, layout)
+        self._read_count = first_step
+
+    def _ensure_capacity(self) -> None:
+        """Grow the ring if ``steps_per_execution`` needs more rows than it has."""
+        state = self._state
+        if state is None or state.capacity >= self._capacity():
+            return
+        self._collect()
+        grown = _GraphState(state.layout, self._capacity(), int(state.step.numpy()))
+        self._state = grown
+
+    def _process(
+        self, grads: list[Any], variables: list[Any]
+    ) -> tuple[list[Any], tf.Tensor | None]:
+        """In-graph: measure, clip and record one step. Returns (grads, skip or None)."""
+        state = self._state
+        assert state is not None, "the wrapped optimizer was not built"
+        try:
+            segments = tuple(self._var_segments[_variable_key(v)] for v in variables)
+        except KeyError:
+            raise ConfigError(
+                "variables: apply() got a variable the optimizer was not built with"
+            ) from None
+        layout = LayerLayout(state.layout.names, segments)
+        stats = compute_gradient_stats(grads, layout)
+        skip: tf.Tensor | None = None
+        coef = tf.constant(1.0)
+        norm_after = stats.global_norm
+        if self.policy is not None:
+            result = self.policy.apply(
+                grads, self._policy_state, ClipContext(stats, variables, layout)
+            )
+            grads, coef, skip = result.grads, result.clip_coef, result.skip
+            norm_after = (
+                result.global_norm
+                if result.global_norm is not None
+                else compute_gradient_stats(grads, layout).global_norm
+            )
+        skipped = tf.constant(False) if skip is None else skip
+        step = state.step.read_value()
+        row = tf.reshape(tf.math.floormod(step, state.capacity), [1, 1])
+        run_row = tf.stack(
+            [
+                state.loss.read_value(),
+                tf.cast(state.loss_fresh.read_value(), tf.float32),
+                stats.global_norm,
+                tf.cast(norm_after, tf.float32),
+                tf.cast(coef, tf.float32),
+                tf.cast(skipped, tf.float32),
+            ]
+        )
+        state.step_buf.scatter_nd_update(row, tf.reshape(step, [1]))
+        state.run_buf.scatter_nd_update(row, run_row[tf.newaxis])
+        state.norm_buf.scatter_nd_update(row, stats.layer_norms[tf.newaxis])
+        state.nonfinite_buf.scatter_nd_update(row, stats.layer_nonfinite[tf.newaxis])
+        state.loss_fresh.assign(False)
+        state.step.assign_add(1)
+        return grads, skip
+
+    def _collect(self) -> None:
+        """Host side: read the steps recorded since the last read and submit them."""
+        self._unread_estimate = 0
+        state = self._state
+        if state is None or self._read_count is None:
+            return
+        count = int(state.step.numpy())
+        pending = count - self._read_count
+        if pending <= 0:
+            return
+        if pending > state.capacity:
+            self._lost_steps += pending - state.capacity
+            log.warning(
+                "gradwatch: %d steps were overwritten before they were read; "
+                "call on_step() after every step",
+                pending - state.capacity,
+            )
+            pending = state.capacity
+        rows = np.arange(count - pending, count) % state.capacity
+        steps = state.step_buf.numpy()[rows]
+        run = state.run_buf.numpy()[rows]
+        batch = StepBatch(
+            layers=state.layout.names,
+            step=steps.astype(np.int64),
+            loss=run[:, _LOSS].astype(np.float32),
+            loss_known=run[:, _LOSS_KNOWN] > 0.5,
+            global_norm=run[:, _GLOBAL].astype(np.float32),
+            global_norm_clipped=run[:, _GLOBAL_CLIPPED].astype(np.float32),
+            clip_coef=run[:, _COEF].astype(np.float32),
+            skipped=run[:, _SKIPPED] > 0.5,
+            grad_norm=state.norm_buf.numpy()[rows],
+            nonfinite=state.nonfinite_buf.numpy()[rows].astype(np.int64),
+        )
+        self._read_count = count
+        self._sender.submit(batch)

@@ -1,0 +1,196 @@
+"""The :class:`StepBatch` value object and its wire form (schema 1).
+
+The wire form is columnar JSON (DESIGN.md §5). Non-finite floats travel as the
+strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"`` (the protobuf JSON
+convention), since JSON has no literal for them; unknown values are ``null``.
+Floats are the float32 values computed in the graph, written exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["SCHEMA_VERSION", "StepBatch", "decode_floats", "encode_floats"]
+
+SCHEMA_VERSION = 1
+
+_NONFINITE_TO_WIRE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+_WIRE_TO_FLOAT = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+FloatArray = npt.NDArray[np.float32]
+IntArray = npt.NDArray[np.int64]
+BoolArray = npt.NDArray[np.bool_]
+
+
+def encode_floats(
+    values: npt.NDArray[np.floating[Any]], known: BoolArray | None = None
+) -> list[Any]:
+    """Turn a float array (any shape) into nested lists for JSON.
+
+    Args:
+        values: The values; NaN/±Inf become their wire strings.
+        known: Optional mask of the same shape; ``False`` entries become ``None``.
+    """
+    finite = np.isfinite(values)
+    if known is None and finite.all():
+        return values.tolist()  # type: ignore[no-any-return]
+    out = values.astype(object)
+    if not finite.all():
+        out[np.isnan(values)] = "NaN"
+        out[np.isposinf(values)] = "Infinity"
+        out[np.isneginf(values)] = "-Infinity"
+    if known is not None:
+        out[~known] = None
+    return out.tolist()  # type: ignore[no-any-return]
+
+
+def decode_floats(values: Sequence[Any]) -> tuple[FloatArray, BoolArray]:
+    """Inverse of :func:`encode_floats` for float32 data: returns values and known-mask.
+
+    Raises:
+        ValueError: An entry is a string other than the three wire spellings.
+    """
+    flat = _flatten(values)
+    shape = _shape_of(values)
+    known = np.array([v is not None for v in flat], dtype=bool).reshape(shape)
+    return np.array([_to_float(v) for v in flat], dtype=np.float32).reshape(shape), known
+
+
+def _flatten(values: Sequence[Any]) -> list[Any]:
+    if values and isinstance(values[0], list):
+        return [v for row in values for v in row]
+    return list(values)
+
+
+def _shape_of(values: Sequence[Any]) -> tuple[int, ...]:
+    if values and isinstance(values[0], list):
+        return (len(values), len(values[0]))
+    return (len(values),)
+
+
+def _to_float(value: Any) -> float:
+    if value is None:
+        return math.nan
+    if isinstance(value, str):
+        try:
+            return _WIRE_TO_FLOAT[value]
+        except KeyError:
+            raise ValueError(f"unexpected string {value!r} where a number was expected") from None
+    return float(value)
+
+
+@dataclass(frozen=True, slots=True)
+class StepBatch:
+    """Statistics of consecutive recorded steps of one run, ``n`` steps × ``L`` layers.
+
+    Immutable and safe to share between threads.
+
+    Attributes:
+        layers: Layer names (``L``).
+        step: ``[n]`` int64 step numbers, strictly increasing.
+        loss: ``[n]`` float32 training loss (meaningful where ``loss_known``).
+        loss_known: ``[n]`` bool, whether the loss of that step was observed.
+        global_norm: ``[n]`` float32 global gradient L2 norm before the policy.
+        global_norm_clipped: ``[n]`` float32 global norm of the applied update.
+        clip_coef: ``[n]`` float32 ratio after/before (1 = untouched, 0 = skipped).
+        skipped: ``[n]`` bool, the optimizer update was not applied.
+        grad_norm: ``[n, L]`` float32 per-layer gradient L2 norm.
+        nonfinite: ``[n, L]`` int64 count of NaN/±Inf gradient values per layer.
+        batch_id: UUID making resends idempotent.
+    """
+
+    layers: tuple[str, ...]
+    step: IntArray
+    loss: FloatArray
+    loss_known: BoolArray
+    global_norm: FloatArray
+    global_norm_clipped: FloatArray
+    clip_coef: FloatArray
+    skipped: BoolArray
+    grad_norm: FloatArray
+    nonfinite: IntArray
+    batch_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+
+    def __post_init__(self) -> None:
+        n, num_layers = len(self.step), len(self.layers)
+        for name in (
+            "loss",
+            "loss_known",
+            "global_norm",
+            "global_norm_clipped",
+            "clip_coef",
+            "skipped",
+        ):
+            if np.shape(getattr(self, name)) != (n,):
+                raise ValueError(
+                    f"{name}: expected shape ({n},), got {np.shape(getattr(self, name))}"
+                )
+        for name in ("grad_norm", "nonfinite"):
+            shape = np.shape(getattr(self, name))
+            if shape != (n, num_layers):
+                raise ValueError(f"{name}: expected shape ({n}, {num_layers}), got {shape}")
+        if n and np.any(np.diff(self.step) <= 0):
+            raise ValueError("step: must be strictly increasing")
+
+    def __len__(self) -> int:
+        return len(self.step)
+
+    def to_wire(self, dropped_batches: Mapping[str, int] | None = None) -> dict[str, Any]:
+        """Return the JSON-ready wire dict (schema 1).
+
+        Args:
+            dropped_batches: Cumulative counts of batches the agent dropped, by
+                reason, to report with this batch.
+        """
+        wire: dict[str, Any] = {
+            "schema": SCHEMA_VERSION,
+            "batch_id": self.batch_id,
+            "layers": list(self.layers),
+            "step": self.step.tolist(),
+            "global_norm": encode_floats(self.global_norm),
+            "global_norm_clipped": encode_floats(self.global_norm_clipped),
+            "clip_coef": encode_floats(self.clip_coef),
+            "skipped": self.skipped.tolist(),
+            "grad_norm": encode_floats(self.grad_norm),
+            "nonfinite": self.nonfinite.tolist(),
+        }
+        if self.loss_known.any():
+            wire["loss"] = encode_floats(self.loss, self.loss_known)
+        if dropped_batches:
+            wire["dropped_batches"] = dict(dropped_batches)
+        return wire
+
+    @classmethod
+    def from_wire(cls, wire: Mapping[str, Any]) -> StepBatch:
+        """Rebuild a batch from its wire dict (for local files and uploads).
+
+        Raises:
+            ValueError: The dict is not a valid schema-1 batch.
+        """
+        if wire.get("schema") != SCHEMA_VERSION:
+            raise ValueError(f"schema: expected {SCHEMA_VERSION}, got {wire.get('schema')!r}")
+        n = len(wire["step"])
+        if "loss" in wire:
+            loss, loss_known = decode_floats(wire["loss"])
+        else:
+            loss, loss_known = np.full(n, np.nan, np.float32), np.zeros(n, bool)
+        return cls(
+            batch_id=str(wire["batch_id"]),
+            layers=tuple(wire["layers"]),
+            step=np.asarray(wire["step"], dtype=np.int64),
+            loss=loss,
+            loss_known=loss_known,
+            global_norm=decode_floats(wire["global_norm"])[0],
+            global_norm_clipped=decode_floats(wire["global_norm_clipped"])[0],
+            clip_coef=decode_floats(wire["clip_coef"])[0],
+            skipped=np.asarray(wire["skipped"], dtype=bool),
+            grad_norm=decode_floats(wire["grad_norm"])[0].reshape(n, len(wire["layers"])),
+            nonfinite=np.asarray(wire["nonfinite"], dtype=np.int64).reshape(n, len(wire["layers"])),
+        )

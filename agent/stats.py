@@ -1,0 +1,160 @@
+"""Gradient statistics computed inside the compiled train step.
+
+Pure TensorFlow ops, XLA-safe, no host sync. Norms are accumulated in float32
+whatever the gradient dtype, and are safe against overflow and underflow: the
+fast path sums squares directly; only when a sum is non-finite or tiny does a
+second pass rescale each tensor by its largest finite magnitude (the approach
+of careful BLAS ``nrm2`` implementations), so a float32 gradient with elements
+of 1e30 (or 1e-30) still gives its true norm. (Subnormal values, below 1.2e-38, are flushed to
+zero by TensorFlow's CPU kernels before any of this sees them.)
+
+Each variable's squared norm is kept as a pair ``(scale, ssq)`` with
+``norm**2 == scale**2 * ssq`` until the final square root, so sums over layers
+and over the model do not overflow either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import tensorflow as tf
+
+from gradwatch.agent.layers import LayerLayout
+
+__all__ = ["GradientStats", "compute_gradient_stats", "dense_gradient"]
+
+# Below this a float32 sum of squares may have lost precision to underflow.
+_TINY_SSQ = 1e-30
+
+
+@dataclass(frozen=True, slots=True)
+class GradientStats:
+    """Norms of one step's gradients (all float32 tensors).
+
+    Attributes:
+        variable_norms: ``[V]`` L2 norm of each variable's gradient.
+        layer_norms: ``[L]`` quadrature sum of the layer's variable norms.
+        layer_nonfinite: ``[L]`` int32 count of NaN/±Inf gradient values.
+        global_norm: scalar L2 norm over every gradient.
+    """
+
+    variable_norms: tf.Tensor
+    layer_norms: tf.Tensor
+    layer_nonfinite: tf.Tensor
+    global_norm: tf.Tensor
+
+
+def dense_gradient(grad: tf.Tensor | tf.IndexedSlices) -> tf.Tensor:
+    """Return ``grad`` as a dense float32 tensor.
+
+    ``IndexedSlices`` (embedding gradients) can repeat an index; their values
+    must be summed per row before squaring or the norm is wrong, which the
+    dense conversion (an unsorted segment sum) does.
+    """
+    if isinstance(grad, tf.IndexedSlices):
+        grad = tf.convert_to_tensor(grad)
+    return tf.cast(grad, tf.float32)
+
+
+def _fast_ssq(grads: Sequence[tf.Tensor]) -> tf.Tensor:
+    return tf.stack([tf.reduce_sum(tf.square(g)) for g in grads])
+
+
+def _careful_parts(grads: Sequence[tf.Tensor]) -> tuple[tf.Tensor, ...]:
+    """Scaled sums of squares plus NaN/Inf flags and counts, one pass per tensor."""
+    scales, ssqs, has_nan, has_inf, counts = [], [], [], [], []
+    for g in grads:
+        finite = tf.math.is_finite(g)
+        finite_g = tf.where(finite, g, tf.zeros_like(g))
+        m = tf.reduce_max(tf.abs(finite_g))
+        safe_m = tf.where(m > 0.0, m, tf.ones_like(m))
+        scales.append(tf.where(m > 0.0, m, tf.zeros_like(m)))
+        ssqs.append(tf.reduce_sum(tf.square(finite_g / safe_m)))
+        has_nan.append(tf.reduce_any(tf.math.is_nan(g)))
+        has_inf.append(tf.reduce_any(tf.math.is_inf(g)))
+        counts.append(tf.reduce_sum(tf.cast(tf.logical_not(finite), tf.int32)))
+    return (
+        tf.stack(scales),
+        tf.stack(ssqs),
+        tf.stack(has_nan),
+        tf.stack(has_inf),
+        tf.stack(counts),
+    )
+
+
+def _combine(
+    scales: tf.Tensor, ssqs: tf.Tensor, segment_ids: tf.Tensor, num_segments: int
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Combine ``(scale, ssq)`` pairs per segment without overflow."""
+    seg_scale = tf.math.unsorted_segment_max(scales, segment_ids, num_segments)
+    seg_scale = tf.maximum(seg_scale, 0.0)  # empty segments give the dtype's lowest value
+    denom = tf.gather(seg_scale, segment_ids)
+    ratio = tf.where(denom > 0.0, scales / tf.where(denom > 0.0, denom, 1.0), 0.0)
+    seg_ssq = tf.math.unsorted_segment_sum(tf.square(ratio) * ssqs, segment_ids, num_segments)
+    return seg_scale, seg_ssq
+
+
+def _norms(scale: tf.Tensor, ssq: tf.Tensor, nan: tf.Tensor, inf: tf.Tensor) -> tf.Tensor:
+    norm = scale * tf.sqrt(ssq)
+    norm = tf.where(inf, tf.constant(float("inf"), tf.float32), norm)
+    return tf.where(nan, tf.constant(float("nan"), tf.float32), norm)
+
+
+def compute_gradient_stats(
+    grads: Sequence[tf.Tensor | tf.IndexedSlices | None], layout: LayerLayout
+) -> GradientStats:
+    """Compute per-variable, per-layer and global gradient norms.
+
+    Args:
+        grads: One gradient per variable of ``layout`` (``None`` for a variable
+            without a gradient, counted as zero).
+        layout: Which layer each variable belongs to.
+
+    Returns:
+        The step's statistics; NaN if any value of the group is NaN, +Inf if
+        any is infinite, otherwise the exact float32-accumulated norm.
+    """
+    dense = [tf.zeros([], tf.float32) if g is None else dense_gradient(g) for g in grads]
+    num_vars = len(dense)
+    fast = _fast_ssq(dense)
+
+    def careful() -> tuple[tf.Tensor, ...]:
+        return _careful_parts(dense)
+
+    def quick() -> tuple[tf.Tensor, ...]:
+        ones = tf.where(fast > 0.0, tf.ones_like(fast), tf.zeros_like(fast))
+        false = tf.zeros([num_vars], tf.bool)
+        return ones, fast, false, false, tf.zeros([num_vars], tf.int32)
+
+    # An exact zero may be underflow, so it takes the careful path too (rare outside
+    # dead layers); variables without a gradient are known zeros and never do.
+    present = tf.constant([g is not None for g in grads], tf.bool)
+    total = tf.reduce_sum(fast)
+    trouble = tf.logical_or(
+        tf.logical_not(tf.math.is_finite(total)),
+        tf.reduce_any(tf.logical_and(present, fast < _TINY_SSQ)),
+    )
+    scales, ssqs, has_nan, has_inf, counts = tf.cond(trouble, careful, quick)
+
+    segment_ids = tf.constant(layout.segment_ids, tf.int32)
+    num_layers = layout.num_layers
+    layer_scale, layer_ssq = _combine(scales, ssqs, segment_ids, num_layers)
+    layer_nan = (
+        tf.math.unsorted_segment_max(tf.cast(has_nan, tf.int32), segment_ids, num_layers) > 0
+    )
+    layer_inf = (
+        tf.math.unsorted_segment_max(tf.cast(has_inf, tf.int32), segment_ids, num_layers) > 0
+    )
+    layer_nonfinite = tf.math.unsorted_segment_sum(counts, segment_ids, num_layers)
+
+    zero_ids = tf.zeros([num_layers], tf.int32)
+    global_scale, global_ssq = _combine(layer_scale, layer_ssq, zero_ids, 1)
+    return GradientStats(
+        variable_norms=_norms(scales, ssqs, has_nan, has_inf),
+        layer_norms=_norms(layer_scale, layer_ssq, layer_nan, layer_inf),
+        layer_nonfinite=layer_nonfinite,
+        global_norm=_norms(
+            global_scale[0], global_ssq[0], tf.reduce_any(has_nan), tf.reduce_any(has_inf)
+        ),
+    )

@@ -1,0 +1,1 @@
+"""gradwatch server: FastAPI app, storage, Prometheus metrics. Never imported by the agent."""

@@ -1,0 +1,50 @@
+"""Batch ingest endpoint."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from uuid import UUID
+
+from fastapi import APIRouter
+
+from gradwatch.server.api.deps import MetricsDep, SettingsDep, WriteSessionDep
+from gradwatch.server.api.route import IngestRoute
+from gradwatch.server.ingest import BatchLimits, ingest_batch
+from gradwatch.server.schemas import BatchAck, ErrorOut, StepBatch
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/api/v1/runs", tags=["batches"], route_class=IngestRoute)
+
+
+@router.post(
+    "/{run_id}/batches",
+    responses={
+        400: {"model": ErrorOut, "description": "The body does not decode (broken gzip)."},
+        404: {"model": ErrorOut, "description": "No run has this id."},
+        409: {"model": ErrorOut, "description": "Overlaps stored steps without being a resend."},
+        413: {"model": ErrorOut, "description": "Body too large, on the wire or decoded."},
+        415: {"model": ErrorOut, "description": "Content-Encoding other than gzip/identity."},
+    },
+)
+def post_batch(
+    run_id: UUID,
+    batch: StepBatch,
+    session: WriteSessionDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+) -> BatchAck:
+    """Store one ``StepBatch`` (JSON, ``Content-Encoding: gzip`` or identity), idempotently.
+
+    A resend (same ``batch_id``, or steps all stored already) stores nothing and says
+    ``duplicate: true``.
+    """
+    ack = ingest_batch(
+        session,
+        str(run_id),
+        batch,
+        BatchLimits(max_steps=settings.max_steps_per_batch, max_layers=settings.max_layers),
+        datetime.now(UTC),
+    )
+    metrics.ingest_samples.inc(ack.stored_samples)
+    return ack

@@ -1,0 +1,33 @@
+"""Liveness/readiness (``/healthz``) and Prometheus exposition (``/metrics``)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client.exposition import choose_encoder
+
+from gradwatch.server.api.deps import DatabaseDep, MetricsDep
+from gradwatch.server.db import check_database
+from gradwatch.server.schemas import HealthOut
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get(
+    "/healthz",
+    responses={503: {"model": HealthOut, "description": "The database does not answer."}},
+)
+def health(database: DatabaseDep, response: Response) -> HealthOut:
+    """Report whether the server and its database answer (one trivial query)."""
+    if check_database(database.engine):
+        return HealthOut(status="ok", database="ok")
+    response.status_code = 503
+    return HealthOut(status="error", database="unavailable")
+
+
+@router.get("/metrics", response_class=Response, include_in_schema=False)
+def metrics(request: Request, server_metrics: MetricsDep) -> Response:
+    """Prometheus exposition of stored run state and server self-metrics."""
+    encode, content_type = choose_encoder(request.headers.get("accept", ""))
+    return Response(content=encode(server_metrics.registry), media_type=content_type)

@@ -1,0 +1,69 @@
+"""Run endpoints: create, list, get, set status, layers."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any
+from uuid import UUID
+
+from fastapi import APIRouter, Query, Response, status
+
+from gradwatch.server import run
+from gradwatch.server.api.deps import ReadSessionDep, WriteSessionDep
+from gradwatch.server.api.route import DecodedBodyRoute
+from gradwatch.server.models import RunStatus
+from gradwatch.server.schemas import ErrorOut, LayersOut, RunCreate, RunList, RunOut, RunPatch
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/api/v1/runs", tags=["runs"], route_class=DecodedBodyRoute)
+
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorOut, "description": "No run has this id."}
+}
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    responses={200: {"model": RunOut, "description": "The run already existed (unchanged)."}},
+)
+def create_run(body: RunCreate, session: WriteSessionDep, response: Response) -> RunOut:
+    """Create a run from a client-made uuid; idempotent (200 with the stored run if it exists)."""
+    out, created = run.create_run(session, body, datetime.now(UTC))
+    if not created:
+        response.status_code = status.HTTP_200_OK
+    return out
+
+
+@router.get("")
+def list_runs(
+    session: ReadSessionDep,
+    project: Annotated[str | None, Query(description="Exact project.")] = None,
+    status: Annotated[RunStatus | None, Query(description="Exact status.")] = None,
+    name: Annotated[str | None, Query(description="Case-insensitive name substring.")] = None,
+    cursor: Annotated[str | None, Query(description="next_cursor of the previous page.")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> RunList:
+    """List runs, newest first, one page at a time."""
+    return run.list_runs(
+        session, project=project, status=status, name_contains=name, cursor=cursor, limit=limit
+    )
+
+
+@router.get("/{run_id}", responses=_NOT_FOUND)
+def get_run(run_id: UUID, session: ReadSessionDep) -> RunOut:
+    """Return one run with its totals."""
+    return run.get_run(session, str(run_id))
+
+
+@router.patch("/{run_id}", responses=_NOT_FOUND)
+def patch_run(run_id: UUID, body: RunPatch, session: WriteSessionDep) -> RunOut:
+    """Set a run's status (running, finished or failed)."""
+    return run.set_run_status(session, str(run_id), body.status, datetime.now(UTC))
+
+
+@router.get("/{run_id}/layers", responses=_NOT_FOUND)
+def list_layers(run_id: UUID, session: ReadSessionDep) -> LayersOut:
+    """List a run's layers in layer order with latest and largest gradient norm."""
+    return run.list_layers(session, str(run_id))

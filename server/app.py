@@ -1,0 +1,75 @@
+"""The FastAPI application factory. Importing this module does nothing else."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+
+from anyio import to_thread
+from fastapi import FastAPI
+
+from gradwatch.server.api import batches, health, runs, series
+from gradwatch.server.config import Settings
+from gradwatch.server.db import Database, create_db_engine, upgrade_database
+from gradwatch.server.errors import install_error_handlers
+from gradwatch.server.metrics import RunStateCollector, ServerMetrics
+
+__all__ = ["create_app"]
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build a gradwatch server app; nothing touches the database until its lifespan starts.
+
+    On startup the lifespan creates the engine and upgrades the schema to the newest
+    migration (blocking until done); on shutdown it disposes of the engine. Every app has its
+    own Prometheus registry, so several apps can live in one process. OpenAPI docs are served
+    at ``/docs``.
+
+    Args:
+        settings: Server settings; None reads them from ``GRADWATCH_*`` environment variables.
+    """
+    settings = Settings() if settings is None else settings
+    metrics = ServerMetrics.create()
+    app = FastAPI(
+        title="gradwatch",
+        summary="Gradient-health monitoring for TensorFlow/Keras training.",
+        version=_version(),
+        lifespan=_lifespan(settings, metrics),
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    install_error_handlers(app)
+    for module in (runs, batches, series, health):
+        app.include_router(module.router)
+    return app
+
+
+def _lifespan(
+    settings: Settings, metrics: ServerMetrics
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = create_db_engine(settings.database_url)
+        try:
+            await to_thread.run_sync(upgrade_database, engine)
+            database = Database(engine)
+            collector = RunStateCollector(database)
+            metrics.registry.register(collector)
+            app.state.database = database
+            try:
+                yield
+            finally:
+                metrics.registry.unregister(collector)
+                del app.state.database
+        finally:
+            engine.dispose()
+
+    return lifespan
+
+
+def _version() -> str:
+    try:
+        return version("gradwatch")
+    except PackageNotFoundError:
+        return "0+unknown"

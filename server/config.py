@@ -1,0 +1,34 @@
+"""Server settings, read from ``GRADWATCH_*`` environment variables."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings"]
+
+_MIB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Configuration of one gradwatch server.
+
+    Each field can be set by the environment variable ``GRADWATCH_<FIELD>`` (for example
+    ``GRADWATCH_DATABASE_URL``); explicit constructor arguments win. Instances are immutable
+    and safe to share between threads. Construction reads the environment and does not block.
+
+    Attributes:
+        database_url: SQLAlchemy URL. ``sqlite:///./gradwatch.db`` (the default) is a file in the
+            working directory; ``postgresql+psycopg://user:pass@host/db`` uses PostgreSQL.
+        max_body_bytes: Largest accepted request body in bytes, applied both to the bytes on
+            the wire and to the body after gzip decoding.
+        max_steps_per_batch: Most steps one ``StepBatch`` may carry.
+        max_layers: Most layers one ``StepBatch`` may name.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="GRADWATCH_", frozen=True, extra="ignore")
+
+    database_url: str = "sqlite:///./gradwatch.db"
+    max_body_bytes: int = Field(default=32 * _MIB, gt=0)
+    max_steps_per_batch: int = Field(default=100_000, gt=0)
+    max_layers: int = Field(default=10_000, gt=0)

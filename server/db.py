@@ -1,0 +1,150 @@
+"""Engine and session factories, and schema migration.
+
+SQLite connections get WAL journaling, ``synchronous=NORMAL``, a busy timeout and foreign keys.
+Python's ``sqlite3`` does not emit ``BEGIN`` before reads and cannot begin a write transaction
+up front, so this module takes over transaction control on SQLite: read sessions begin with a
+plain ``BEGIN`` (a consistent snapshot under WAL) and write sessions with ``BEGIN IMMEDIATE``,
+which takes the write lock first (waiting up to the busy timeout) instead of failing with
+"database is locked" when two writers upgrade their read locks at once. PostgreSQL URLs
+(``postgresql+psycopg://``) use the driver's ordinary transactions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib.resources import as_file, files
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+__all__ = [
+    "SQLITE_BUSY_TIMEOUT_SECONDS",
+    "Database",
+    "check_database",
+    "create_db_engine",
+    "upgrade_database",
+]
+
+SQLITE_BUSY_TIMEOUT_SECONDS = 30.0
+"""How long a SQLite connection waits for another writer before giving up."""
+
+_BEGIN_OPTION = "gradwatch_sqlite_begin"
+
+
+def create_db_engine(url: str) -> Engine:
+    """Create an engine for ``url`` with gradwatch's connection settings.
+
+    Does not connect (connections are opened lazily). The engine is thread-safe.
+
+    Args:
+        url: SQLAlchemy database URL, e.g. ``sqlite:///./gradwatch.db`` or
+            ``postgresql+psycopg://user:pass@host/db``.
+
+    Returns:
+        A new engine; call :meth:`Engine.dispose` when done with it.
+    """
+    engine = create_engine(url, pool_pre_ping=make_url(url).get_backend_name() != "sqlite")
+    if engine.dialect.name == "sqlite":
+        _configure_sqlite(engine)
+    return engine
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    busy_ms = int(SQLITE_BUSY_TIMEOUT_SECONDS * 1000)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Take transaction control away from the sqlite3 module (see the module docstring).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {busy_ms}")
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA synchronous = NORMAL")
+            cursor.execute("PRAGMA foreign_keys = ON")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Connection) -> None:
+        mode = connection.get_execution_options().get(_BEGIN_OPTION, "DEFERRED")
+        connection.exec_driver_sql(f"BEGIN {mode}")
+
+
+@dataclass(frozen=True, slots=True)
+class Database:
+    """An engine plus the two kinds of session gradwatch uses.
+
+    Thread-safe: each call returns a new session; a session itself belongs to one thread.
+
+    Attributes:
+        engine: The shared engine.
+    """
+
+    engine: Engine
+
+    @contextmanager
+    def read_session(self) -> Iterator[Session]:
+        """Open a session for queries; it is rolled back and closed on exit.
+
+        Does not block until its first statement.
+        """
+        with Session(self.engine) as session:
+            yield session
+
+    @contextmanager
+    def write_session(self) -> Iterator[Session]:
+        """Open a session for a write transaction; the caller commits, exit rolls back the rest.
+
+        On SQLite its first statement takes the database write lock (``BEGIN IMMEDIATE``),
+        blocking up to :data:`SQLITE_BUSY_TIMEOUT_SECONDS` while another writer commits.
+        """
+        bind = self.engine.execution_options(**{_BEGIN_OPTION: "IMMEDIATE"})
+        with Session(bind) as session:
+            yield session
+
+
+def check_database(engine: Engine) -> bool:
+    """Run a trivial query; return whether the database answered.
+
+    Blocks for one round trip (or up to the connect timeout when the database is down).
+    Thread-safe.
+    """
+    try:
+        with engine.connect() as connection:
+            connection.execute(select(1)).scalar_one()
+    except SQLAlchemyError:
+        return False
+    return True
+
+
+def upgrade_database(url: str | Engine) -> None:
+    """Bring the database schema to the newest revision (``alembic upgrade head``).
+
+    Idempotent: an up-to-date database is left unchanged. Blocks while migrating; on SQLite it
+    holds the write lock for the duration. Safe to call from any thread.
+
+    Args:
+        url: A database URL (an engine is created and disposed of here), or an existing
+            engine to reuse (left open).
+    """
+    engine = create_db_engine(url) if isinstance(url, str) else url
+    writer = engine.execution_options(**{_BEGIN_OPTION: "IMMEDIATE"})
+    try:
+        with (
+            writer.begin() as connection,
+            as_file(files("gradwatch.server") / "alembic.ini") as ini,
+        ):
+            config = Config(str(ini))
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+    finally:
+        if isinstance(url, str):
+            engine.dispose()

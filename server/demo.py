@@ -1,0 +1,165 @@
+"""``gradwatch demo``: two small Keras runs streamed to a gradwatch server.
+
+The first run trains with a stable learning rate; the second with one large
+enough to make the gradients explode. Both use ``clip.global_norm``, so the
+exploding run shows clipped steps, a global norm far above the stable run's,
+and eventually non-finite gradients. Everything is generated here; nothing is
+downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+__all__ = ["DemoRun", "run_demo"]
+
+
+@dataclass(frozen=True, slots=True)
+class DemoRun:
+    """One training run of the demo."""
+
+    name: str
+    learning_rate: float
+
+
+DEMO_RUNS = (
+    DemoRun("demo-stable", learning_rate=0.01),
+    DemoRun("demo-exploding", learning_rate=2.0),
+)
+
+
+def _make_data(seed: int) -> tuple[Any, Any]:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(2048, 32)).astype("float32")
+    w = rng.normal(size=(32, 1)).astype("float32")
+    y = (np.tanh(x @ w) + 0.1 * rng.normal(size=(2048, 1))).astype("float32")
+    return x, y
+
+
+def _train(run: DemoRun, server: str, epochs: int, progress: Progress, console: Console) -> str:
+    import keras
+
+    from gradwatch.agent import GradientMonitor, clip
+
+    x, y = _make_data(seed=0)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((32,)),
+            keras.layers.Dense(64, activation="relu", name="hidden_1"),
+            keras.layers.Dense(64, activation="relu", name="hidden_2"),
+            keras.layers.Dense(1, name="output"),
+        ],
+        name="demo_mlp",
+    )
+    model.compile(optimizer=keras.optimizers.SGD(run.learning_rate, momentum=0.9), loss="mse")
+    steps = epochs * (len(x) // 32)
+    task = progress.add_task(run.name, total=steps)
+
+    class _Progress(keras.callbacks.Callback):  # type: ignore[misc]
+        def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+            progress.advance(task)
+
+    with GradientMonitor(
+        run=run.name, server=server, project="demo", policy=clip.global_norm(5.0), flush_every=25
+    ) as monitor:
+        model.fit(x, y, batch_size=32, epochs=epochs, verbose=0, callbacks=[monitor, _Progress()])
+        if not monitor.flush(timeout_seconds=30.0):
+            console.print(f"[yellow]{run.name}: not every batch was delivered in time")
+    return monitor.run_id
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _summarise(server: str, run_ids: list[str], console: Console) -> list[dict[str, Any]]:
+    table = Table(title="gradwatch demo")
+    for column in ("run", "steps", "max global norm", "clipped steps", "non-finite steps"):
+        table.add_column(column, justify="left" if column == "run" else "right")
+    with httpx.Client(base_url=server, timeout=10.0) as client:
+        runs = [client.get(f"/api/v1/runs/{run_id}").json() for run_id in run_ids]
+    for run in runs:
+        table.add_row(
+            run["name"],
+            _fmt(run["num_steps"]),
+            _fmt(run["max_global_norm"]),
+            _fmt(run["clipped_steps"]),
+            _fmt(run["nonfinite_steps"]),
+        )
+    console.print(table)
+    for run in runs:
+        base = f"{server}/api/v1/runs/{run['run_id']}"
+        console.print(f"[bold]{run['name']}[/bold]")
+        for url in (base, f"{base}/layers", f"{base}/series?metric=global_norm"):
+            console.print(f"  {url}", soft_wrap=True, highlight=False)
+    console.print(f"Prometheus metrics: {server}/metrics", soft_wrap=True, highlight=False)
+    console.print(f"API docs:           {server}/docs", soft_wrap=True, highlight=False)
+    return runs
+
+
+def run_demo(
+    server: str | None, database_url: str | None, epochs: int, keep_serving: bool
+) -> list[dict[str, Any]]:
+    """Train the demo runs against ``server``, or an embedded one when ``None``.
+
+    Blocks until both runs are trained and summarised (and, with
+    ``keep_serving``, until interrupted).
+
+    Returns:
+        The runs as the server reports them (``GET /api/v1/runs/{id}``).
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    console = Console()
+    embedded = None
+    if server is None:
+        import tempfile
+
+        from gradwatch.server.config import Settings
+        from gradwatch.server.embedded import EmbeddedServer
+
+        if database_url is None:
+            database_url = f"sqlite:///{tempfile.mkdtemp(prefix='gradwatch-demo-')}/demo.db"
+        embedded = EmbeddedServer(Settings(database_url=database_url)).start()
+        server = embedded.url
+        console.print(f"Embedded gradwatch server at {server} (database {database_url})")
+    runs: list[dict[str, Any]] = []
+    try:
+        run_ids = []
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress:
+            for run in DEMO_RUNS:
+                run_ids.append(_train(run, server, epochs, progress, console))
+        runs = _summarise(server, run_ids, console)
+        if embedded is not None:
+            if keep_serving:
+                console.print("Serving until Ctrl-C.")
+                threading.Event().wait()
+            else:
+                console.print(
+                    "The embedded server stops now; keep it with --keep-serving, or keep the "
+                    "data with --database-url and browse it with `gradwatch server`."
+                )
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    return runs

@@ -1,0 +1,377 @@
+"""The write path: one ``StepBatch`` → block rows, idempotently, in one transaction.
+
+Work is split so the database write lock is held briefly: :func:`prepare_batch` (pure NumPy,
+no I/O) builds every block first; :func:`ingest_batch` then checks idempotency and writes.
+
+Idempotency:
+    * by ``batch_id``: a resend of a stored batch id stores nothing (409 if the same id arrives
+      with a different step range);
+    * by natural key: a batch whose every step is already stored stores nothing, whatever its
+      id; a batch that overlaps stored steps but also carries new ones is a conflict (409),
+      because stored blocks of a series never overlap.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+import numpy as np
+from numpy.typing import NDArray
+from sqlalchemy.orm import Session
+
+from gradwatch.server import repository
+from gradwatch.server.block import BlockSet, decode_blocks, encode_blocks
+from gradwatch.server.errors import BatchConflictError, InvalidBatchError, RunNotFoundError
+from gradwatch.server.metric import METRICS, Metric, MetricKind, MetricSpec, Scope
+from gradwatch.server.models import Run
+from gradwatch.server.repository import RUN_LEVEL, BatchRecord, SeriesKey, SeriesState
+from gradwatch.server.schemas import BatchAck, StepBatch
+
+__all__ = ["BatchLimits", "PreparedBatch", "ingest_batch", "prepare_batch"]
+
+_INT64_MAX = 2**63 - 1
+_NULL = np.array(None, dtype=object)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchLimits:
+    """Size limits of one batch (from ``Settings``)."""
+
+    max_steps: int
+    max_layers: int
+
+
+@dataclass(frozen=True, slots=True)
+class _RunTotals:
+    num_steps: int
+    clipped_steps: int
+    skipped_steps: int
+    nonfinite_steps: int
+    nonfinite_values: int
+
+
+@dataclass(frozen=True, slots=True)
+class _MetricBlocks:
+    metric: Metric
+    layers: tuple[str, ...]
+    """Layer of each block column; ``("",)`` for run-level metrics."""
+    blocks: BlockSet
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedBatch:
+    """A validated batch turned into block rows, ready to store.
+
+    Attributes:
+        record: The batch's idempotency record.
+        steps: Its steps, int64.
+        metrics: Blocks per metric, in series-creation order (registry order, then layers).
+        totals: Increments of the run's running totals.
+        samples: Values it carries (``null`` entries excluded).
+    """
+
+    record: BatchRecord
+    steps: NDArray[np.int64]
+    metrics: tuple[_MetricBlocks, ...]
+    totals: _RunTotals
+    samples: int
+
+
+def prepare_batch(batch: StepBatch, limits: BatchLimits) -> PreparedBatch:
+    """Check server limits and build the blocks of every series of a batch.
+
+    Pure and vectorised (NumPy over the steps and layers of each metric); thread-safe; does
+    not block on I/O.
+
+    Raises:
+        InvalidBatchError: Too many steps or layers, or counts whose totals overflow int64.
+    """
+    n = len(batch.step)
+    if n > limits.max_steps:
+        raise InvalidBatchError(
+            f"step: {n} steps in one batch, at most {limits.max_steps} allowed; "
+            "send smaller batches"
+        )
+    if len(batch.layers) > limits.max_layers:
+        raise InvalidBatchError(
+            f"layers: {len(batch.layers)} layers, at most {limits.max_layers} allowed"
+        )
+    steps = np.asarray(batch.step, dtype=np.int64)
+    arrays = {spec.metric: _to_arrays(batch, spec, n) for spec in METRICS.values()}
+    prepared: list[_MetricBlocks] = []
+    for spec in METRICS.values():
+        columns = arrays[spec.metric]
+        if columns is None:
+            continue
+        values, present = columns
+        layers = tuple(batch.layers) if spec.scope is Scope.LAYER else (RUN_LEVEL,)
+        prepared.append(
+            _MetricBlocks(spec.metric, layers, encode_blocks(steps, values, present, spec.kind))
+        )
+    totals = _total(arrays, n)
+    return PreparedBatch(
+        record=BatchRecord(
+            batch_id=str(batch.batch_id),
+            first_step=int(steps[0]),
+            last_step=int(steps[-1]),
+            n_steps=n,
+        ),
+        steps=steps,
+        metrics=tuple(prepared),
+        totals=totals,
+        samples=sum(int(item.blocks.count.sum()) for item in prepared),
+    )
+
+
+def ingest_batch(
+    session: Session, run_id: str, batch: StepBatch, limits: BatchLimits, now: datetime
+) -> BatchAck:
+    """Store a batch for a run in one transaction (committed here), or nothing at all.
+
+    Blocks while it holds the run's lock (PostgreSQL row lock; the database write lock on
+    SQLite). Use a write session (``Database.write_session``); not thread-safe per session.
+
+    Args:
+        session: A write session not yet in a transaction; committed on success, rolled
+            back on any error.
+        run_id: Canonical run uuid.
+        batch: The validated batch.
+        limits: Server size limits.
+        now: Ingest time (timezone-aware).
+
+    Returns:
+        What was stored; ``duplicate`` is True when the batch had been stored before.
+
+    Raises:
+        InvalidBatchError: The batch breaks a size limit.
+        RunNotFoundError: No run has this id.
+        BatchConflictError: The batch overlaps stored steps without being a resend, or reuses a
+            stored batch id for other steps.
+    """
+    prepared = prepare_batch(batch, limits)
+    with session.begin():
+        return _store(session, run_id, prepared, batch.dropped_batches or {}, now)
+
+
+def _store(
+    session: Session,
+    run_id: str,
+    prepared: PreparedBatch,
+    dropped_batches: Mapping[str, int],
+    now: datetime,
+) -> BatchAck:
+    record = prepared.record
+    run = repository.get_run(session, run_id, for_update=True)
+    if run is None:
+        raise RunNotFoundError(run_id)
+    stored = repository.get_batch(session, run_id, record.batch_id)
+    if stored is not None:
+        if (stored.first_step, stored.last_step, stored.n_steps) != (
+            record.first_step,
+            record.last_step,
+            record.n_steps,
+        ):
+            raise BatchConflictError(
+                f"batch_id {record.batch_id} was already used for steps "
+                f"{stored.first_step}..{stored.last_step} ({stored.n_steps} steps); this batch "
+                f"has steps {record.first_step}..{record.last_step} ({record.n_steps} steps)"
+            )
+        return _acknowledge(run_id, prepared, duplicate=True)
+    overlapping = repository.find_overlapping_batches(
+        session, run_id, record.first_step, record.last_step
+    )
+    if overlapping:
+        if _are_stored(session, run_id, prepared.steps):
+            return _acknowledge(run_id, prepared, duplicate=True)
+        first = overlapping[0]
+        raise BatchConflictError(
+            f"step: steps {record.first_step}..{record.last_step} overlap steps "
+            f"{first.first_step}..{first.last_step} already stored by batch {first.batch_id}, "
+            "and the batch is not a resend of stored steps; send only new steps"
+        )
+    _check_totals(run, prepared.totals)
+    repository.insert_batch(session, run_id, record, now)
+    _store_blocks(session, run_id, prepared)
+    _add_totals(run, prepared, now)
+    if dropped_batches:
+        repository.upsert_agent_drops(session, run_id, dropped_batches, record.last_step)
+    return _acknowledge(run_id, prepared, duplicate=False)
+
+
+def _to_arrays(
+    batch: StepBatch, spec: MetricSpec, n: int
+) -> tuple[NDArray[np.float32] | NDArray[np.int64], NDArray[np.bool_] | None] | None:
+    """Return ``(values (n, S), present or None)`` of one metric, or None when absent."""
+    raw = getattr(batch, spec.metric.value)
+    if raw is None:
+        return None
+    if spec.kind is MetricKind.COUNT:
+        return np.asarray(raw, dtype=np.int64).reshape(n, -1), None
+    if spec.required:
+        wide = np.asarray(raw, dtype=np.float64)
+        present = None
+    else:
+        objects = np.asarray(raw, dtype=object)
+        present = np.not_equal(objects, _NULL).astype(np.bool_)
+        wide = np.where(present, objects, np.nan).astype(np.float64)
+        if present.all():
+            present = None
+    with np.errstate(over="ignore"):
+        values = wide.astype(np.float32).reshape(n, -1)
+    return values, None if present is None else present.reshape(n, -1)
+
+
+def _total(
+    arrays: dict[
+        Metric, tuple[NDArray[np.float32] | NDArray[np.int64], NDArray[np.bool_] | None] | None
+    ],
+    n: int,
+) -> _RunTotals:
+    def values_of(metric: Metric) -> NDArray[np.float32] | NDArray[np.int64]:
+        columns = arrays[metric]
+        assert columns is not None, f"{metric} is required"
+        return columns[0]
+
+    nonfinite = values_of(Metric.NONFINITE)
+    global_norm = values_of(Metric.GLOBAL_NORM)[:, 0]
+    if nonfinite.size and int(nonfinite.max()) > _INT64_MAX // nonfinite.size:
+        raise InvalidBatchError("nonfinite: counts too large (their sum overflows int64)")
+    return _RunTotals(
+        num_steps=n,
+        clipped_steps=int((values_of(Metric.CLIP_COEF)[:, 0] < 1).sum()),
+        skipped_steps=int(values_of(Metric.SKIPPED).sum()),
+        nonfinite_steps=int(((nonfinite > 0).any(axis=1) | ~np.isfinite(global_norm)).sum()),
+        nonfinite_values=int(nonfinite.sum()),
+    )
+
+
+def _are_stored(session: Session, run_id: str, steps: NDArray[np.int64]) -> bool:
+    """Whether every step is stored already (read from the run's ``global_norm`` blocks,
+    which hold every step of every stored batch)."""
+    series_id = repository.find_series_id(session, run_id, Metric.GLOBAL_NORM, RUN_LEVEL)
+    if series_id is None:
+        return False
+    blocks = repository.fetch_blocks(session, series_id, int(steps[0]), int(steps[-1]))
+    stored_steps, _ = decode_blocks(blocks, METRICS[Metric.GLOBAL_NORM].kind)
+    return bool(np.isin(steps, stored_steps).all())
+
+
+def _check_totals(run: Run, totals: _RunTotals) -> None:
+    if run.nonfinite_values + totals.nonfinite_values > _INT64_MAX:
+        raise InvalidBatchError("nonfinite: the run's total of non-finite values overflows int64")
+
+
+@dataclass(frozen=True, slots=True)
+class _BlockSummary:
+    """Summary of one block, NaN standing for "none" as in ``BlockSet``."""
+
+    count: int
+    nan_count: int
+    first_step: int
+    last_step: int
+    vmin: float
+    vmax: float
+    vlast: float
+    vsum: float
+
+
+def _store_blocks(session: Session, run_id: str, prepared: PreparedBatch) -> None:
+    states = repository.get_series_states(session, run_id)
+    missing: list[SeriesKey] = [
+        (item.metric.value, layer)
+        for item in prepared.metrics
+        for layer, count in zip(item.layers, item.blocks.count.tolist(), strict=True)
+        if count > 0 and (item.metric.value, layer) not in states
+    ]
+    if missing:
+        repository.insert_series(session, run_id, missing)
+        states = repository.get_series_states(session, run_id)
+    rows: list[dict[str, object]] = []
+    updated: list[SeriesState] = []
+    for item in prepared.metrics:
+        blocks = item.blocks
+        summaries = map(
+            _BlockSummary,
+            blocks.count.tolist(),
+            blocks.nan_count.tolist(),
+            blocks.first_step.tolist(),
+            blocks.last_step.tolist(),
+            blocks.vmin.tolist(),
+            blocks.vmax.tolist(),
+            blocks.vlast.tolist(),
+            blocks.vsum.tolist(),
+        )
+        for j, (layer, summary) in enumerate(zip(item.layers, summaries, strict=True)):
+            if summary.count == 0:
+                continue
+            state = states[(item.metric.value, layer)]
+            rows.append(
+                {
+                    "series_id": state.id,
+                    "first_step": summary.first_step,
+                    "last_step": summary.last_step,
+                    "count": summary.count,
+                    "nan_count": summary.nan_count,
+                    "vmin": _null_if_nan(summary.vmin),
+                    "vmax": _null_if_nan(summary.vmax),
+                    "vlast": _null_if_nan(summary.vlast),
+                    "steps": blocks.steps[j],
+                    "values": blocks.values[j],
+                }
+            )
+            updated.append(_merge_state(state, summary))
+    repository.insert_blocks(session, rows)
+    repository.update_series_states(session, updated)
+
+
+def _null_if_nan(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+def _merge_state(state: SeriesState, block: _BlockSummary) -> SeriesState:
+    """Fold one block into a series' running summary (NULL conventions of ``models.Series``)."""
+    old_sum = 0.0 if state.count == 0 else (math.nan if state.vsum is None else state.vsum)
+    is_last = state.last_step is None or block.last_step > state.last_step
+    return SeriesState(
+        id=state.id,
+        count=state.count + block.count,
+        nan_count=state.nan_count + block.nan_count,
+        vmin=_fold(state.vmin, block.vmin, min),
+        vmax=_fold(state.vmax, block.vmax, max),
+        vsum=_null_if_nan(old_sum + block.vsum),
+        last_step=block.last_step if is_last else state.last_step,
+        vlast=_null_if_nan(block.vlast) if is_last else state.vlast,
+    )
+
+
+def _fold(old: float | None, new: float, pick: Callable[[float, float], float]) -> float | None:
+    if math.isnan(new):
+        return old
+    return new if old is None else pick(old, new)
+
+
+def _acknowledge(run_id: str, prepared: PreparedBatch, *, duplicate: bool) -> BatchAck:
+    return BatchAck(
+        run_id=run_id,
+        batch_id=prepared.record.batch_id,
+        steps=prepared.record.n_steps,
+        stored_samples=0 if duplicate else prepared.samples,
+        duplicate_samples=prepared.samples if duplicate else 0,
+        duplicate=duplicate,
+    )
+
+
+def _add_totals(run: Run, prepared: PreparedBatch, now: datetime) -> None:
+    totals = prepared.totals
+    run.num_steps += totals.num_steps
+    run.clipped_steps += totals.clipped_steps
+    run.skipped_steps += totals.skipped_steps
+    run.nonfinite_steps += totals.nonfinite_steps
+    run.nonfinite_values += totals.nonfinite_values
+    last_step = prepared.record.last_step
+    run.last_step = last_step if run.last_step is None else max(run.last_step, last_step)
+    run.last_ingest_at = now
+    run.updated_at = now

@@ -1,0 +1,221 @@
+"""SQLAlchemy models: the storage schema (DESIGN.md §5 "Storage at scale").
+
+Samples are stored in :class:`Block` rows: one row per (series, ingested batch) holding the
+batch's values of that series as one packed array plus summary columns, so a run of 10⁶ steps ×
+500 layers is 10⁴ rows per series rather than 10⁶. :class:`Series` carries running summaries
+(count, min, max, sum, last) so per-layer and per-run overviews read one row per series.
+
+Conventions:
+    * NaN is never stored in a float column (SQLite turns it into NULL): a NULL ``vmin``/``vmax``
+      means "no non-NaN value", a NULL ``vlast`` (with a non-NULL ``last_step``) means the last
+      value was NaN, a NULL ``vsum`` means the sum is undefined. ±Inf is stored as is.
+    * Timestamps are timezone-aware UTC datetimes.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Dialect,
+    Double,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+__all__ = [
+    "AgentDrop",
+    "Base",
+    "Batch",
+    "Block",
+    "Run",
+    "RunStatus",
+    "Series",
+    "UTCDateTime",
+]
+
+_NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+_SERIES_ID = BigInteger().with_variant(Integer(), "sqlite")
+"""64-bit ids; plain INTEGER on SQLite so the column aliases the rowid and autoincrements."""
+
+
+class RunStatus(enum.StrEnum):
+    """Lifecycle state of a run."""
+
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC datetime on every backend (SQLite stores it naive, in UTC)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        """Convert an aware datetime to UTC; reject naive ones (their zone is unknown)."""
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime: gradwatch stores timezone-aware UTC datetimes")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        """Return an aware UTC datetime (SQLite hands back naive UTC values)."""
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    """Declarative base with a constraint naming convention (stable names for migrations)."""
+
+    metadata = MetaData(naming_convention=_NAMING_CONVENTION)
+
+
+class Run(Base):
+    """One training run, created by the agent with a client-made uuid.
+
+    The running totals are updated in the same transaction as each ingested batch.
+    """
+
+    __tablename__ = "runs"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    project: Mapped[str] = mapped_column(String(100))
+    name: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    config: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
+    last_step: Mapped[int | None] = mapped_column(BigInteger)
+    """Highest step stored, or NULL before the first batch."""
+    last_ingest_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    num_steps: Mapped[int] = mapped_column(BigInteger, default=0)
+    clipped_steps: Mapped[int] = mapped_column(BigInteger, default=0)
+    """Steps whose clip coefficient was < 1."""
+    skipped_steps: Mapped[int] = mapped_column(BigInteger, default=0)
+    nonfinite_steps: Mapped[int] = mapped_column(BigInteger, default=0)
+    """Steps with a non-finite global norm or any non-finite gradient value."""
+    nonfinite_values: Mapped[int] = mapped_column(BigInteger, default=0)
+    """Sum of the per-layer non-finite gradient value counts."""
+
+    __table_args__ = (
+        CheckConstraint(
+            "status IN ('running', 'finished', 'failed')",
+            name="status",
+        ),
+        Index(None, "created_at", "id"),
+        Index(None, "project", "created_at", "id"),
+    )
+
+
+class Series(Base):
+    """One metric of one run (``layer == ''``) or of one layer of a run, with running summaries.
+
+    The layer order of a run is the id order of its ``grad_norm`` series.
+    """
+
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(_SERIES_ID, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(String(36), ForeignKey("runs.id", ondelete="CASCADE"))
+    metric: Mapped[str] = mapped_column(String(32))
+    layer: Mapped[str] = mapped_column(String(1024))
+    count: Mapped[int] = mapped_column(BigInteger, default=0)
+    """Samples stored (NaN values included)."""
+    nan_count: Mapped[int] = mapped_column(BigInteger, default=0)
+    vmin: Mapped[float | None] = mapped_column(Double)
+    vmax: Mapped[float | None] = mapped_column(Double)
+    vsum: Mapped[float | None] = mapped_column(Double)
+    """Sum of the non-NaN values; NULL when undefined (no values, or +Inf and -Inf both seen)."""
+    last_step: Mapped[int | None] = mapped_column(BigInteger)
+    vlast: Mapped[float | None] = mapped_column(Double)
+    """Value at ``last_step``; NULL means NaN."""
+
+    __table_args__ = (UniqueConstraint("run_id", "metric", "layer"),)
+
+
+class Block(Base):
+    """The values of one series from one ingested batch, packed (the sample store).
+
+    On SQLite the table is ``WITHOUT ROWID``: the primary key *is* the table, so a block costs
+    its packed bytes plus a few dozen bytes of key and summary.
+    """
+
+    __tablename__ = "blocks"
+
+    series_id: Mapped[int] = mapped_column(
+        _SERIES_ID, ForeignKey("series.id", ondelete="CASCADE"), primary_key=True
+    )
+    first_step: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    last_step: Mapped[int] = mapped_column(BigInteger)
+    count: Mapped[int] = mapped_column(Integer)
+    """Values in the block (NaN included)."""
+    nan_count: Mapped[int] = mapped_column(Integer)
+    vmin: Mapped[float | None] = mapped_column(Double)
+    """Minimum over the non-NaN values (±Inf included); NULL iff every value is NaN."""
+    vmax: Mapped[float | None] = mapped_column(Double)
+    vlast: Mapped[float | None] = mapped_column(Double)
+    """Value at ``last_step``; NULL means NaN."""
+    steps: Mapped[bytes | None] = mapped_column(LargeBinary)
+    """Little-endian int64 steps, or NULL when they are exactly ``first_step..last_step``."""
+    values: Mapped[bytes | None] = mapped_column(LargeBinary)
+    """Little-endian float32 (float metrics) or int64 (count metrics) values, or NULL when every
+    value is bitwise equal to ``vmin`` and none is NaN."""
+
+    __table_args__ = ({"sqlite_with_rowid": False},)
+
+
+class Batch(Base):
+    """One accepted ``StepBatch`` (the idempotency record)."""
+
+    __tablename__ = "batches"
+
+    run_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True
+    )
+    batch_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    first_step: Mapped[int] = mapped_column(BigInteger)
+    last_step: Mapped[int] = mapped_column(BigInteger)
+    n_steps: Mapped[int] = mapped_column(Integer)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    __table_args__ = (Index(None, "run_id", "first_step"),)
+
+
+class AgentDrop(Base):
+    """Batches the agent dropped, by reason: the latest cumulative count it reported."""
+
+    __tablename__ = "dropped_batches"
+
+    run_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True
+    )
+    reason: Mapped[str] = mapped_column(String(64), primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger)
+    as_of_step: Mapped[int] = mapped_column(BigInteger)
+    """Last step of the batch that reported ``count``; older reports never overwrite newer."""

@@ -1,0 +1,214 @@
+"""Run lifecycle and overviews: create (idempotent), set status, get, list, layers.
+
+Functions take a :class:`~sqlalchemy.orm.Session`, block on the database, and return response
+models from ``schemas``. Writers commit; readers never do. A session belongs to one thread.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from gradwatch.server import repository
+from gradwatch.server.errors import InvalidQueryError, RunNotFoundError
+from gradwatch.server.metric import Metric
+from gradwatch.server.models import Run, RunStatus
+from gradwatch.server.repository import SeriesState
+from gradwatch.server.schemas import LayerOut, LayersOut, RunCreate, RunList, RunOut
+
+__all__ = ["create_run", "get_run", "list_layers", "list_runs", "set_run_status"]
+
+
+def create_run(session: Session, request: RunCreate, now: datetime) -> tuple[RunOut, bool]:
+    """Create a run unless its id exists, in one transaction (committed here).
+
+    Idempotent: when the id exists, the stored run is returned unchanged. The session must
+    not be in a transaction yet.
+
+    Returns:
+        The run, and whether this call created it.
+    """
+    run_id = str(request.run_id)
+    try:
+        with session.begin():
+            existing = repository.get_run(session, run_id, for_update=True)
+            if existing is not None:
+                return _summarise(session, [existing])[0], False
+            run = Run(
+                id=run_id,
+                project=request.project,
+                name=request.name,
+                status=RunStatus.RUNNING.value,
+                created_at=now,
+                updated_at=now,
+                config=request.config,
+                num_steps=0,
+                clipped_steps=0,
+                skipped_steps=0,
+                nonfinite_steps=0,
+                nonfinite_values=0,
+            )
+            session.add(run)
+            session.flush()
+            return _summarise(session, [run])[0], True
+    except IntegrityError:
+        # A concurrent request created the same run first (PostgreSQL): it exists now.
+        with session.begin():
+            return get_run(session, run_id), False
+
+
+def set_run_status(session: Session, run_id: str, status: RunStatus, now: datetime) -> RunOut:
+    """Set a run's status in one transaction (committed here).
+
+    The session must not be in a transaction yet.
+
+    Raises:
+        RunNotFoundError: No run has this id.
+    """
+    with session.begin():
+        run = repository.get_run(session, run_id, for_update=True)
+        if run is None:
+            raise RunNotFoundError(run_id)
+        if run.status != status.value:
+            run.status = status.value
+            run.updated_at = now
+            session.flush()
+        return _summarise(session, [run])[0]
+
+
+def get_run(session: Session, run_id: str) -> RunOut:
+    """Return one run with its totals.
+
+    Raises:
+        RunNotFoundError: No run has this id.
+    """
+    run = repository.get_run(session, run_id)
+    if run is None:
+        raise RunNotFoundError(run_id)
+    return _summarise(session, [run])[0]
+
+
+def list_runs(
+    session: Session,
+    *,
+    project: str | None = None,
+    status: RunStatus | None = None,
+    name_contains: str | None = None,
+    cursor: str | None = None,
+    limit: int = 100,
+) -> RunList:
+    """Return one page of runs, newest first (keyset pagination on (created_at, id)).
+
+    Raises:
+        InvalidQueryError: ``cursor`` was not produced by this function.
+    """
+    runs = repository.list_runs(
+        session,
+        project=project,
+        status=status,
+        name_contains=name_contains,
+        before=None if cursor is None else _decode_cursor(cursor),
+        limit=limit + 1,
+    )
+    page = runs[:limit]
+    next_cursor = _encode_cursor(page[-1]) if len(runs) > limit else None
+    return RunList(runs=_summarise(session, page), next_cursor=next_cursor)
+
+
+def list_layers(session: Session, run_id: str) -> LayersOut:
+    """Return the layers of a run in layer order with their gradient-norm summary.
+
+    Raises:
+        RunNotFoundError: No run has this id.
+    """
+    if repository.get_run(session, run_id) is None:
+        raise RunNotFoundError(run_id)
+    return LayersOut(
+        run_id=run_id,
+        layers=[
+            LayerOut(
+                index=index,
+                name=stats.name,
+                latest_grad_norm=_last_value(stats.last_step, stats.vlast),
+                max_grad_norm=_max_value(stats.count, stats.vmax),
+                nonfinite_values=stats.nonfinite_values,
+            )
+            for index, stats in enumerate(repository.list_layer_stats(session, run_id))
+        ],
+    )
+
+
+def _summarise(session: Session, runs: Sequence[Run]) -> list[RunOut]:
+    """Build ``RunOut`` for runs with three extra queries in all (not per run)."""
+    if not runs:
+        return []
+    run_ids = [run.id for run in runs]
+    layers = repository.count_layers(session, run_ids)
+    global_norms = repository.get_run_series_states(session, run_ids, Metric.GLOBAL_NORM)
+    drops = repository.get_agent_drops(session, run_ids)
+    return [
+        RunOut(
+            run_id=run.id,
+            project=run.project,
+            name=run.name,
+            status=RunStatus(run.status),
+            created_at=run.created_at,
+            updated_at=run.updated_at,
+            config=run.config,
+            last_step=run.last_step,
+            last_ingest_at=run.last_ingest_at,
+            num_steps=run.num_steps,
+            num_layers=layers.get(run.id, 0),
+            clipped_steps=run.clipped_steps,
+            skipped_steps=run.skipped_steps,
+            nonfinite_steps=run.nonfinite_steps,
+            nonfinite_values=run.nonfinite_values,
+            max_global_norm=_series_max(global_norms.get(run.id)),
+            dropped_batches=drops.get(run.id, {}),
+        )
+        for run in runs
+    ]
+
+
+def _series_max(state: SeriesState | None) -> float | None:
+    return None if state is None else _max_value(state.count, state.vmax)
+
+
+def _max_value(count: int, vmax: float | None) -> float | None:
+    """Largest value; NaN when every value was NaN; None before any value."""
+    if count == 0:
+        return None
+    return math.nan if vmax is None else vmax
+
+
+def _last_value(last_step: int | None, vlast: float | None) -> float | None:
+    """Latest value; NaN when it was NaN; None before any value."""
+    if last_step is None:
+        return None
+    return math.nan if vlast is None else vlast
+
+
+def _encode_cursor(run: Run) -> str:
+    raw = json.dumps([run.created_at.isoformat(), run.id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created_at, run_id = json.loads(raw)
+        position = datetime.fromisoformat(created_at), str(run_id)
+    except (binascii.Error, ValueError, TypeError) as error:
+        raise InvalidQueryError(
+            "cursor: not a cursor returned by GET /api/v1/runs (pass next_cursor unchanged)"
+        ) from error
+    if position[0].tzinfo is None:
+        raise InvalidQueryError("cursor: not a cursor returned by GET /api/v1/runs")
+    return position

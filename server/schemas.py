@@ -1,0 +1,317 @@
+"""Pydantic models of the wire format (requests) and of every response body.
+
+Floats on the wire are JSON numbers or exactly one of the strings ``"NaN"``, ``"Infinity"``,
+``"-Infinity"`` (the protobuf JSON convention); responses write non-finite floats the same way.
+All models are immutable once validated and safe to share between threads.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+import numpy as np
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_core import CoreSchema, core_schema
+
+from gradwatch.server.metric import Metric
+from gradwatch.server.models import RunStatus
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "BatchAck",
+    "BucketedSeriesOut",
+    "ErrorOut",
+    "HealthOut",
+    "LayerOut",
+    "LayersOut",
+    "RawSeriesOut",
+    "RunCreate",
+    "RunList",
+    "RunOut",
+    "RunPatch",
+    "SeriesOut",
+    "StepBatch",
+    "WireFloat",
+]
+
+SCHEMA_VERSION = 1
+"""The ``schema`` value of the ``StepBatch`` format this server reads."""
+
+_INT64_MAX = 2**63 - 1
+_MAX_COUNT = 2**53
+"""Largest count accepted: counts must stay exact in the float64 summary columns."""
+_NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _decode_non_finite(text: str) -> float:
+    return _NON_FINITE[text]
+
+
+class _WireFloatSchema:
+    """Core schema of a wire float: a JSON number, or "NaN", "Infinity", "-Infinity".
+
+    Validated in pydantic-core (no Python call per value) with one error per bad value.
+    """
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        return core_schema.union_schema(
+            [
+                core_schema.float_schema(strict=True),
+                core_schema.no_info_after_validator_function(
+                    _decode_non_finite, core_schema.literal_schema(list(_NON_FINITE))
+                ),
+            ],
+            custom_error_type="wire_float",
+            custom_error_message=(
+                "Input should be a number or one of the strings 'NaN', 'Infinity', '-Infinity'"
+            ),
+        )
+
+
+WireFloat = Annotated[float, _WireFloatSchema]
+"""A float as it travels: JSON number or "NaN" / "Infinity" / "-Infinity"."""
+
+_Count = Annotated[StrictInt, Field(ge=0, le=_MAX_COUNT)]
+_Step = Annotated[StrictInt, Field(ge=0, le=_INT64_MAX)]
+_NO_NUL = r"^[^\x00]*$"
+_LayerName = Annotated[StrictStr, Field(min_length=1, max_length=1024, pattern=_NO_NUL)]
+_DropReason = Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+_RUN_LEVEL_FIELDS = ("loss", "global_norm", "global_norm_clipped", "clip_coef", "skipped")
+_LAYER_FIELDS = ("grad_norm", "nonfinite", "weight_norm", "update_ratio")
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(ser_json_inf_nan="strings", frozen=True)
+
+
+class StepBatch(_Wire):
+    """One batch of consecutive training steps, columnar (``schema`` 1).
+
+    Run-level arrays hold one entry per step; per-layer arrays one row per step with one entry
+    per layer, in ``layers`` order. ``null`` entries of the optional metrics mean "not measured
+    at that step". Size limits that depend on the server's settings (steps per batch, layers)
+    are checked at ingest, not here.
+    """
+
+    schema_version: Literal[1] = Field(alias="schema", description="Wire format version: 1.")
+    batch_id: UUID = Field(description="Client-made id; a resend with the same id is a no-op.")
+    layers: list[_LayerName] = Field(min_length=1, description="Unique layer names.")
+    step: list[_Step] = Field(min_length=1, description="Strictly increasing training steps.")
+    loss: list[WireFloat | None] | None = None
+    global_norm: list[WireFloat] = Field(description="Global gradient L2 norm before clipping.")
+    global_norm_clipped: list[WireFloat] = Field(description="Global norm after clipping.")
+    clip_coef: list[WireFloat] = Field(description="Clip coefficient; < 1 means clipped.")
+    skipped: list[StrictBool] = Field(description="Whether the update was skipped.")
+    grad_norm: list[list[WireFloat]] = Field(description="Per-layer gradient L2 norm.")
+    nonfinite: list[list[_Count]] = Field(
+        description="Per-layer count of non-finite gradient values (0 ≤ count ≤ 2⁵³)."
+    )
+    weight_norm: list[list[WireFloat | None]] | None = None
+    update_ratio: list[list[WireFloat | None]] | None = None
+    dropped_batches: dict[_DropReason, _Count] | None = Field(
+        default=None,
+        max_length=64,
+        description="Batches the agent dropped since it started, cumulative, by reason.",
+    )
+
+    @field_validator("layers")
+    @classmethod
+    def _check_unique_layers(cls, layers: list[str]) -> list[str]:
+        seen: set[str] = set()
+        for name in layers:
+            if name in seen:
+                raise ValueError(f"layers: {name!r} appears more than once")
+            seen.add(name)
+        return layers
+
+    @field_validator("step")
+    @classmethod
+    def _check_increasing(cls, steps: list[int]) -> list[int]:
+        not_increasing = np.flatnonzero(np.diff(np.asarray(steps, dtype=np.int64)) <= 0)
+        if not_increasing.size:
+            index = int(not_increasing[0]) + 1
+            raise ValueError(
+                f"step: must be strictly increasing, but step[{index}] = {steps[index]} "
+                f"follows step[{index - 1}] = {steps[index - 1]}"
+            )
+        return steps
+
+    @field_validator(*_RUN_LEVEL_FIELDS)
+    @classmethod
+    def _check_one_per_step(cls, values: list[Any] | None, info: ValidationInfo) -> Any:
+        steps = info.data.get("step")
+        if values is not None and steps is not None and len(values) != len(steps):
+            raise ValueError(
+                f"{info.field_name}: has {len(values)} values, expected {len(steps)} (one per step)"
+            )
+        return values
+
+    @field_validator(*_LAYER_FIELDS)
+    @classmethod
+    def _check_step_by_layer(cls, rows: list[list[Any]] | None, info: ValidationInfo) -> Any:
+        steps = info.data.get("step")
+        layers = info.data.get("layers")
+        if rows is None:
+            return rows
+        if steps is not None and len(rows) != len(steps):
+            raise ValueError(
+                f"{info.field_name}: has {len(rows)} rows, expected {len(steps)} (one per step)"
+            )
+        if layers is not None:
+            for index, row in enumerate(rows):
+                if len(row) != len(layers):
+                    raise ValueError(
+                        f"{info.field_name}: row {index} has {len(row)} values, "
+                        f"expected {len(layers)} (one per layer)"
+                    )
+        return rows
+
+
+class RunCreate(_Wire):
+    """Body of ``POST /api/v1/runs``."""
+
+    run_id: UUID = Field(description="Client-made run id.")
+    name: StrictStr = Field(min_length=1, max_length=200, pattern=_NO_NUL)
+    project: StrictStr = Field(default="default", pattern=r"^[A-Za-z0-9._-]{1,100}$")
+    config: dict[str, Any] | None = Field(default=None, description="Free JSON object.")
+
+
+class RunPatch(_Wire):
+    """Body of ``PATCH /api/v1/runs/{run_id}``."""
+
+    status: RunStatus
+
+
+class RunOut(_Out):
+    """A run with its running totals.
+
+    Attributes:
+        max_global_norm: Largest global gradient norm stored (``"Infinity"`` if one was
+            infinite; ``"NaN"`` if every stored value is NaN; ``null`` before any data).
+        dropped_batches: The agent's latest cumulative count of dropped batches, by reason.
+    """
+
+    run_id: str
+    project: str
+    name: str
+    status: RunStatus
+    created_at: datetime
+    updated_at: datetime
+    config: dict[str, Any] | None
+    last_step: int | None
+    last_ingest_at: datetime | None
+    num_steps: int
+    num_layers: int
+    clipped_steps: int
+    skipped_steps: int
+    nonfinite_steps: int
+    nonfinite_values: int
+    max_global_norm: float | None
+    dropped_batches: dict[str, int]
+
+
+class RunList(_Out):
+    """A page of runs, newest first; pass ``next_cursor`` as ``cursor`` for the next page."""
+
+    runs: list[RunOut]
+    next_cursor: str | None
+
+
+class BatchAck(_Out):
+    """Reply to an ingested batch. A sample is one value of one series at one step.
+
+    Attributes:
+        duplicate: True when nothing was stored because the batch had been stored before (same
+            ``batch_id``, or all of its steps already stored).
+    """
+
+    run_id: str
+    batch_id: str
+    steps: int
+    stored_samples: int
+    duplicate_samples: int
+    duplicate: bool
+
+
+class LayerOut(_Out):
+    """Summary of one layer: latest and largest gradient norm, non-finite values seen."""
+
+    index: int
+    name: str
+    latest_grad_norm: float | None
+    max_grad_norm: float | None
+    nonfinite_values: int
+
+
+class LayersOut(_Out):
+    """The layers of a run in layer order (order of first appearance)."""
+
+    run_id: str
+    layers: list[LayerOut]
+
+
+class RawSeriesOut(_Out):
+    """Every stored value of a series in the requested range, ``value[i]`` at ``step[i]``."""
+
+    run_id: str
+    metric: Metric
+    layer: str | None
+    downsampled: Literal[False] = False
+    step: list[int]
+    value: list[float | int]
+
+
+class BucketedSeriesOut(_Out):
+    """A series summarised into equal-width step buckets (only non-empty buckets are listed).
+
+    Bucket ``i`` covers steps ``step[i] .. step[i] + bucket_width - 1``; ``min``/``max`` ignore
+    NaN unless every value in the bucket is NaN; ``last`` is the value at the bucket's last
+    stored step; ``count`` is the number of stored values.
+    """
+
+    run_id: str
+    metric: Metric
+    layer: str | None
+    downsampled: Literal[True] = True
+    bucket_width: int
+    step: list[int]
+    min: list[float | int]
+    max: list[float | int]
+    last: list[float | int]
+    count: list[int]
+
+
+SeriesOut = Annotated[RawSeriesOut | BucketedSeriesOut, Field(discriminator="downsampled")]
+"""Reply of ``GET /api/v1/runs/{run_id}/series``."""
+
+
+class HealthOut(_Out):
+    """Reply of ``GET /healthz``."""
+
+    status: Literal["ok", "error"]
+    database: Literal["ok", "unavailable"]
+
+
+class ErrorOut(BaseModel):
+    """Body of every error reply raised by a domain error."""
+
+    detail: str
+    code: str

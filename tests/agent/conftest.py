@@ -1,0 +1,49 @@
+"""Fakes for the network edge: a transport that records what it is given."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+import pytest
+
+from gradwatch.agent.records import StepBatch
+from gradwatch.agent.transport import RunInfo
+
+
+class RecordingTransport:
+    """Accepts everything and keeps it; thread-safe."""
+
+    def __init__(self) -> None:
+        self.runs: list[RunInfo] = []
+        self.batches: list[dict[str, Any]] = []
+        self.statuses: list[str] = []
+        self.closed = False
+        self._lock = threading.Lock()
+
+    def create_run(self, run: RunInfo) -> None:
+        with self._lock:
+            self.runs.append(run)
+
+    def send_batch(self, run_id: str, batch: dict[str, Any]) -> None:
+        with self._lock:
+            self.batches.append(batch)
+
+    def set_status(self, run_id: str, status: str) -> None:
+        with self._lock:
+            self.statuses.append(status)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def steps(self) -> list[int]:
+        return [s for b in self.batches for s in b["step"]]
+
+    def column(self, key: str) -> np.ndarray:
+        return np.concatenate([StepBatch.from_wire(b).__getattribute__(key) for b in self.batches])
+
+
+@pytest.fixture
+def transport() -> RecordingTransport:
+    return RecordingTransport()

@@ -1,0 +1,181 @@
+"""GradientMonitor through real ``model.fit`` runs and a custom loop."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from gradwatch.agent import GradientMonitor, MonitoredOptimizer, clip
+
+
+def _data(n: int = 96, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 6)).astype("float32")
+    y = (x @ rng.normal(size=(6, 1))).astype("float32")
+    return x, y
+
+
+def _model(seed: int = 1) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(8, activation="tanh", name="hidden"),
+            keras.layers.Dense(1, name="out"),
+        ],
+        name="net",
+    )
+
+
+def _monitor(transport, **kwargs) -> GradientMonitor:
+    return GradientMonitor(run="test", transport=transport, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("jit", "steps_per_execution"), [(False, 1), (True, 1), (False, 4), (True, 3)]
+)
+def test_fit_records_every_step_once_in_order(transport, jit, steps_per_execution):
+    x, y = _data(n=100)  # 13 batches of 8 per epoch: the last execution is partial
+    model = _model()
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.01),
+        loss="mse",
+        jit_compile=jit,
+        steps_per_execution=steps_per_execution,
+    )
+    monitor = _monitor(transport, flush_every=5)
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False, callbacks=[monitor])
+    assert monitor.close(timeout_seconds=10)
+    assert transport.steps() == list(range(26))
+    assert transport.batches[0]["layers"] == ["net/hidden", "net/out"]
+    assert transport.statuses[-1] == "finished"
+    assert monitor.lost_steps == 0
+    assert monitor.dropped_batches == {}
+
+
+def test_fit_with_global_norm_policy_matches_keras_global_clipnorm(transport):
+    # Same rule; the norm is summed per layer first, so agreement is to float32 rounding.
+    x, y = _data()
+    reference = _model()
+    reference.compile(optimizer=keras.optimizers.Adam(0.05, global_clipnorm=0.1), loss="mse")
+    reference.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=False)
+
+    model = _model()
+    monitor = _monitor(transport, policy=clip.global_norm(0.1), flush_every=4)
+    model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=False, callbacks=[monitor])
+    monitor.close()
+    for got, want in zip(model.get_weights(), reference.get_weights(), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    clipped = transport.column("global_norm_clipped")
+    before = transport.column("global_norm")
+    assert np.all(clipped <= np.float32(0.1) * (1 + 1e-6))
+    np.testing.assert_allclose(
+        transport.column("clip_coef"), np.minimum(1, 0.1 / before), rtol=1e-6
+    )
+
+
+def test_fit_restores_optimizer_so_saved_model_loads_without_gradwatch(transport, tmp_path):
+    x, y = _data()
+    model = _model()
+    adam = keras.optimizers.Adam(0.01)
+    model.compile(optimizer=adam, loss="mse")
+    monitor = _monitor(transport, policy=clip.global_norm(1.0))
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor])
+    monitor.close()
+    assert model.optimizer is adam
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)  # no custom_objects
+    assert type(loaded.optimizer) is keras.optimizers.Adam
+    np.testing.assert_array_equal(loaded.optimizer.iterations.numpy(), adam.iterations.numpy())
+    # Training again without the monitor uses the plain optimizer.
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    assert transport.steps() == list(range(6))
+
+
+def test_fit_records_loss_of_each_step(transport):
+    x, y = _data(n=32)
+    model = _model()
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")  # weights never change
+    monitor = _monitor(transport, flush_every=2)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False, callbacks=[monitor])
+    monitor.close()
+    expected = [
+        float(np.mean((model.predict(x[i : i + 8], verbose=0) - y[i : i + 8]) ** 2))
+        for i in range(0, 32, 8)
+    ]
+    assert transport.column("loss_known").all()
+    np.testing.assert_allclose(transport.column("loss"), expected, rtol=1e-5)
+
+
+def test_explicit_wrap_in_compile_records_and_stays_installed(transport):
+    x, y = _data(n=32)
+    model = _model()
+    monitor = _monitor(transport, flush_every=3)
+    wrapped = monitor.wrap(keras.optimizers.SGD(0.01))
+    model.compile(optimizer=wrapped, loss="mse")
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[monitor])
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[monitor])
+    monitor.close()
+    assert model.optimizer is wrapped
+    assert transport.steps() == list(range(8))
+    assert wrapped.iterations.numpy() == 8
+
+
+def test_global_norm_policy_skips_nonfinite_step_and_keeps_weights(transport):
+    model = _model()
+    monitor = _monitor(transport, policy=clip.global_norm(1.0), flush_every=1)
+    optimizer = monitor.wrap(keras.optimizers.SGD(0.1))
+    model.build((None, 6))
+    optimizer.build(model.trainable_variables)
+    before = [w.copy() for w in model.get_weights()]
+    grads = [
+        tf.fill(v.shape, np.float32(np.nan)) if i == 0 else tf.ones(v.shape)
+        for i, v in enumerate(model.trainable_variables)
+    ]
+    monitor.apply_gradients(zip(grads, model.trainable_variables, strict=False))
+    monitor.on_step()
+    monitor.close()
+    for got, want in zip(model.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert transport.column("skipped").tolist() == [True]
+    assert transport.column("nonfinite")[0].tolist() == [48, 0]
+    assert optimizer.iterations.numpy() == 0
+
+
+def test_custom_training_loop_in_tf_function(transport):
+    x, y = _data(n=40)
+    model = _model()
+    monitor = _monitor(transport, flush_every=4, policy=clip.global_norm(0.5))
+    optimizer = monitor.wrap(keras.optimizers.SGD(0.01))
+    loss_fn = keras.losses.MeanSquaredError()
+
+    @tf.function
+    def train_step(xb, yb):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(yb, model(xb, training=True))
+        grads = tape.gradient(loss, model.trainable_variables)
+        monitor.apply_gradients(zip(grads, model.trainable_variables, strict=False), loss=loss)
+        return loss
+
+    model.build((None, 6))
+    optimizer.build(model.trainable_variables)
+    losses = []
+    for i in range(0, 40, 4):
+        losses.append(float(train_step(x[i : i + 4], y[i : i + 4])))
+        monitor.on_step()
+    assert monitor.close()
+    assert transport.steps() == list(range(10))
+    np.testing.assert_allclose(transport.column("loss"), losses, rtol=1e-6)
+    assert isinstance(optimizer, MonitoredOptimizer)
+
+
+def test_wrap_rejects_loss_scale_optimizer(transport):
+    monitor = _monitor(transport)
+    lso = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD())
+    with pytest.raises(ValueError, match=r"^optimizer:"):
+        monitor.wrap(lso)
+    monitor.close()

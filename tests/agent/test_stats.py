@@ -1,0 +1,98 @@
+"""In-graph norms against float64 NumPy references."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from gradwatch.agent.layers import LayerLayout, layout_of
+from gradwatch.agent.stats import compute_gradient_stats
+
+LAYOUT = LayerLayout(names=("a", "b"), segment_ids=(0, 0, 1))
+
+
+def _ref_norm(*arrays: np.ndarray) -> float:
+    return math.sqrt(sum(float(np.sum(np.square(a.astype(np.float64)))) for a in arrays))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.lists(
+        hnp.arrays(
+            np.float32,
+            st.integers(1, 20),
+            elements=st.floats(-1e3, 1e3, width=32, allow_subnormal=False),
+        ),
+        min_size=3,
+        max_size=3,
+    )
+)
+def test_compute_gradient_stats_matches_float64_reference(grads):
+    stats = compute_gradient_stats([tf.constant(g) for g in grads], LAYOUT)
+    np.testing.assert_allclose(
+        stats.layer_norms.numpy(), [_ref_norm(grads[0], grads[1]), _ref_norm(grads[2])], rtol=1e-5
+    )
+    np.testing.assert_allclose(stats.global_norm.numpy(), _ref_norm(*grads), rtol=1e-5)
+    assert stats.layer_nonfinite.numpy().tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("scale", [1e30, 1e-30, 1e-35])
+def test_compute_gradient_stats_survives_overflow_and_underflow(scale):
+    # Squares of 1e30 overflow float32 and squares of 1e-30 underflow it. (Subnormal
+    # inputs, below 1.2e-38, are flushed to zero by TensorFlow's CPU kernels themselves.)
+    base = np.linspace(0.5, 2.0, 64).astype(np.float32)
+    big = (base.astype(np.float64) * scale).astype(np.float32)
+    stats = compute_gradient_stats([tf.constant(big)], LayerLayout(("a",), (0,)))
+    assert stats.global_norm.numpy() == pytest.approx(_ref_norm(big), rel=1e-5)
+    assert stats.layer_nonfinite.numpy().tolist() == [0]
+
+
+def test_compute_gradient_stats_counts_nonfinite_and_propagates_nan_over_inf():
+    grads = [tf.constant([1.0, np.inf]), tf.constant([np.nan, np.nan, 3.0]), tf.constant([4.0])]
+    stats = compute_gradient_stats(grads, LAYOUT)
+    assert np.isnan(stats.layer_norms.numpy()[0])
+    assert stats.layer_norms.numpy()[1] == pytest.approx(4.0)
+    assert stats.layer_nonfinite.numpy().tolist() == [3, 0]
+    assert np.isnan(stats.global_norm.numpy())
+    inf_only = compute_gradient_stats([tf.constant([1.0, -np.inf])], LayerLayout(("a",), (0,)))
+    assert inf_only.global_norm.numpy() == np.inf
+
+
+def test_compute_gradient_stats_accumulates_half_precision_in_float32():
+    g = np.full(4096, 300.0, np.float16)  # sum of squares 3.7e8 overflows float16
+    stats = compute_gradient_stats([tf.constant(g)], LayerLayout(("a",), (0,)))
+    assert stats.global_norm.dtype == tf.float32
+    assert stats.global_norm.numpy() == pytest.approx(300.0 * 64.0, rel=1e-5)
+
+
+def test_compute_gradient_stats_merges_duplicate_indexed_slices():
+    # Rows 0 and 0 again: the true gradient row is their sum, [2, 2], norm sqrt(8),
+    # not sqrt(1+1+1+1) = 2 as squaring the raw values would give.
+    slices = tf.IndexedSlices(
+        tf.constant([[1.0, 1.0], [1.0, 1.0]]), tf.constant([0, 0]), tf.constant([5, 2])
+    )
+    stats = compute_gradient_stats([slices], LayerLayout(("emb",), (0,)))
+    assert stats.global_norm.numpy() == pytest.approx(math.sqrt(8.0))
+
+
+def test_compute_gradient_stats_treats_missing_gradient_as_zero():
+    stats = compute_gradient_stats([None, tf.constant([3.0, 4.0]), None], LAYOUT)
+    np.testing.assert_allclose(stats.layer_norms.numpy(), [5.0, 0.0])
+
+
+def test_layout_of_groups_by_owner_path():
+    class V:
+        def __init__(self, path):
+            self.path = path
+
+    layout = layout_of(
+        [V("m/dense/kernel"), V("m/dense/bias"), V("m/sub/mha/query/kernel"), V("free")]
+    )
+    assert layout.names == ("m/dense", "m/sub/mha/query", "free")
+    assert layout.segment_ids == (0, 0, 1, 2)

@@ -1,0 +1,79 @@
+"""Migrations create exactly the schema the models declare; nothing happens at import time."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import inspect
+
+from gradwatch.server.db import create_db_engine, upgrade_database
+from gradwatch.server.models import Base
+
+
+def test_migrations_match_models(tmp_path):
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    upgrade_database(url)
+    engine = create_db_engine(url)
+    try:
+        with engine.connect() as connection:
+            context = MigrationContext.configure(connection, opts={"compare_type": True})
+            diffs = compare_metadata(context, Base.metadata)
+            blocks_sql = connection.exec_driver_sql(
+                "SELECT sql FROM sqlite_master WHERE name = 'blocks'"
+            ).scalar_one()
+            tables = set(inspect(connection).get_table_names())
+    finally:
+        engine.dispose()
+
+    assert diffs == []
+    assert "WITHOUT ROWID" in blocks_sql
+    assert tables == set(Base.metadata.tables) | {"alembic_version"}
+
+
+def test_migrations_upgrade_is_idempotent(tmp_path):
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    upgrade_database(url)
+    upgrade_database(url)
+    engine = create_db_engine(url)
+    try:
+        with engine.connect() as connection:
+            version = connection.exec_driver_sql("SELECT version_num FROM alembic_version").all()
+    finally:
+        engine.dispose()
+    assert version == [("0001",)]
+
+
+def test_migrations_sqlite_pragmas(tmp_path):
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'p.db'}")
+    try:
+        with engine.connect() as connection:
+            pragmas = {
+                name: connection.exec_driver_sql(f"PRAGMA {name}").scalar_one()
+                for name in ("journal_mode", "synchronous", "foreign_keys", "busy_timeout")
+            }
+    finally:
+        engine.dispose()
+    assert pragmas == {
+        "journal_mode": "wal",
+        "synchronous": 1,
+        "foreign_keys": 1,
+        "busy_timeout": 30000,
+    }
+
+
+def test_import_app_imports_no_tensorflow(tmp_path):
+    code = (
+        "import sys\n"
+        "import gradwatch.server.app\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')"
+        " or m.startswith('gradwatch.agent')]\n"
+        "assert not bad, bad\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert list(tmp_path.iterdir()) == []
