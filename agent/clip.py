@@ -9,10 +9,15 @@ A policy is a small immutable description (made by a factory such as
 * ``apply(grads, state, context)`` returns a :class:`ClipResult` using only tf
   ops, so it runs under ``jit_compile=True`` and inside ``tf.function``.
 
-Rules every policy keeps: a gradient is never scaled up, and a step whose
-gradient is not finite is skipped rather than applied (TensorFlow's own
-``tf.clip_by_global_norm`` returns all-NaN in that case, which would destroy
-the weights).
+Rules every policy keeps: a gradient is never scaled up, and a non-finite
+gradient never reaches the weights through a clip (TensorFlow's own
+``tf.clip_by_global_norm`` returns all-NaN in that case, which destroys them).
+
+Skipping a step outright (optimizer state frozen) needs a ``tf.cond`` around
+the optimizer update, which under XLA costs a copy of every optimizer
+variable (×1.2 per step, measured with ``bench/overhead.py``). So only a policy
+whose ``apply`` returns a ``skip`` tensor pays for it; the scaling policies
+return ``skip=None`` and are branch-free.
 """
 
 from __future__ import annotations
@@ -57,14 +62,15 @@ class ClipResult:
     Attributes:
         grads: Gradients to hand to the optimizer (same structure as given).
         clip_coef: Scalar float32, global norm after / before (1 = untouched).
-        skip: Scalar bool; when true the optimizer update is not applied.
+        skip: Scalar bool; when true the optimizer update is not applied. ``None``
+            when the policy never skips (no branch in the compiled step).
         global_norm: Scalar float32 global norm after the policy, or ``None``
             when the policy cannot derive it and it must be recomputed.
     """
 
     grads: list[Any]
     clip_coef: tf.Tensor
-    skip: tf.Tensor
+    skip: tf.Tensor | None
     global_norm: tf.Tensor | None
 
 
@@ -90,14 +96,15 @@ class ClipPolicy(Protocol):
         ...
 
 
-def _scale(grad: Any, coef: tf.Tensor) -> Any:
+def _scale(grad: Any, coef: tf.Tensor, finite: tf.Tensor) -> Any:
+    """``grad * coef``, or zeros when ``finite`` is false (one fused select under XLA)."""
     if grad is None:
         return None
     if isinstance(grad, tf.IndexedSlices):
-        return tf.IndexedSlices(
-            grad.values * tf.cast(coef, grad.values.dtype), grad.indices, grad.dense_shape
-        )
-    return grad * tf.cast(coef, grad.dtype)
+        values = grad.values
+        scaled = tf.where(finite, values * tf.cast(coef, values.dtype), tf.zeros_like(values))
+        return tf.IndexedSlices(scaled, grad.indices, grad.dense_shape)
+    return tf.where(finite, grad * tf.cast(coef, grad.dtype), tf.zeros_like(grad))
 
 
 def _check_threshold(name: str, value: object) -> float:
@@ -133,9 +140,9 @@ class _GlobalNorm:
         # max_norm / max(norm, max_norm) is <= 1 by construction: never scales up.
         coef = tf.where(finite, max_norm / tf.maximum(norm, max_norm), 0.0)
         return ClipResult(
-            grads=[_scale(g, coef) for g in grads],
+            grads=[_scale(g, coef, finite) for g in grads],
             clip_coef=coef,
-            skip=tf.logical_not(finite),
+            skip=None,
             global_norm=tf.where(finite, tf.minimum(norm, max_norm), 0.0),
         )
 
@@ -147,8 +154,10 @@ def global_norm(max_norm: float) -> ClipPolicy:
     """Scale all gradients by ``max_norm / max(‖g‖, max_norm)``.
 
     Same rule as ``tf.clip_by_global_norm`` and ``Adam(global_clipnorm=...)``,
-    except that a non-finite global norm skips the step instead of turning
-    every gradient into NaN.
+    except that when the global norm is NaN or Inf the gradient is replaced by
+    zeros (``clip_coef`` 0) instead of turning every weight into NaN. A
+    zero gradient still advances the optimizer's moments and step count; to
+    skip such steps entirely, chain a ``skip_nonfinite`` policy in front.
 
     Args:
         max_norm: Largest allowed global L2 norm (> 0).

@@ -87,6 +87,16 @@ class _Installed:
     owner: Any  # the model, or the LossScaleOptimizer whose inner optimizer was swapped
     attribute: str
     original: Any
+    plain_train_function: Any  # the model's train function before the swap (may be None)
+
+
+@dataclass(frozen=True, slots=True)
+class _Traced:
+    """A train function traced with the wrapper, reused by the next ``fit`` of the model."""
+
+    model: Any
+    train_function: Any
+    state: _GraphState
 
 
 class MonitoredOptimizer(keras.optimizers.Optimizer):  # type: ignore[misc]
@@ -252,6 +262,7 @@ class GradientMonitor(keras.callbacks.Callback):  # type: ignore[misc]
         self._var_segments: dict[object, int] = {}
         self._wrapper: MonitoredOptimizer | None = None
         self._installed: _Installed | None = None
+        self._traced: _Traced | None = None
         self._steps_per_call = 1
         self._unread_estimate = 0
         self._read_count: int | None = None
@@ -375,17 +386,22 @@ class GradientMonitor(keras.callbacks.Callback):  # type: ignore[misc]
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         model = self.model
-        self._install(model)
+        swapped = self._install(model)
         self._steps_per_call = max(1, int(getattr(model, "steps_per_execution", 1) or 1))
         wrapper = self._wrapper
         assert wrapper is not None
         with model.distribute_strategy.scope():
             if not wrapper.built:
                 wrapper.build(model.trainable_variables)
-            self._ensure_capacity()
-        # Trace again so the train function calls the (possibly new) wrapper.
-        model.train_function = None
-        model.make_train_function()
+            grown = self._ensure_capacity()
+        traced = self._traced
+        if swapped and traced is not None and traced.model is model and traced.state is self._state:
+            # Same wrapper and buffers as the last fit: reuse its trace instead of retracing.
+            model.train_function = traced.train_function
+        elif swapped or grown:
+            # Trace again so the train function calls the wrapper and the current buffers.
+            model.train_function = None
+            model.make_train_function()
         self._sender.set_status("running")
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
@@ -400,7 +416,8 @@ class GradientMonitor(keras.callbacks.Callback):  # type: ignore[misc]
 
     # -- internals -------------------------------------------------------------------------
 
-    def _install(self, model: Any) -> None:
+    def _install(self, model: Any) -> bool:
+        """Swap the wrapper into ``model`` unless it is there already; True if swapped."""
         optimizer = model.optimizer
         if optimizer is None:
             raise ConfigError("model: compile the model with an optimizer before fit")
@@ -408,15 +425,16 @@ class GradientMonitor(keras.callbacks.Callback):  # type: ignore[misc]
             inner = optimizer.inner_optimizer
             if isinstance(inner, MonitoredOptimizer):
                 self._check_own(inner)
-                return
+                return False
             optimizer.inner_optimizer = self.wrap(inner)
-            self._installed = _Installed(optimizer, "inner_optimizer", inner)
-            return
+            self._installed = _Installed(optimizer, "inner_optimizer", inner, model.train_function)
+            return True
         if isinstance(optimizer, MonitoredOptimizer):
             self._check_own(optimizer)
-            return
+            return False
         model.optimizer = self.wrap(optimizer)
-        self._installed = _Installed(model, "optimizer", optimizer)
+        self._installed = _Installed(model, "optimizer", optimizer, model.train_function)
+        return True
 
     def _check_own(self, wrapper: MonitoredOptimizer) -> None:
         if wrapper.monitor is not self:
@@ -428,8 +446,9 @@ class GradientMonitor(keras.callbacks.Callback):  # type: ignore[misc]
             return
         setattr(installed.owner, installed.attribute, installed.original)
         model = self.model
-        if model is not None:
-            model.train_function = None
+        if model is not None and self._state is not None:
+            self._traced = _Traced(model, model.train_function, self._state)
+            model.train_function = installed.plain_train_function
 
     def _capacity(self) -> int:
         return self.config.flush_every + self._steps_per_call
@@ -448,14 +467,14 @@ class GradientMonitor(keras.callbacks.Callback):  # type: ignore[misc]
             self._policy_state = self.policy.init(variables, layout)
         self._read_count = first_step
 
-    def _ensure_capacity(self) -> None:
-        """Grow the ring if ``steps_per_execution`` needs more rows than it has."""
+    def _ensure_capacity(self) -> bool:
+        """Grow the ring if ``steps_per_execution`` needs more rows; True if it grew."""
         state = self._state
         if state is None or state.capacity >= self._capacity():
-            return
+            return False
         self._collect()
-        grown = _GraphState(state.layout, self._capacity(), int(state.step.numpy()))
-        self._state = grown
+        self._state = _GraphState(state.layout, self._capacity(), int(state.step.numpy()))
+        return True
 
     def _process(
         self, grads: list[Any], variables: list[Any]

@@ -125,7 +125,7 @@ def test_explicit_wrap_in_compile_records_and_stays_installed(transport):
     assert wrapped.iterations.numpy() == 8
 
 
-def test_global_norm_policy_skips_nonfinite_step_and_keeps_weights(transport):
+def test_global_norm_policy_zeroes_a_nonfinite_gradient_instead_of_poisoning_weights(transport):
     model = _model()
     monitor = _monitor(transport, policy=clip.global_norm(1.0), flush_every=1)
     optimizer = monitor.wrap(keras.optimizers.SGD(0.1))
@@ -136,14 +136,17 @@ def test_global_norm_policy_skips_nonfinite_step_and_keeps_weights(transport):
         tf.fill(v.shape, np.float32(np.nan)) if i == 0 else tf.ones(v.shape)
         for i, v in enumerate(model.trainable_variables)
     ]
-    monitor.apply_gradients(zip(grads, model.trainable_variables, strict=False))
+    monitor.apply_gradients(zip(grads, model.trainable_variables, strict=True))
     monitor.on_step()
     monitor.close()
+    # SGD with a zero gradient leaves the weights exactly as they were.
     for got, want in zip(model.get_weights(), before, strict=True):
         np.testing.assert_array_equal(got, want)
-    assert transport.column("skipped").tolist() == [True]
+    assert np.isnan(transport.column("global_norm")[0])
+    assert transport.column("clip_coef").tolist() == [0.0]
+    assert transport.column("global_norm_clipped").tolist() == [0.0]
     assert transport.column("nonfinite")[0].tolist() == [48, 0]
-    assert optimizer.iterations.numpy() == 0
+    assert transport.column("skipped").tolist() == [False]
 
 
 def test_custom_training_loop_in_tf_function(transport):
@@ -179,3 +182,25 @@ def test_wrap_rejects_loss_scale_optimizer(transport):
     with pytest.raises(ValueError, match=r"^optimizer:"):
         monitor.wrap(lso)
     monitor.close()
+
+
+def test_repeated_fit_with_callback_reuses_its_trace(transport, monkeypatch):
+    traces = []
+    original = MonitoredOptimizer.apply
+
+    def counting_apply(self, grads, trainable_variables=None):
+        traces.append(1)  # Python runs only while tracing
+        return original(self, grads, trainable_variables)
+
+    monkeypatch.setattr(MonitoredOptimizer, "apply", counting_apply)
+    x, y = _data(n=32)
+    model = _model()
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    monitor = _monitor(transport, flush_every=3)
+    for _ in range(3):
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[monitor])
+        assert type(model.optimizer) is keras.optimizers.SGD
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)  # unmonitored: the plain function
+    monitor.close()
+    assert len(traces) == 1
+    assert transport.steps() == list(range(12))
