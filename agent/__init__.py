@@ -9,13 +9,22 @@ Typical use::
     model.fit(x, y, callbacks=[monitor])
     monitor.close()
 
-Imports TensorFlow and Keras; never FastAPI or SQLAlchemy.
+Never imports FastAPI or SQLAlchemy. TensorFlow and Keras are imported on first use of
+a name that needs them (PEP 562), so the transport, spool and records modules, which
+``gradwatch upload`` uses, work without loading TensorFlow.
 """
 
-from gradwatch.agent import clip
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from gradwatch.agent.config import ConfigError, MonitorConfig
-from gradwatch.agent.monitor import GradientMonitor, MonitoredOptimizer
 from gradwatch.agent.records import StepBatch
+
+if TYPE_CHECKING:
+    from gradwatch.agent import clip
+    from gradwatch.agent.monitor import GradientMonitor, MonitoredOptimizer
 
 __all__ = [
     "ConfigError",
@@ -25,3 +34,16 @@ __all__ = [
     "StepBatch",
     "clip",
 ]
+
+_LAZY = {
+    "GradientMonitor": "gradwatch.agent.monitor",
+    "MonitoredOptimizer": "gradwatch.agent.monitor",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "clip":
+        return importlib.import_module("gradwatch.agent.clip")
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'gradwatch.agent' has no attribute {name!r}")

@@ -7,13 +7,17 @@ hours later inside the training loop.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-__all__ = ["ConfigError", "MonitorConfig"]
+from gradwatch.agent.spool import default_spool_dir
+
+__all__ = ["ConfigError", "MonitorConfig", "check_server_url", "check_writable_directory"]
 
 _PROJECT_RE = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
 
@@ -39,6 +43,16 @@ class MonitorConfig:
         retry_deadline_seconds: How long the sender keeps retrying one request
             before it gives up on it, seconds (> 0).
         local_dir: Directory for local-mode run files.
+        spool_dir: Root of the on-disk spool for batches the server has not
+            acknowledged (each run gets a subdirectory); default
+            ``<user cache dir>/gradwatch/spool``.
+        spool_max_bytes: Cap on one run's spool, bytes (>= 0; 0 turns the
+            spool off, so undeliverable batches are dropped). Over the cap the
+            oldest batches are deleted and counted as ``spool_full``.
+        queue_max_bytes: Cap on the batch arrays held in memory, bytes (>= 1);
+            a batch that would exceed it is dropped as ``queue_full``.
+        close_timeout_seconds: Default timeout of ``close()`` and of the close
+            run at interpreter exit, seconds (> 0).
     """
 
     run: str
@@ -50,6 +64,10 @@ class MonitorConfig:
     request_timeout_seconds: float = 10.0
     retry_deadline_seconds: float = 60.0
     local_dir: Path = Path("gradwatch-runs")
+    spool_dir: Path = field(default_factory=default_spool_dir)
+    spool_max_bytes: int = 256 * 2**20
+    queue_max_bytes: int = 64 * 2**20
+    close_timeout_seconds: float = 10.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.run, str) or not 1 <= len(self.run) <= 200:
@@ -72,7 +90,69 @@ class MonitorConfig:
         _check_positive_int("queue_size", self.queue_size)
         _check_positive_float("request_timeout_seconds", self.request_timeout_seconds)
         _check_positive_float("retry_deadline_seconds", self.retry_deadline_seconds)
-        object.__setattr__(self, "local_dir", Path(self.local_dir))
+        _check_positive_float("close_timeout_seconds", self.close_timeout_seconds)
+        if (
+            isinstance(self.spool_max_bytes, bool)
+            or not isinstance(self.spool_max_bytes, int)
+            or self.spool_max_bytes < 0
+        ):
+            raise ConfigError(
+                f"spool_max_bytes: expected an integer >= 0 (0 turns the spool off), "
+                f"got {self.spool_max_bytes!r}"
+            )
+        _check_positive_int("queue_max_bytes", self.queue_max_bytes)
+        object.__setattr__(self, "local_dir", _to_path("local_dir", self.local_dir))
+        object.__setattr__(self, "spool_dir", _to_path("spool_dir", self.spool_dir))
+
+
+def check_writable_directory(name: str, path: Path) -> Path:
+    """Create ``path`` if needed and check that files can be written in it.
+
+    Blocks on local disk I/O (creates and deletes one small file).
+
+    Args:
+        name: The argument the directory came from, for the message.
+        path: The directory.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ConfigError: The directory cannot be created or written to (names ``name``).
+    """
+    probe = path / f".gradwatch-write-test-{os.getpid()}-{uuid.uuid4().hex}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ConfigError(
+            f"{name}: cannot write to the directory {str(path)!r}: {reason}"
+        ) from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    return path
+
+
+def check_server_url(url: object, name: str = "server") -> str:
+    """Validate a server base URL and return it without a trailing slash.
+
+    Raises:
+        ConfigError: Not an ``http(s)://host[:port][/path]`` URL (names ``name``).
+    """
+    try:
+        return _check_url(url)
+    except ConfigError as exc:
+        if name == "server":
+            raise
+        raise ConfigError(f"{name}:{str(exc).partition(':')[2]}") from None
+
+
+def _to_path(name: str, value: object) -> Path:
+    if not isinstance(value, str | os.PathLike) or not str(value):
+        raise ConfigError(f"{name}: expected a directory path, got {value!r}")
+    return Path(value)
 
 
 def _check_positive_int(name: str, value: object) -> None:

@@ -22,6 +22,7 @@ too rarely) are counted in :attr:`GradientMonitor.lost_steps`.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -32,10 +33,11 @@ import numpy as np
 import tensorflow as tf
 
 from gradwatch.agent.clip import ClipContext, ClipPolicy
-from gradwatch.agent.config import ConfigError, MonitorConfig
+from gradwatch.agent.config import ConfigError, MonitorConfig, check_writable_directory
 from gradwatch.agent.layers import LayerLayout, layout_of
 from gradwatch.agent.records import StepBatch
-from gradwatch.agent.sender import RetryPolicy, Sender
+from gradwatch.agent.sender import RetryPolicy, Sender, close_at_exit
+from gradwatch.agent.spool import Spool
 from gradwatch.agent.stats import compute_gradient_stats
 from gradwatch.agent.transport import HttpTransport, JsonlTransport, RunInfo, Transport
 
@@ -56,20 +58,65 @@ def _variable_key(variable: Any) -> object:
     return getattr(value, "_unique_id", id(value))
 
 
+def _all_reduce_sum(replica: Any, grads: list[Any]) -> list[Any]:
+    """Sum gradients over replicas (one all-reduce for all of them); ``None`` stays."""
+    present = [tf.convert_to_tensor(g) for g in grads if g is not None]
+    reduced = iter(replica.all_reduce(tf.distribute.ReduceOp.SUM, present)) if present else iter(())
+    return [None if g is None else next(reduced) for g in grads]
+
+
+def _scale_gradient(grad: Any, factor: float) -> Any:
+    if grad is None:
+        return None
+    if isinstance(grad, tf.IndexedSlices):
+        return tf.IndexedSlices(grad.values * factor, grad.indices, grad.dense_shape)
+    return grad * tf.cast(factor, grad.dtype)
+
+
+def _check_token(token: str | None) -> str | None:
+    """The token to send: the argument, else ``$GRADWATCH_TOKEN``; never logged."""
+    if token is None:
+        token = os.environ.get("GRADWATCH_TOKEN") or None
+    if token is not None and (not isinstance(token, str) or not token.strip()):
+        raise ConfigError("token: expected a non-empty string from `gradwatch token create`")
+    return token
+
+
+def _write_row(buffer: tf.Variable, row: tf.Tensor, value: tf.Tensor) -> None:
+    """Write one ring-buffer row (``row`` is ``[[index]]``).
+
+    A whole-buffer assign of ``tensor_scatter_nd_update`` rather than the
+    variable's own ``scatter_nd_update``, which mirrored variables lack; the
+    buffer is a few KB and XLA updates it in place.
+    """
+    buffer.assign(tf.tensor_scatter_nd_update(buffer.read_value(), row, value))
+
+
+def _variable(value: Any, dtype: tf.DType, name: str) -> tf.Variable:
+    """A non-trainable monitor variable; mirrored under MirroredStrategy (same on all replicas)."""
+    return tf.Variable(
+        value,
+        dtype=dtype,
+        trainable=False,
+        name=name,
+        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+    )
+
+
 class _GraphState(tf.Module):
-    """The monitor's in-graph variables: step counter, ring buffers, policy state."""
+    """The in-graph ring buffers (never checkpointed; rebuilt when the ring must grow).
 
-    def __init__(self, layout: LayerLayout, capacity: int, first_step: int) -> None:
-        super().__init__(name="gradwatch")
-        agg = tf.VariableAggregation.ONLY_FIRST_REPLICA
+    Rows are indexed by ``recorded % capacity``, a count of rows written by this
+    process, so restoring the checkpointed step counter never confuses reading.
+    """
+
+    def __init__(self, layout: LayerLayout, capacity: int) -> None:
+        super().__init__(name="gradwatch_ring")
+        var = _variable
         num_layers = layout.num_layers
-
-        def var(value: Any, dtype: tf.DType, name: str) -> tf.Variable:
-            return tf.Variable(value, dtype=dtype, trainable=False, name=name, aggregation=agg)
-
         self.layout = layout
         self.capacity = capacity
-        self.step = var(first_step, tf.int64, "step")
+        self.recorded = var(0, tf.int64, "recorded")
         self.loss = var(float("nan"), tf.float32, "loss")
         self.loss_fresh = var(False, tf.bool, "loss_fresh")
         self.step_buf = var(tf.fill([capacity], tf.constant(-1, tf.int64)), tf.int64, "step_buf")
@@ -99,6 +146,7 @@ class _Traced:
     state: _GraphState
 
 
+@keras.saving.register_keras_serializable(package="gradwatch")
 class MonitoredOptimizer(keras.optimizers.Optimizer):  # type: ignore[misc]
     """Wraps an optimizer so every ``apply`` is measured and clipped in-graph.
 
@@ -148,31 +196,71 @@ class MonitoredOptimizer(keras.optimizers.Optimizer):  # type: ignore[misc]
         return self.inner_optimizer.scale_loss(loss)
 
     def apply(self, grads: Sequence[Any], trainable_variables: Sequence[Any] | None = None) -> None:
-        """Measure, clip and apply one step's gradients (runs inside the compiled step)."""
+        """Measure, clip and apply one step's gradients (runs inside the compiled step).
+
+        Under ``tf.distribute`` the gradients are all-reduced first, so the
+        statistics, the policy and the skip decision see the summed gradient and
+        N replicas give the single-device result; the inner optimizer then gets
+        ``g / N`` per replica, which its own all-reduce sums back to ``g``.
+        """
         if trainable_variables is None:
             trainable_variables = self.inner_optimizer._trainable_variables
         variables = list(trainable_variables)
         if not self.built:
             self.build(variables)
-        new_grads, skip = self.monitor._process(list(grads), variables)
+        grads = list(grads)
+        replica = tf.distribute.get_replica_context()
+        replicas = replica.num_replicas_in_sync if replica is not None else 1
+        if replicas > 1:
+            grads = _all_reduce_sum(replica, grads)
+        new_grads, skip = self.monitor._process(grads, variables)
+        if replicas > 1:
+            new_grads = [_scale_gradient(g, 1.0 / replicas) for g in new_grads]
         if skip is None:
             self.inner_optimizer.apply(new_grads, variables)
-            return
+        elif replicas > 1:
+            # A tf.cond inside the replica function cannot wrap the inner optimizer's own
+            # merge_call; decide in cross-replica context, as Keras' LossScaleOptimizer does.
+            replica.merge_call(self._apply_unless_skipped, args=(new_grads, variables, skip))
+        else:
+
+            def update() -> tf.Tensor:
+                self.inner_optimizer.apply(new_grads, variables)
+                return tf.constant(True)
+
+            tf.cond(skip, lambda: tf.constant(False), update)
+
+    def _apply_unless_skipped(
+        self, distribution: Any, grads: list[Any], variables: list[Any], skip: Any
+    ) -> None:
+        """Cross-replica: apply the per-replica gradients on every replica, or on none."""
+        skip_any = distribution.experimental_local_results(skip)[0]  # same on every replica
 
         def update() -> tf.Tensor:
-            self.inner_optimizer.apply(new_grads, variables)
+            distribution.extended.call_for_each_replica(
+                self.inner_optimizer.apply, args=(grads, variables)
+            )
             return tf.constant(True)
 
-        tf.cond(skip, lambda: tf.constant(False), update)
+        tf.cond(skip_any, lambda: tf.constant(False), update)
 
     def finalize_variable_values(self, var_list: Sequence[Any]) -> None:
         self.inner_optimizer.finalize_variable_values(var_list)
 
     def get_config(self) -> dict[str, Any]:
-        return self.inner_optimizer.get_config()  # type: ignore[no-any-return]
+        return {"inner_optimizer": keras.saving.serialize_keras_object(self.inner_optimizer)}
+
+    @classmethod
+    def from_config(
+        cls, config: dict[str, Any], custom_objects: dict[str, Any] | None = None
+    ) -> keras.optimizers.Optimizer:
+        """Load as the plain inner optimizer: a saved model does not carry its monitor."""
+        return keras.saving.deserialize_keras_object(
+            config["inner_optimizer"], custom_objects=custom_objects
+        )
 
 
-class GradientMonitor(keras.callbacks.Callback):  # type: ignore[misc]
+class GradientMonitor(keras.callbacks.Callback, tf.__internal__.tracking.Trackable):  # type: ignore[misc]
     """Records per-layer gradient statistics of every step and streams them.
 
     Use it as a Keras callback (``model.fit(..., callbacks=[monitor])``), which
@@ -194,9 +282,19 @@ class GradientMonitor(keras.callbacks.Callback):  # type: ignore[misc]
         retry_deadline_seconds: How long to retry a request before giving up.
         local_dir: Where local mode writes its files.
         transport: A transport to use instead of the default one (tests).
+        spool_dir: Root of the on-disk spool for batches the server has not
+            acknowledged; default ``<user cache dir>/gradwatch/spool``.
+        spool_max_bytes: Cap on the run's spool, bytes; over it the oldest
+            batches are dropped (``spool_full``). 0 turns the spool off.
+        queue_max_bytes: Cap on the batches held in memory, bytes.
+        close_timeout_seconds: Default timeout of :meth:`close`, which also
+            runs at interpreter exit.
+        token: Bearer token with the ``ingest`` scope (``gradwatch token create``);
+            default ``$GRADWATCH_TOKEN``. Needed once the server has tokens.
 
     Raises:
-        ConfigError: An argument is invalid (the message names it).
+        ConfigError: An argument is invalid, or ``local_dir``/``spool_dir``
+            cannot be written to (the message names it).
 
     Thread-safety: training-thread object; :meth:`close` may be called from
     any thread once training has stopped.
@@ -215,11 +313,18 @@ class GradientMonitor(keras.callbacks.Callback):  # type: ignore[misc]
         retry_deadline_seconds: float = 60.0,
         local_dir: str | None = None,
         transport: Transport | None = None,
+        spool_dir: str | None = None,
+        spool_max_bytes: int = 256 * 2**20,
+        queue_max_bytes: int = 64 * 2**20,
+        close_timeout_seconds: float = 10.0,
+        token: str | None = None,
     ) -> None:
         super().__init__()
         kwargs: dict[str, Any] = {}
         if local_dir is not None:
             kwargs["local_dir"] = local_dir
+        if spool_dir is not None:
+            kwargs["spool_dir"] = spool_dir
         self.config = MonitorConfig(
             run=run,
             server=server,
@@ -229,6 +334,9 @@ class GradientMonitor(keras.callbacks.Callback):  # type: ignore[misc]
             queue_size=queue_size,
             request_timeout_seconds=request_timeout_seconds,
             retry_deadline_seconds=retry_deadline_seconds,
+            spool_max_bytes=spool_max_bytes,
+            queue_max_bytes=queue_max_bytes,
+            close_timeout_seconds=close_timeout_seconds,
             **kwargs,
         )
         if policy is not None and not isinstance(policy, ClipPolicy):
@@ -237,11 +345,21 @@ class GradientMonitor(keras.callbacks.Callback):  # type: ignore[misc]
                 f"(e.g. clip.global_norm(1.0)), got {policy!r}"
             )
         self.policy = policy
+        spool = None
+        if self.config.server is not None and self.config.spool_max_bytes > 0:
+            check_writable_directory("spool_dir", self.config.spool_dir)
+            spool = Spool(self.config.spool_dir, self.config.run_id, self.config.spool_max_bytes)
+        self._local: JsonlTransport | None = None
         if transport is None:
             if self.config.server is None:
-                transport = JsonlTransport(self.config.local_dir)
+                check_writable_directory("local_dir", self.config.local_dir)
+                transport = self._local = JsonlTransport(self.config.local_dir)
             else:
-                transport = HttpTransport(self.config.server, self.config.request_timeout_seconds)
+                transport = HttpTransport(
+                    self.config.server,
+                    self.config.request_timeout_seconds,
+                    token=_check_token(token),
+                )
         run_info = RunInfo(
             run_id=self.config.run_id,
             name=self.config.run,
@@ -256,18 +374,27 @@ class GradientMonitor(keras.callbacks.Callback):  # type: ignore[misc]
             run_info,
             queue_size=self.config.queue_size,
             retry=RetryPolicy(deadline_seconds=self.config.retry_deadline_seconds),
+            spool=spool,
+            queue_max_bytes=self.config.queue_max_bytes,
+            exit_timeout_seconds=self.config.close_timeout_seconds,
         )
         self._state: _GraphState | None = None
-        self._policy_state: Any = None
+        # What tf.train.Checkpoint saves: the step counter and the policy state.
+        self._checkpointed = tf.__internal__.tracking.AutoTrackable()
+        self._track_trackable(self._checkpointed, name="gradwatch")
         self._var_segments: dict[object, int] = {}
         self._wrapper: MonitoredOptimizer | None = None
         self._installed: _Installed | None = None
         self._traced: _Traced | None = None
+        self._hooked_lso: Any = None
         self._steps_per_call = 1
         self._unread_estimate = 0
         self._read_count: int | None = None
         self._lost_steps = 0
         self._closed = False
+        self._train_active = False  # between on_train_begin and on_train_end
+        self._summarised_steps = 0  # local mode: steps in the last printed summary
+        close_at_exit(self._close_at_exit)  # weak: the monitor can still be collected
 
     # -- public API ------------------------------------------------------------------------
 
@@ -339,6 +466,10 @@ class GradientMonitor(keras.callbacks.Callback):  # type: ignore[misc]
         if self._state is None:
             return
         value = tf.cast(tf.reduce_mean(loss), tf.float32)
+        replica = tf.distribute.get_replica_context()
+        if replica is not None and replica.num_replicas_in_sync > 1:
+            # Keras scales each replica's loss by 1/N; their sum is the global mean.
+            value = replica.all_reduce(tf.distribute.ReduceOp.SUM, value)
         self._state.loss.assign(value)
         self._state.loss_fresh.assign(True)
 
@@ -356,10 +487,19 @@ class GradientMonitor(keras.callbacks.Callback):  # type: ignore[misc]
         self._collect()
         return self._sender.flush(timeout_seconds)
 
-    def close(self, timeout_seconds: float = 10.0, status: str = "finished") -> bool:
-        """Read what is pending, mark the run ``status`` and flush, within the timeout.
+    def close(self, timeout_seconds: float | None = None, status: str | None = None) -> bool:
+        """Read what is pending, mark the run's status and flush, within the timeout.
 
-        Idempotent. Blocks up to ``timeout_seconds``.
+        Idempotent; never raises on delivery problems. Also runs at interpreter
+        exit for a monitor that was not closed. What is not delivered in time
+        stays in the spool for the next monitor with this ``run_id`` (or
+        ``gradwatch upload``). Blocks up to ``timeout_seconds``.
+
+        Args:
+            timeout_seconds: Longest wait, seconds; default
+                ``close_timeout_seconds``.
+            status: ``finished`` or ``failed``; by default ``failed`` when a
+                ``fit`` began and did not end (it raised), else ``finished``.
 
         Returns:
             ``True`` if everything was delivered in time.
@@ -367,8 +507,19 @@ class GradientMonitor(keras.callbacks.Callback):  # type: ignore[misc]
         if self._closed:
             return True
         self._closed = True
-        self._collect()
+        if timeout_seconds is None:
+            timeout_seconds = self.config.close_timeout_seconds
+        if status is None:
+            status = "failed" if self._train_active else "finished"
+        try:
+            self._collect()
+            # A fit that raised never reached on_train_end: give the model its optimizer back.
+            self._unhook_loss_scale()
+            self._uninstall()
+        except Exception:  # e.g. TensorFlow half torn down at interpreter exit
+            log.exception("gradwatch: could not read the last steps at close")
         self._sender.set_status(status)
+        self._print_local_summary()
         return self._sender.close(timeout_seconds)
 
     def __enter__(self) -> GradientMonitor:
@@ -380,13 +531,14 @@ class GradientMonitor(keras.callbacks.Callback):  # type: ignore[misc]
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.close(status="failed" if exc_type is not None else "finished")
+        self.close(status="failed" if exc_type is not None else None)
 
     # -- Keras callback hooks --------------------------------------------------------------
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         model = self.model
         swapped = self._install(model)
+        self._hook_loss_scale(model.optimizer)
         self._steps_per_call = max(1, int(getattr(model, "steps_per_execution", 1) or 1))
         wrapper = self._wrapper
         assert wrapper is not None
@@ -403,6 +555,7 @@ class GradientMonitor(keras.callbacks.Callback):  # type: ignore[misc]
             model.train_function = None
             model.make_train_function()
         self._sender.set_status("running")
+        self._train_active = True
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         self._unread_estimate += self._steps_per_call
@@ -412,6 +565,9 @@ class GradientMonitor(keras.callbacks.Callback):  # type: ignore[misc]
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         self._collect()
         self._sender.set_status("finished")
+        self._train_active = False
+        self._print_local_summary()
+        self._unhook_loss_scale()
         self._uninstall()
 
     # -- internals -------------------------------------------------------------------------
@@ -436,6 +592,42 @@ class GradientMonitor(keras.callbacks.Callback):  # type: ignore[misc]
         self._installed = _Installed(model, "optimizer", optimizer, model.train_function)
         return True
 
+    def _hook_loss_scale(self, optimizer: Any) -> None:
+        """Let the monitor see what a LossScaleOptimizer keeps from the wrapper.
+
+        The LSO skips an overflow step without calling the wrapper, and scales
+        the loss without calling the inner optimizer's ``scale_loss``. Its two
+        methods are shadowed on the instance for the duration of training (the
+        functions traced meanwhile keep the hooks), so such steps are recorded
+        as skipped and the unscaled loss is recorded every step.
+        """
+        if not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            return
+        if self._hooked_lso is optimizer:
+            return
+        self._unhook_loss_scale()
+        handle_non_finite = optimizer._stateful_handle_non_finite_grads
+        scale_loss = optimizer.scale_loss
+
+        def hooked_handle_non_finite() -> Any:
+            self._record_overflow_step()
+            return handle_non_finite()
+
+        def hooked_scale_loss(loss: Any) -> Any:
+            self.record_loss(loss)
+            return scale_loss(loss)
+
+        # Straight into the instance dict: Keras' tracking __setattr__ has no business here.
+        vars(optimizer)["_stateful_handle_non_finite_grads"] = hooked_handle_non_finite
+        vars(optimizer)["scale_loss"] = hooked_scale_loss
+        self._hooked_lso = optimizer
+
+    def _unhook_loss_scale(self) -> None:
+        optimizer, self._hooked_lso = self._hooked_lso, None
+        if optimizer is not None:
+            vars(optimizer).pop("_stateful_handle_non_finite_grads", None)
+            vars(optimizer).pop("scale_loss", None)
+
     def _check_own(self, wrapper: MonitoredOptimizer) -> None:
         if wrapper.monitor is not self:
             raise ConfigError("optimizer: wrapped by a different GradientMonitor")
@@ -454,18 +646,25 @@ class GradientMonitor(keras.callbacks.Callback):  # type: ignore[misc]
         return self.config.flush_every + self._steps_per_call
 
     def _build_state(self, variables: Sequence[Any], inner: keras.optimizers.Optimizer) -> None:
-        """Create the in-graph state for ``variables`` (eager; once per monitor)."""
+        """Create the in-graph state for ``variables`` (once per monitor).
+
+        Runs eagerly even when Keras builds the optimizer during tracing (as it
+        may under a distribution strategy): variables are lifted out of the graph.
+        """
         if self._state is not None:
             return
-        layout = layout_of(variables)
-        first_step = int(inner.iterations.numpy()) if inner.built else 0
-        self._state = _GraphState(layout, self._capacity(), first_step)
-        self._var_segments = {
-            _variable_key(v): seg for v, seg in zip(variables, layout.segment_ids, strict=True)
-        }
-        if self.policy is not None:
-            self._policy_state = self.policy.init(variables, layout)
-        self._read_count = first_step
+        with tf.init_scope():
+            layout = layout_of(variables)
+            self._state = _GraphState(layout, self._capacity())
+            self._var_segments = {
+                _variable_key(v): seg for v, seg in zip(variables, layout.segment_ids, strict=True)
+            }
+            # Tracked attributes: a checkpoint restored before this point is applied now.
+            first_step = int(inner.iterations.numpy()) if inner.built else 0
+            self._checkpointed.step = _variable(first_step, tf.int64, "step")
+            if self.policy is not None:
+                self._checkpointed.policy = self.policy.init(variables, layout)
+            self._read_count = 0
 
     def _ensure_capacity(self) -> bool:
         """Grow the ring if ``steps_per_execution`` needs more rows; True if it grew."""
@@ -473,7 +672,8 @@ class GradientMonitor(keras.callbacks.Callback):  # type: ignore[misc]
         if state is None or state.capacity >= self._capacity():
             return False
         self._collect()
-        self._state = _GraphState(state.layout, self._capacity(), int(state.step.numpy()))
+        self._state = _GraphState(state.layout, self._capacity())
+        self._read_count = 0
         return True
 
     def _process(
@@ -493,36 +693,83 @@ class GradientMonitor(keras.callbacks.Callback):  # type: ignore[misc]
         skip: tf.Tensor | None = None
         coef = tf.constant(1.0)
         norm_after = stats.global_norm
+        step = self._checkpointed.step.read_value()
         if self.policy is not None:
             result = self.policy.apply(
-                grads, self._policy_state, ClipContext(stats, variables, layout)
+                grads, self._checkpointed.policy, ClipContext(stats, variables, layout, step)
             )
             grads, coef, skip = result.grads, result.clip_coef, result.skip
-            norm_after = (
-                result.global_norm
-                if result.global_norm is not None
-                else compute_gradient_stats(grads, layout).global_norm
+            after = (
+                result.stats if result.stats is not None else compute_gradient_stats(grads, layout)
             )
+            norm_after = after.global_norm
         skipped = tf.constant(False) if skip is None else skip
-        step = state.step.read_value()
-        row = tf.reshape(tf.math.floormod(step, state.capacity), [1, 1])
+        self._record_row(
+            state,
+            step,
+            global_norm=stats.global_norm,
+            global_norm_clipped=norm_after,
+            clip_coef=coef,
+            skipped=skipped,
+            layer_norms=stats.layer_norms,
+            layer_nonfinite=stats.layer_nonfinite,
+        )
+        return grads, skip
+
+    def _record_row(
+        self,
+        state: _GraphState,
+        step: tf.Tensor,
+        *,
+        global_norm: tf.Tensor,
+        global_norm_clipped: tf.Tensor,
+        clip_coef: tf.Tensor,
+        skipped: tf.Tensor,
+        layer_norms: tf.Tensor,
+        layer_nonfinite: tf.Tensor,
+    ) -> None:
+        """In-graph: write step ``step`` into the ring and advance the step counter."""
+        row = tf.reshape(tf.math.floormod(state.recorded.read_value(), state.capacity), [1, 1])
         run_row = tf.stack(
             [
                 state.loss.read_value(),
                 tf.cast(state.loss_fresh.read_value(), tf.float32),
-                stats.global_norm,
-                tf.cast(norm_after, tf.float32),
-                tf.cast(coef, tf.float32),
+                tf.cast(global_norm, tf.float32),
+                tf.cast(global_norm_clipped, tf.float32),
+                tf.cast(clip_coef, tf.float32),
                 tf.cast(skipped, tf.float32),
             ]
         )
-        state.step_buf.scatter_nd_update(row, tf.reshape(step, [1]))
-        state.run_buf.scatter_nd_update(row, run_row[tf.newaxis])
-        state.norm_buf.scatter_nd_update(row, stats.layer_norms[tf.newaxis])
-        state.nonfinite_buf.scatter_nd_update(row, stats.layer_nonfinite[tf.newaxis])
+        _write_row(state.step_buf, row, tf.reshape(step, [1]))
+        _write_row(state.run_buf, row, run_row[tf.newaxis])
+        _write_row(state.norm_buf, row, tf.cast(layer_norms, tf.float32)[tf.newaxis])
+        _write_row(state.nonfinite_buf, row, tf.cast(layer_nonfinite, tf.int32)[tf.newaxis])
         state.loss_fresh.assign(False)
-        state.step.assign_add(1)
-        return grads, skip
+        state.recorded.assign_add(1)
+        self._checkpointed.step.assign_add(1)
+
+    def _record_overflow_step(self) -> None:
+        """In-graph: record a step the LossScaleOptimizer skipped because of overflow.
+
+        The scaled gradient overflowed, so no norm of the unscaled gradient can be
+        measured: the step is reported skipped, with NaN norms, clip coefficient 0
+        and no non-finite values (the model's own gradient was not at fault).
+        """
+        state = self._state
+        if state is None:
+            return
+        num_layers = state.layout.num_layers
+        nan = tf.constant(float("nan"), tf.float32)
+        self._record_row(
+            state,
+            self._checkpointed.step.read_value(),
+            global_norm=nan,
+            global_norm_clipped=tf.constant(0.0),
+            clip_coef=tf.constant(0.0),
+            skipped=tf.constant(True),
+            layer_norms=tf.fill([num_layers], nan),
+            layer_nonfinite=tf.zeros([num_layers], tf.int32),
+        )
 
     def _collect(self) -> None:
         """Host side: read the steps recorded since the last read and submit them."""
@@ -530,7 +777,7 @@ class GradientMonitor(keras.callbacks.Callback):  # type: ignore[misc]
         state = self._state
         if state is None or self._read_count is None:
             return
-        count = int(state.step.numpy())
+        count = int(state.recorded.numpy())
         pending = count - self._read_count
         if pending <= 0:
             return
@@ -543,19 +790,41 @@ class GradientMonitor(keras.callbacks.Callback):  # type: ignore[misc]
             )
             pending = state.capacity
         rows = np.arange(count - pending, count) % state.capacity
-        steps = state.step_buf.numpy()[rows]
+        steps = state.step_buf.numpy()[rows].astype(np.int64)
         run = state.run_buf.numpy()[rows]
-        batch = StepBatch(
-            layers=state.layout.names,
-            step=steps.astype(np.int64),
-            loss=run[:, _LOSS].astype(np.float32),
-            loss_known=run[:, _LOSS_KNOWN] > 0.5,
-            global_norm=run[:, _GLOBAL].astype(np.float32),
-            global_norm_clipped=run[:, _GLOBAL_CLIPPED].astype(np.float32),
-            clip_coef=run[:, _COEF].astype(np.float32),
-            skipped=run[:, _SKIPPED] > 0.5,
-            grad_norm=state.norm_buf.numpy()[rows],
-            nonfinite=state.nonfinite_buf.numpy()[rows].astype(np.int64),
-        )
+        norms = state.norm_buf.numpy()[rows]
+        nonfinite = state.nonfinite_buf.numpy()[rows].astype(np.int64)
         self._read_count = count
-        self._sender.submit(batch)
+        # Steps only go backwards if a checkpoint was restored mid-run: send each
+        # increasing stretch as its own batch (the server refuses steps it already has).
+        breaks = np.flatnonzero(np.diff(steps) <= 0) + 1
+        for part in np.split(np.arange(len(steps)), breaks):
+            self._sender.submit(
+                StepBatch(
+                    layers=state.layout.names,
+                    step=steps[part],
+                    loss=run[part, _LOSS].astype(np.float32),
+                    loss_known=run[part, _LOSS_KNOWN] > 0.5,
+                    global_norm=run[part, _GLOBAL].astype(np.float32),
+                    global_norm_clipped=run[part, _GLOBAL_CLIPPED].astype(np.float32),
+                    clip_coef=run[part, _COEF].astype(np.float32),
+                    skipped=run[part, _SKIPPED] > 0.5,
+                    grad_norm=norms[part],
+                    nonfinite=nonfinite[part],
+                )
+            )
+
+    def _close_at_exit(self) -> None:
+        """Interpreter exit: close with the default timeout and status."""
+        self.close()
+
+    def _print_local_summary(self) -> None:
+        """Local mode: wait for the file writes, then print the run's totals (once per change)."""
+        local = self._local
+        if local is None:
+            return
+        self._sender.flush(self.config.close_timeout_seconds)
+        summary = local.summary(self.config.run_id)
+        if summary.steps != self._summarised_steps:
+            self._summarised_steps = summary.steps
+            print(summary.describe(self.config.run), flush=True)

@@ -1,59 +1,116 @@
-"""Background delivery of batches: a bounded queue and one daemon thread.
+"""Background delivery of batches: a bounded queue, one daemon thread, an on-disk spool.
 
-The training thread only ever calls :meth:`Sender.submit`, which never waits
-on the network: when the queue is full the batch is dropped and counted. The
-sender thread serialises batches, delivers them through a
-:class:`~gradwatch.agent.transport.Transport` and retries transient failures
-with exponential backoff and full jitter, honouring the server's
-``Retry-After``, until a per-request deadline. No exception raised by a
-transport ever reaches the caller.
+The training thread only ever calls :meth:`Sender.submit`, which never waits on
+the network or the disk: when the in-memory queue is full (in batches or in
+bytes) the batch is dropped and counted. The sender thread serialises batches
+and delivers them through a :class:`~gradwatch.agent.transport.Transport`:
+
+* Transient failures (connection errors, 5xx, 429) are retried with
+  exponential backoff and full jitter, honouring the server's ``Retry-After``,
+  until the retry deadline (:func:`~gradwatch.agent.transport.call_with_retry`).
+* Past the deadline the batch goes to the :class:`~gradwatch.agent.spool.Spool`
+  (when there is one), and so does every later batch while the spool holds
+  anything, so step order is kept. The thread replays the spool, oldest step
+  first, one attempt at a time with backoff, until it is empty.
+* A rejection (other 4xx) is never retried: the server's message is logged once
+  per status code and the batch is counted as ``rejected``.
+* At :meth:`Sender.close` whatever was not delivered before the timeout is
+  written to the spool (or, without one, counted as ``shutdown``).
+
+Drop counts are cumulative and travel with every batch sent (``dropped_batches``
+on the wire); with a spool they are also kept on disk, so a restarted process
+continues them. No exception raised by a transport or the spool ever reaches
+the caller.
+
+Process events: every sender is closed at interpreter exit (:func:`close_at_exit`
+holds only a weak reference), and after ``os.fork`` the child's senders drop
+the parent's queue, get fresh locks and connections, and start their thread on
+first use.
 """
 
 from __future__ import annotations
 
+import atexit
+import itertools
 import logging
+import os
 import random
 import threading
 import time
+import weakref
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from gradwatch.agent.records import StepBatch
-from gradwatch.agent.transport import RejectedError, RetryableError, RunInfo, Transport
+from gradwatch.agent.spool import Spool, SpoolState
+from gradwatch.agent.transport import (
+    RejectedError,
+    RetryableError,
+    RetryPolicy,
+    RunInfo,
+    Transport,
+    call_with_retry,
+)
 
-__all__ = ["DropReason", "RetryPolicy", "Sender"]
+__all__ = [
+    "Clock",
+    "DropReason",
+    "RetryPolicy",
+    "Sender",
+    "SystemClock",
+    "close_at_exit",
+]
 
 log = logging.getLogger("gradwatch.agent")
+
+_JOIN_GRACE_SECONDS = 0.1
+"""How long ``close`` waits for the thread to stop once the flush timeout has passed."""
 
 
 class DropReason:
     """Why a batch was not delivered (the ``reason`` label of drop counters)."""
 
     QUEUE_FULL = "queue_full"
+    """The in-memory queue was full when the training thread submitted it."""
     SERVER_UNAVAILABLE = "server_unavailable"
+    """Retried until the deadline, and there is no spool to keep it."""
     REJECTED = "rejected"
+    """The server refused it (4xx other than 429); retrying cannot help."""
     SHUTDOWN = "shutdown"
+    """Still queued when the sender closed, and there is no spool to keep it."""
+    SPOOL_FULL = "spool_full"
+    """Deleted from the spool, oldest first, to keep it under its size cap."""
+    SPOOL_ERROR = "spool_error"
+    """Could not be written to, or read back from, the spool."""
 
 
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """Exponential backoff with full jitter, bounded by a deadline.
+class Clock(Protocol):
+    """Time for the sender thread: its retry deadlines, backoff and replay schedule."""
 
-    Attributes:
-        initial_backoff_seconds: Upper bound of the first wait.
-        max_backoff_seconds: Cap of any single wait.
-        deadline_seconds: Give up on a request after this long.
-    """
+    def monotonic(self) -> float:
+        """Seconds on a monotonic clock."""
+        ...
 
-    initial_backoff_seconds: float = 0.25
-    max_backoff_seconds: float = 10.0
-    deadline_seconds: float = 60.0
+    def wait(self, condition: threading.Condition, timeout_seconds: float | None) -> None:
+        """Wait on ``condition`` (held by the caller) until notified or the timeout passes.
 
-    def backoff_seconds(self, attempt: int, rng: random.Random) -> float:
-        """Wait before retry number ``attempt`` (0-based), seconds."""
-        cap = min(self.max_backoff_seconds, self.initial_backoff_seconds * 2.0**attempt)
-        return rng.uniform(0.0, cap)
+        ``None`` waits until notified. May return early (callers re-check).
+        """
+        ...
+
+
+class SystemClock:
+    """The real clock: ``time.monotonic`` and ``Condition.wait``."""
+
+    def monotonic(self) -> float:
+        """Seconds on ``time.monotonic``."""
+        return time.monotonic()
+
+    def wait(self, condition: threading.Condition, timeout_seconds: float | None) -> None:
+        """Block on ``condition`` up to ``timeout_seconds``."""
+        condition.wait(timeout_seconds)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,26 +118,80 @@ class _Status:
     status: str
 
 
-class _GiveUpError(Exception):
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+class _ShutdownError(Exception):
+    """The sender is closing: stop waiting for a retry."""
+
+
+# -- interpreter exit and fork -------------------------------------------------------------
+
+_exit_keys = itertools.count()
+_exit_calls: dict[int, weakref.WeakMethod[Callable[[], object]]] = {}
+_senders: weakref.WeakSet[Sender] = weakref.WeakSet()
+
+
+def close_at_exit(method: Callable[[], object]) -> None:
+    """Call the bound ``method`` at interpreter exit, unless its object was collected.
+
+    Holds only a weak reference, so registering never keeps an object alive.
+    Calls run in reverse order of registration (a monitor registered after its
+    sender closes first). Exceptions are logged, never raised. Thread-safe.
+    """
+    key = next(_exit_keys)
+
+    def forget(_: object) -> None:
+        _exit_calls.pop(key, None)
+
+    _exit_calls[key] = weakref.WeakMethod(method, forget)  # type: ignore[arg-type]
+
+
+def _run_exit_calls() -> None:
+    for key in sorted(_exit_calls, reverse=True):
+        reference = _exit_calls.pop(key, None)
+        method = reference() if reference is not None else None
+        if method is None:
+            continue
+        try:
+            method()
+        except Exception:
+            log.exception("gradwatch: error while closing at interpreter exit")
+
+
+def _after_fork_in_child() -> None:
+    # The parent's monitors must not set its run's status from the child at exit;
+    # each sender re-registers its own flush-and-close.
+    _exit_calls.clear()
+    for sender in list(_senders):
+        sender._reset_after_fork()
+
+
+atexit.register(_run_exit_calls)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+# -- the sender ----------------------------------------------------------------------------
 
 
 class Sender:
-    """Delivers a run's batches from a daemon thread.
+    """Delivers a run's batches from a daemon thread, spooling to disk while the server is away.
 
-    Thread-safe: ``submit``, ``set_status``, ``flush`` and ``close`` may be
-    called from any thread. Only ``flush`` and ``close`` block, and only up to
-    their timeout.
+    Thread-safe: every method may be called from any thread. ``submit``,
+    ``set_status`` and the counters never block on I/O (they take a lock held
+    only for queue bookkeeping); ``flush``, ``close`` and ``wait_for`` block up
+    to their timeout.
 
     Args:
-        transport: Where to deliver; used from the sender thread only.
+        transport: Where to deliver; used from the sender thread (and, for the
+            last batches, from the thread calling ``close``).
         run: The run to create before the first batch.
-        queue_size: Most batches held in memory.
+        queue_size: Most batches held in memory (>= 1).
         retry: Retry policy for transient failures.
-        clock: Monotonic clock, seconds (injectable for tests).
+        clock: Time for retries and replay (a fake one in tests); ``flush`` and
+            ``close`` timeouts always use real time.
         rng: Source of jitter (injectable for tests).
+        spool: Where undelivered batches go; ``None`` drops them instead.
+        queue_max_bytes: Most bytes of batch arrays held in memory (>= 1).
+        exit_timeout_seconds: Timeout of the ``close`` run at interpreter exit.
     """
 
     def __init__(
@@ -89,103 +200,197 @@ class Sender:
         run: RunInfo,
         queue_size: int = 1000,
         retry: RetryPolicy | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock | None = None,
         rng: random.Random | None = None,
+        spool: Spool | None = None,
+        queue_max_bytes: int = 64 * 2**20,
+        exit_timeout_seconds: float = 10.0,
     ) -> None:
         self._transport = transport
         self._run = run
         self._queue_size = queue_size
+        self._queue_max_bytes = queue_max_bytes
         self._retry = retry or RetryPolicy()
-        self._clock = clock
+        self._clock: Clock = clock or SystemClock()
         self._rng = rng or random.Random()
+        self._spool = spool
+        self._exit_timeout_seconds = exit_timeout_seconds
         self._items: deque[StepBatch | _Status] = deque()
         self._queued_batches = 0
+        self._queued_bytes = 0
         self._cond = threading.Condition()
         self._busy = False
+        self._in_flight: StepBatch | None = None
         self._closing = False
-        self._abort = threading.Event()
+        self._closed = False
         self._run_created = False
         self._dropped: Counter[str] = Counter()
+        self._accepted_batches = 0
+        self._accepted_steps = 0
         self._sent_batches = 0
         self._sent_steps = 0
+        self._spooled_total = 0
         self._logged_rejections: set[int] = set()
-        self._thread = threading.Thread(target=self._loop, name="gradwatch-sender", daemon=True)
-        self._thread.start()
+        self._spool_error_logged = False
+        self._state_saved = False
+        self._pending_status: str | None = None
+        self._replay_attempt = 0
+        self._replay_at: float | None = None
+        if spool is not None:
+            state = spool.load_state()
+            if state is not None:
+                self._dropped.update(state.dropped_batches)
+                self._pending_status = state.status
+            if len(spool) or self._pending_status is not None:
+                log.info(
+                    "gradwatch: %d batches of run %s left in %s; sending them first",
+                    len(spool),
+                    run.run_id,
+                    spool.directory,
+                )
+                self._replay_at = self._clock.monotonic()
+        self._thread: threading.Thread | None = None
+        self._start_thread()
+        _senders.add(self)
+        close_at_exit(self._close_at_exit)
 
     # -- training-thread API ---------------------------------------------------------------
 
     def submit(self, batch: StepBatch) -> bool:
-        """Queue a batch for delivery without waiting.
+        """Queue a batch for delivery without waiting (never blocks on I/O).
 
         Returns:
-            ``False`` if the queue was full or the sender closed (the batch is
-            dropped and counted), else ``True``.
+            ``False`` if the queue was full (in batches or bytes) or the sender
+            closed (the batch is dropped and counted), else ``True``.
         """
+        size = _nbytes(batch)
         with self._cond:
             if self._closing:
                 self._dropped[DropReason.SHUTDOWN] += 1
                 return False
-            if self._queued_batches >= self._queue_size:
+            if (
+                self._queued_batches >= self._queue_size
+                or self._queued_bytes + size > self._queue_max_bytes
+            ):
                 self._dropped[DropReason.QUEUE_FULL] += 1
                 return False
             self._items.append(batch)
             self._queued_batches += 1
+            self._queued_bytes += size
+            self._accepted_batches += 1
+            self._accepted_steps += len(batch)
+            self._start_thread()
             self._cond.notify_all()
             return True
 
     def set_status(self, status: str) -> None:
-        """Queue a run status change (``finished``/``failed``) after pending batches."""
+        """Queue a run status change (``running``/``finished``/``failed``) after pending batches.
+
+        Never blocks on I/O.
+        """
         with self._cond:
             if not self._closing:
                 self._items.append(_Status(status))
+                self._start_thread()
                 self._cond.notify_all()
 
     def flush(self, timeout_seconds: float) -> bool:
-        """Block until everything queued so far is handled, or the timeout passes.
+        """Block until everything queued so far is delivered, or the timeout passes.
+
+        With a spool, "delivered" includes the batches spooled earlier: a flush
+        also asks the thread to try the server again now rather than at the end
+        of its current backoff.
+
+        Args:
+            timeout_seconds: Longest wait, seconds (real time).
 
         Returns:
-            ``True`` if the queue drained in time.
+            ``True`` if the queue and the spool are empty.
         """
         deadline = time.monotonic() + timeout_seconds
         with self._cond:
-            while self._items or self._busy:
+            self._start_thread()
+            if self._replay_at is not None:
+                self._replay_at = self._clock.monotonic()
+                self._cond.notify_all()
+            while not self._drained_locked():
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or not self._thread.is_alive():
+                thread = self._thread
+                if remaining <= 0 or thread is None or not thread.is_alive():
                     return False
                 self._cond.wait(remaining)
         return True
 
-    def close(self, timeout_seconds: float = 10.0) -> bool:
-        """Flush within ``timeout_seconds``, then stop the thread. Idempotent.
+    def wait_for(self, predicate: Callable[[], bool], timeout_seconds: float) -> bool:
+        """Block until ``predicate()`` is true, re-checked whenever the thread finishes an item.
 
-        Batches still queued after the timeout are dropped and counted as
-        ``shutdown``.
+        Args:
+            predicate: Called with the sender's lock held; must not call back
+                into the sender's blocking methods.
+            timeout_seconds: Longest wait, seconds (real time).
 
         Returns:
-            ``True`` if everything was delivered or dropped for a known reason
-            before the timeout.
+            The last value of ``predicate()``.
         """
+        with self._cond:
+            return self._cond.wait_for(predicate, timeout_seconds)
+
+    def close(self, timeout_seconds: float = 10.0) -> bool:
+        """Flush within ``timeout_seconds``, then stop the thread. Idempotent; never raises.
+
+        Batches not delivered by then are written to the spool, so a later
+        monitor with the same run id (or ``gradwatch upload``) sends them;
+        without a spool they are dropped and counted as ``shutdown``. Blocks up
+        to about ``timeout_seconds`` (plus local disk writes).
+
+        Returns:
+            ``True`` if everything was delivered before the timeout.
+        """
+        with self._cond:
+            if self._closed:
+                return self._drained_locked()
+            self._closed = True
+        deadline = time.monotonic() + timeout_seconds
         drained = self.flush(timeout_seconds)
         with self._cond:
             self._closing = True
-            self._cond.notify_all()
-        self._abort.set()
-        self._thread.join(timeout=max(1.0, timeout_seconds))
-        with self._cond:
-            if self._queued_batches:
-                self._dropped[DropReason.SHUTDOWN] += self._queued_batches
+            left = list(self._items)
             self._items.clear()
             self._queued_batches = 0
-        self._transport.close()
+            self._queued_bytes = 0
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout=max(_JOIN_GRACE_SECONDS, deadline - time.monotonic()))
+        with self._cond:
+            in_flight = self._in_flight if thread is not None and thread.is_alive() else None
+        if in_flight is not None:
+            left.insert(0, in_flight)  # may still be delivered too: resends are idempotent
+        self._keep_undelivered(left)
+        self._finish_spool()
+        try:
+            self._transport.close()
+        except Exception:
+            log.exception("gradwatch: error while closing the transport")
         return drained
 
     # -- counters --------------------------------------------------------------------------
 
     @property
     def dropped_batches(self) -> dict[str, int]:
-        """Batches dropped so far, by reason (a copy)."""
+        """Batches dropped so far, by reason (a copy; cumulative over the run's spool)."""
         with self._cond:
             return dict(self._dropped)
+
+    @property
+    def accepted_batches(self) -> int:
+        """Batches :meth:`submit` accepted."""
+        return self._accepted_batches
+
+    @property
+    def accepted_steps(self) -> int:
+        """Steps in the batches :meth:`submit` accepted."""
+        return self._accepted_steps
 
     @property
     def sent_batches(self) -> int:
@@ -197,67 +402,362 @@ class Sender:
         """Steps in the batches the transport accepted."""
         return self._sent_steps
 
+    @property
+    def queued_batches(self) -> int:
+        """Batches in memory, waiting for the thread (not counting the one in flight)."""
+        return self._queued_batches
+
+    @property
+    def spooled_batches(self) -> int:
+        """Batches in the spool now (0 without a spool)."""
+        return len(self._spool) if self._spool is not None else 0
+
+    @property
+    def spooled_total(self) -> int:
+        """Batches written to the spool since this sender started."""
+        return self._spooled_total
+
+    @property
+    def spool(self) -> Spool | None:
+        """The spool, if any."""
+        return self._spool
+
+    @property
+    def idle(self) -> bool:
+        """Whether the thread has nothing in memory to work on (the spool may hold batches)."""
+        with self._cond:
+            return not self._items and not self._busy
+
     # -- sender thread ---------------------------------------------------------------------
+
+    def _start_thread(self) -> None:
+        """Start the thread if it is not running (caller holds the lock or is ``__init__``)."""
+        if self._thread is None and not self._closing:
+            self._thread = threading.Thread(target=self._loop, name="gradwatch-sender", daemon=True)
+            self._thread.start()
+
+    def _drained_locked(self) -> bool:
+        return not self._items and not self._busy and not self._backlog_locked()
+
+    def _backlog_locked(self) -> bool:
+        return self._replay_at is not None
 
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._items and not self._closing:
-                    self._cond.wait()
-                if not self._items:
-                    return
-                item = self._items.popleft()
-                if isinstance(item, StepBatch):
-                    self._queued_batches -= 1
+                item: StepBatch | _Status | None = None
+                while True:
+                    if self._items:
+                        item = self._items.popleft()
+                        if isinstance(item, StepBatch):
+                            self._queued_batches -= 1
+                            self._queued_bytes -= _nbytes(item)
+                            self._in_flight = item
+                        self._cond.notify_all()  # for wait_for(): the queue changed
+                        break
+                    if self._closing:
+                        return
+                    if self._replay_at is not None:
+                        wait = self._replay_at - self._clock.monotonic()
+                        if wait <= 0:
+                            break
+                        self._clock.wait(self._cond, wait)
+                    else:
+                        self._clock.wait(self._cond, None)
                 self._busy = True
             try:
-                self._deliver(item)
-            except _GiveUpError as exc:
-                if isinstance(item, StepBatch):
-                    with self._cond:
-                        self._dropped[exc.reason] += 1
+                if item is None:
+                    self._replay_one()
+                else:
+                    self._handle(item)
             except Exception:  # a bug must never kill the thread silently
                 log.exception("gradwatch: unexpected error in the sender thread")
                 if isinstance(item, StepBatch):
-                    with self._cond:
-                        self._dropped[DropReason.REJECTED] += 1
+                    self._count(DropReason.REJECTED)
+                elif item is None:
+                    self._schedule_replay(None)
             finally:
                 with self._cond:
                     self._busy = False
+                    self._in_flight = None
                     self._cond.notify_all()
 
-    def _deliver(self, item: StepBatch | _Status) -> None:
-        if not self._run_created:
-            self._with_retry(lambda: self._transport.create_run(self._run))
-            self._run_created = True
+    def _handle(self, item: StepBatch | _Status) -> None:
+        with self._cond:
+            backlog = self._backlog_locked()
         if isinstance(item, _Status):
-            self._with_retry(lambda: self._transport.set_status(self._run.run_id, item.status))
+            if backlog:
+                self._spool_status(item.status)
+                return
+            try:
+                self._with_retry(self._ensure_run)
+                self._with_retry(lambda: self._transport.set_status(self._run.run_id, item.status))
+            except RejectedError:
+                return
+            except (RetryableError, _ShutdownError):
+                self._spool_status(item.status)
             return
-        wire = item.to_wire(self.dropped_batches)
-        self._with_retry(lambda: self._transport.send_batch(self._run.run_id, wire))
-        self._sent_batches += 1
-        self._sent_steps += len(item)
+        wire = item.to_wire()
+        if backlog:
+            self._to_spool(wire, DropReason.SHUTDOWN)
+            return
+        try:
+            self._with_retry(self._ensure_run)
+            self._with_retry(lambda: self._send(wire))
+        except RejectedError:
+            self._count(DropReason.REJECTED)
+            return
+        except RetryableError:
+            self._to_spool(wire, DropReason.SERVER_UNAVAILABLE)
+            return
+        except _ShutdownError:
+            self._to_spool(wire, DropReason.SHUTDOWN)
+            return
+        self._delivered(len(item))
+
+    def _replay_one(self) -> None:
+        """One attempt at the oldest spooled batch, or at the pending status when none is left."""
+        spool = self._spool
+        assert spool is not None
+        found = spool.peek()
+        try:
+            self._ensure_run()
+            if found is None:
+                with self._cond:
+                    status = self._pending_status
+                if status is not None:
+                    self._transport.set_status(self._run.run_id, status)
+                with self._cond:
+                    if self._pending_status == status:
+                        self._pending_status = None
+                    self._end_backlog_locked()
+                self._save_state()
+                return
+            entry, wire = found
+            if wire is None:
+                log.error("gradwatch: unreadable spool file %s deleted", entry.filename)
+                spool.remove(entry)
+                self._count(DropReason.SPOOL_ERROR)
+                self._schedule_replay(0.0)
+                return
+            self._send(wire)
+        except RetryableError as exc:
+            log.debug("gradwatch: server still unavailable: %s", exc)
+            self._schedule_replay(exc.retry_after_seconds)
+            return
+        except RejectedError as exc:
+            self._log_rejection(exc)
+            if found is None:  # the status was rejected: nothing more to do
+                with self._cond:
+                    self._pending_status = None
+                    self._end_backlog_locked()
+                return
+            spool.remove(found[0])
+            self._count(DropReason.REJECTED)
+            self._schedule_replay(0.0)
+            return
+        spool.remove(entry)
+        self._delivered(len(wire["step"]))
+        with self._cond:
+            self._replay_attempt = 0
+        self._schedule_replay(0.0)
+
+    def _end_backlog_locked(self) -> None:
+        spool = self._spool
+        if (spool is None or not len(spool)) and self._pending_status is None:
+            self._replay_at = None
+            self._replay_attempt = 0
+
+    def _schedule_replay(self, wait_seconds: float | None) -> None:
+        """Set the next replay attempt: now + ``wait_seconds``, or + backoff when ``None``."""
+        with self._cond:
+            if wait_seconds is None:
+                wait_seconds = self._retry.backoff_seconds(self._replay_attempt, self._rng)
+                self._replay_attempt += 1
+            self._replay_at = self._clock.monotonic() + wait_seconds
+            if wait_seconds == 0.0:
+                self._end_backlog_locked()
+
+    def _ensure_run(self) -> None:
+        if not self._run_created:
+            self._transport.create_run(self._run)
+            self._run_created = True
+
+    def _send(self, wire: dict[str, Any]) -> None:
+        drops = self.dropped_batches
+        self._transport.send_batch(
+            self._run.run_id, {**wire, "dropped_batches": drops} if drops else wire
+        )
+
+    def _delivered(self, steps: int) -> None:
+        with self._cond:
+            self._sent_batches += 1
+            self._sent_steps += steps
+
+    def _count(self, reason: str, n: int = 1) -> None:
+        with self._cond:
+            self._dropped[reason] += n
 
     def _with_retry(self, call: Callable[[], None]) -> None:
-        start = self._clock()
-        attempt = 0
-        while True:
-            try:
-                call()
+        try:
+            call_with_retry(call, self._retry, self._rng, self._clock.monotonic, self._sleep)
+        except RejectedError as exc:
+            self._log_rejection(exc)
+            raise
+        except RetryableError as exc:
+            with self._cond:
+                closing = self._closing
+            if closing:
+                raise _ShutdownError from exc
+            raise
+
+    def _sleep(self, seconds: float) -> bool:
+        """Wait ``seconds`` on the sender's clock; ``False`` if the sender started closing."""
+        with self._cond:
+            end = self._clock.monotonic() + seconds
+            while not self._closing:
+                remaining = end - self._clock.monotonic()
+                if remaining <= 0:
+                    return True
+                self._clock.wait(self._cond, remaining)
+            return False
+
+    def _log_rejection(self, exc: RejectedError) -> None:
+        with self._cond:
+            first = exc.status_code not in self._logged_rejections
+            self._logged_rejections.add(exc.status_code)
+        if first:
+            log.error("gradwatch: the server rejected a request; not retrying: %s", exc)
+
+    # -- spool -----------------------------------------------------------------------------
+
+    def _to_spool(self, wire: dict[str, Any], reason_without_spool: str) -> None:
+        """Write a batch to the spool and start (or continue) replaying; count it if impossible."""
+        spool = self._spool
+        if spool is None:
+            self._count(reason_without_spool)
+            return
+        try:
+            if not self._state_saved:
+                self._save_state()  # run info first, so a leftover spool can always be uploaded
+            evicted = spool.put(wire)
+        except OSError as exc:
+            self._spool_failed(exc)
+            self._count(DropReason.SPOOL_ERROR)
+            return
+        with self._cond:
+            self._spooled_total += 1
+            if evicted:
+                self._dropped[DropReason.SPOOL_FULL] += len(evicted)
+            if self._replay_at is None:
+                self._replay_at = self._clock.monotonic() + self._retry.backoff_seconds(
+                    self._replay_attempt, self._rng
+                )
+                self._replay_attempt += 1
+        if evicted:
+            log.warning(
+                "gradwatch: spool over its cap of %d bytes; deleted the %d oldest batches",
+                spool.max_bytes,
+                len(evicted),
+            )
+            self._save_state()
+
+    def _spool_status(self, status: str) -> None:
+        with self._cond:
+            if self._spool is None:
                 return
-            except RejectedError as exc:
-                if exc.status_code not in self._logged_rejections:
-                    self._logged_rejections.add(exc.status_code)
-                    log.error("gradwatch: server rejected a request, not retrying: %s", exc)
-                raise _GiveUpError(DropReason.REJECTED) from exc
-            except RetryableError as exc:
-                wait = exc.retry_after_seconds
-                if wait is None:
-                    wait = self._retry.backoff_seconds(attempt, self._rng)
-                attempt += 1
-                if self._clock() - start + wait > self._retry.deadline_seconds:
-                    log.warning("gradwatch: giving up after %d attempts: %s", attempt, exc)
-                    raise _GiveUpError(DropReason.SERVER_UNAVAILABLE) from exc
-                log.debug("gradwatch: retrying in %.2fs: %s", wait, exc)
-                if self._abort.wait(wait):
-                    raise _GiveUpError(DropReason.SHUTDOWN) from exc
+            self._pending_status = status
+            if self._replay_at is None:
+                self._replay_at = self._clock.monotonic()
+        self._save_state()
+
+    def _save_state(self) -> None:
+        spool = self._spool
+        if spool is None:
+            return
+        with self._cond:
+            state = SpoolState(self._run, self._pending_status, dict(self._dropped))
+        try:
+            spool.save_state(state)
+        except OSError as exc:
+            self._spool_failed(exc)
+        else:
+            self._state_saved = True
+
+    def _spool_failed(self, exc: OSError) -> None:
+        if not self._spool_error_logged:
+            self._spool_error_logged = True
+            log.error("gradwatch: cannot write to the spool, batches will be lost: %s", exc)
+
+    def _keep_undelivered(self, items: list[StepBatch | _Status]) -> None:
+        """At close: spool what is left (or count it as ``shutdown``)."""
+        for item in items:
+            if isinstance(item, _Status):
+                self._spool_status(item.status)
+            else:
+                try:
+                    wire = item.to_wire()
+                except Exception:
+                    log.exception("gradwatch: could not encode a batch at close")
+                    self._count(DropReason.SHUTDOWN)
+                    continue
+                self._to_spool(wire, DropReason.SHUTDOWN)
+
+    def _finish_spool(self) -> None:
+        spool = self._spool
+        if spool is None:
+            return
+        with self._cond:
+            empty = not len(spool) and self._pending_status is None
+        if empty:
+            spool.discard_if_empty()
+            return
+        self._save_state()
+        log.warning(
+            "gradwatch: %d batches of run %s were not delivered and wait in %s; a monitor with "
+            "run_id=%r sends them, or run: gradwatch upload %s --server URL",
+            len(spool),
+            self._run.run_id,
+            spool.directory,
+            self._run.run_id,
+            spool.directory,
+        )
+
+    # -- process events --------------------------------------------------------------------
+
+    def _close_at_exit(self) -> None:
+        self.close(self._exit_timeout_seconds)
+
+    def _reset_after_fork(self) -> None:
+        """In a forked child: forget the parent's queue, renew locks and connections."""
+        self._cond = threading.Condition()
+        self._items = deque()
+        self._queued_batches = 0
+        self._queued_bytes = 0
+        self._busy = False
+        self._in_flight = None
+        self._thread = None  # started on first use
+        if self._spool is not None:
+            self._spool.reset_after_fork()
+        reset = getattr(self._transport, "reset_after_fork", None)
+        if callable(reset):
+            reset()
+        close_at_exit(self._close_at_exit)
+
+
+def _nbytes(batch: StepBatch) -> int:
+    """Bytes of a batch's arrays (its memory footprint, to a few hundred bytes)."""
+    return sum(
+        int(getattr(batch, name).nbytes)
+        for name in (
+            "step",
+            "loss",
+            "loss_known",
+            "global_norm",
+            "global_norm_clipped",
+            "clip_coef",
+            "skipped",
+            "grad_norm",
+            "nonfinite",
+        )
+    )

@@ -22,7 +22,14 @@ import tensorflow as tf
 
 from gradwatch.agent.layers import LayerLayout
 
-__all__ = ["GradientStats", "compute_gradient_stats", "dense_gradient"]
+__all__ = [
+    "GradientStats",
+    "combine_variable_norms",
+    "compute_gradient_stats",
+    "dense_gradient",
+    "safe_norm",
+    "scale_stats",
+]
 
 # Below this a float32 sum of squares may have lost precision to underflow.
 _TINY_SSQ = 1e-30
@@ -158,3 +165,76 @@ def compute_gradient_stats(
             global_scale[0], global_ssq[0], tf.reduce_any(has_nan), tf.reduce_any(has_inf)
         ),
     )
+
+
+def scale_stats(stats: GradientStats, coef: tf.Tensor) -> GradientStats:
+    """Statistics of the gradients after all of them were multiplied by ``coef``.
+
+    A zero ``coef`` gives zero norms even where the input was NaN/Inf (the
+    policies zero such gradients); non-finite counts are those of the input.
+    """
+    coef = tf.cast(coef, tf.float32)
+
+    def scaled(norms: tf.Tensor) -> tf.Tensor:
+        return tf.where(coef > 0.0, norms * coef, tf.zeros_like(norms))
+
+    return GradientStats(
+        variable_norms=scaled(stats.variable_norms),
+        layer_norms=scaled(stats.layer_norms),
+        layer_nonfinite=stats.layer_nonfinite,
+        global_norm=scaled(stats.global_norm),
+    )
+
+
+def combine_variable_norms(
+    variable_norms: tf.Tensor, layer_nonfinite: tf.Tensor, layout: LayerLayout
+) -> GradientStats:
+    """Layer and global norms from per-variable norms (quadrature, overflow-safe).
+
+    For policies that rescale each tensor: their new per-variable norms are
+    known without another pass over the gradients.
+    """
+    norms = tf.cast(variable_norms, tf.float32)
+    nan = tf.math.is_nan(norms)
+    inf = tf.math.is_inf(norms)
+    finite_norms = tf.where(tf.logical_or(nan, inf), tf.zeros_like(norms), norms)
+    ones = tf.where(finite_norms > 0.0, tf.ones_like(norms), tf.zeros_like(norms))
+    segment_ids = tf.constant(layout.segment_ids, tf.int32)
+    num_layers = layout.num_layers
+    # (scale, ssq) pairs with scale = norm and ssq = 1 keep the sums in range.
+    layer_scale, layer_ssq = _combine(finite_norms, ones, segment_ids, num_layers)
+    layer_nan = tf.math.unsorted_segment_max(tf.cast(nan, tf.int32), segment_ids, num_layers) > 0
+    layer_inf = tf.math.unsorted_segment_max(tf.cast(inf, tf.int32), segment_ids, num_layers) > 0
+    global_scale, global_ssq = _combine(layer_scale, layer_ssq, tf.zeros([num_layers], tf.int32), 1)
+    return GradientStats(
+        variable_norms=norms,
+        layer_norms=_norms(layer_scale, layer_ssq, layer_nan, layer_inf),
+        layer_nonfinite=layer_nonfinite,
+        global_norm=_norms(global_scale[0], global_ssq[0], tf.reduce_any(nan), tf.reduce_any(inf)),
+    )
+
+
+def safe_norm(
+    x: tf.Tensor, axis: int | Sequence[int] | None = None, keepdims: bool = False
+) -> tf.Tensor:
+    """L2 norm of ``x`` along ``axis`` in float32, safe against overflow and underflow.
+
+    Every value is divided by the tensor's largest finite magnitude before
+    squaring (one extra reduction), so elements of 1e30 give their true norm.
+    A NaN in a slice gives NaN for that slice, an Inf gives +Inf; a slice of
+    zeros gives 0.
+
+    Args:
+        x: Any real tensor (cast to float32).
+        axis: Axes to reduce (``None``: all of them).
+        keepdims: Keep the reduced axes with length 1 (for broadcasting back).
+
+    Returns:
+        The norms, float32.
+    """
+    x = tf.cast(x, tf.float32)
+    finite_abs = tf.where(tf.math.is_finite(x), tf.abs(x), tf.zeros_like(x))
+    scale = tf.reduce_max(finite_abs)
+    safe_scale = tf.where(scale > 0.0, scale, tf.ones_like(scale))
+    ssq = tf.reduce_sum(tf.square(x / safe_scale), axis=axis, keepdims=keepdims)
+    return tf.sqrt(ssq) * safe_scale

@@ -10,6 +10,7 @@ from anyio import to_thread
 from fastapi import FastAPI
 
 from gradwatch.server.api import batches, health, runs, series
+from gradwatch.server.auth import Authenticator, RateLimiter
 from gradwatch.server.config import Settings
 from gradwatch.server.db import Database, create_db_engine, upgrade_database
 from gradwatch.server.errors import install_error_handlers
@@ -23,8 +24,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     On startup the lifespan creates the engine and upgrades the schema to the newest
     migration (blocking until done); on shutdown it disposes of the engine. Every app has its
-    own Prometheus registry, so several apps can live in one process. OpenAPI docs are served
-    at ``/docs``.
+    own Prometheus registry and its own token authenticator and rate limiter, so several apps
+    can live in one process. OpenAPI docs are served at ``/docs``.
 
     Args:
         settings: Server settings; None reads them from ``GRADWATCH_*`` environment variables.
@@ -39,6 +40,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.authenticator = Authenticator(
+        require_auth=settings.require_auth,
+        limiter=RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst),
+    )
     install_error_handlers(app)
     for module in (runs, batches, series, health):
         app.include_router(module.router)

@@ -17,7 +17,7 @@ from numpy.typing import NDArray
 
 from gradwatch.server.metric import MetricKind
 
-__all__ = ["BlockSet", "StoredBlock", "decode_blocks", "encode_blocks"]
+__all__ = ["BlockSet", "BlockSummaries", "StoredBlock", "decode_blocks", "encode_blocks"]
 
 _STEP_DTYPE = np.dtype("<i8")
 
@@ -56,6 +56,26 @@ class StoredBlock:
     vmin: float | None
     steps: bytes | None
     values: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class BlockSummaries:
+    """The summary columns of ``B`` stored blocks of one series, by first step (no blobs).
+
+    Float columns use NaN for SQL NULL (see ``models.Block``): ``vmin``/``vmax`` are NaN when
+    every value of the block is NaN, ``vlast`` when the last value is NaN.
+    """
+
+    first_step: NDArray[np.int64]
+    last_step: NDArray[np.int64]
+    count: NDArray[np.int64]
+    nan_count: NDArray[np.int64]
+    vmin: NDArray[np.float64]
+    vmax: NDArray[np.float64]
+    vlast: NDArray[np.float64]
+
+    def __len__(self) -> int:
+        return len(self.first_step)
 
 
 def encode_blocks(

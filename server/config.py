@@ -24,6 +24,13 @@ class Settings(BaseSettings):
             the wire and to the body after gzip decoding.
         max_steps_per_batch: Most steps one ``StepBatch`` may carry.
         max_layers: Most layers one ``StepBatch`` may name.
+        require_auth: Refuse requests without a valid token even while no token exists.
+            ``gradwatch server`` sets it when bound to a non-loopback address without
+            ``--insecure``. Otherwise the server is open (no token needed) until the first
+            token is created, and requires one from then on.
+        rate_limit_per_second: Sustained requests per second allowed to one token; 0 turns
+            the limit off. Requests over it get 429 with ``Retry-After``.
+        rate_limit_burst: Requests one token may send at once before the rate applies.
     """
 
     model_config = SettingsConfigDict(env_prefix="GRADWATCH_", frozen=True, extra="ignore")
@@ -32,3 +39,6 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=32 * _MIB, gt=0)
     max_steps_per_batch: int = Field(default=100_000, gt=0)
     max_layers: int = Field(default=10_000, gt=0)
+    require_auth: bool = False
+    rate_limit_per_second: float = Field(default=20.0, ge=0)
+    rate_limit_burst: int = Field(default=100, ge=1)

@@ -11,6 +11,8 @@ which takes the write lock first (waiting up to the busy timeout) instead of fai
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy import Engine, create_engine, event, select, text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -36,6 +38,8 @@ SQLITE_BUSY_TIMEOUT_SECONDS = 30.0
 """How long a SQLite connection waits for another writer before giving up."""
 
 _BEGIN_OPTION = "gradwatch_sqlite_begin"
+_LOCK_KEY = 0x67726164_77617463
+"""PostgreSQL advisory lock key held while migrating ("gradwatc" in ASCII)."""
 
 
 def create_db_engine(url: str) -> Engine:
@@ -66,7 +70,7 @@ def _configure_sqlite(engine: Engine) -> None:
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute(f"PRAGMA busy_timeout = {busy_ms}")
-            cursor.execute("PRAGMA journal_mode = WAL")
+            _enable_wal(cursor)
             cursor.execute("PRAGMA synchronous = NORMAL")
             cursor.execute("PRAGMA foreign_keys = ON")
         finally:
@@ -76,6 +80,28 @@ def _configure_sqlite(engine: Engine) -> None:
     def _on_begin(connection: Connection) -> None:
         mode = connection.get_execution_options().get(_BEGIN_OPTION, "DEFERRED")
         connection.exec_driver_sql(f"BEGIN {mode}")
+
+
+def _enable_wal(cursor: Any) -> None:
+    """Switch a SQLite database to WAL journaling (persistent: once per database file).
+
+    The switch needs an exclusive lock and SQLite does not apply the busy timeout to it, so
+    a new database opened by several connections at once answers "database is locked" to
+    all but one: retry, with a short backoff, for up to the busy timeout.
+    """
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_SECONDS
+    delay = 0.001
+    while True:
+        try:
+            if str(cursor.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal":
+                return
+            cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +155,8 @@ def upgrade_database(url: str | Engine) -> None:
     """Bring the database schema to the newest revision (``alembic upgrade head``).
 
     Idempotent: an up-to-date database is left unchanged. Blocks while migrating; on SQLite it
-    holds the write lock for the duration. Safe to call from any thread.
+    holds the write lock for the duration, on PostgreSQL a transaction-level advisory lock, so
+    servers starting together migrate one after the other. Safe to call from any thread.
 
     Args:
         url: A database URL (an engine is created and disposed of here), or an existing
@@ -142,6 +169,8 @@ def upgrade_database(url: str | Engine) -> None:
             writer.begin() as connection,
             as_file(files("gradwatch.server") / "alembic.ini") as ini,
         ):
+            if connection.dialect.name == "postgresql":
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCK_KEY})
             config = Config(str(ini))
             config.attributes["connection"] = connection
             command.upgrade(config, "head")

@@ -10,7 +10,10 @@ Exception tree::
     ├── InvalidQueryError           422
     ├── PayloadTooLargeError        413
     ├── UnsupportedEncodingError    415
-    └── MalformedBodyError          400
+    ├── MalformedBodyError          400
+    ├── AuthenticationError         401 (with ``WWW-Authenticate: Bearer``)
+    ├── PermissionDeniedError       403
+    └── RateLimitedError            429 (with ``Retry-After``)
 
 Request validation errors (pydantic) become 422 with FastAPI's ``{"detail": [...]}`` shape,
 minus the echoed input. Database outages (``OperationalError``, pool timeouts) become 503 with
@@ -31,6 +34,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 __all__ = [
     "MAX_REPORTED_VALIDATION_ERRORS",
     "VALIDATION_ERROR_CODE",
+    "AuthenticationError",
     "BatchConflictError",
     "GradwatchError",
     "InvalidBatchError",
@@ -38,6 +42,8 @@ __all__ = [
     "LayerNotFoundError",
     "MalformedBodyError",
     "PayloadTooLargeError",
+    "PermissionDeniedError",
+    "RateLimitedError",
     "RunNotFoundError",
     "UnsupportedEncodingError",
     "install_error_handlers",
@@ -123,6 +129,32 @@ class MalformedBodyError(GradwatchError):
     code = "malformed_body"
 
 
+class AuthenticationError(GradwatchError):
+    """No token where one is required, or a token that is unknown, malformed or revoked."""
+
+    code = "unauthenticated"
+
+
+class PermissionDeniedError(GradwatchError):
+    """A valid token without the scope, or for another project."""
+
+    code = "forbidden"
+
+
+class RateLimitedError(GradwatchError):
+    """The token sent more requests than its rate limit allows.
+
+    Attributes:
+        retry_after_seconds: Whole seconds until the next request will be accepted (≥ 1).
+    """
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after_seconds: int) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
+
+
 _STATUS: dict[type[GradwatchError], int] = {
     RunNotFoundError: 404,
     LayerNotFoundError: 404,
@@ -132,6 +164,9 @@ _STATUS: dict[type[GradwatchError], int] = {
     PayloadTooLargeError: 413,
     UnsupportedEncodingError: 415,
     MalformedBodyError: 400,
+    AuthenticationError: 401,
+    PermissionDeniedError: 403,
+    RateLimitedError: 429,
 }
 
 
@@ -145,8 +180,15 @@ def _status_of(error: GradwatchError) -> int:
 
 def _handle_domain_error(_request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, GradwatchError)
+    headers: dict[str, str] = {}
+    if isinstance(error, AuthenticationError):
+        headers["WWW-Authenticate"] = "Bearer"
+    elif isinstance(error, RateLimitedError):
+        headers["Retry-After"] = str(error.retry_after_seconds)
     return JSONResponse(
-        status_code=_status_of(error), content={"detail": error.message, "code": error.code}
+        status_code=_status_of(error),
+        content={"detail": error.message, "code": error.code},
+        headers=headers or None,
     )
 
 

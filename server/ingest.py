@@ -14,7 +14,7 @@ Idempotency:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -30,7 +30,7 @@ from gradwatch.server.models import Run
 from gradwatch.server.repository import RUN_LEVEL, BatchRecord, SeriesKey, SeriesState
 from gradwatch.server.schemas import BatchAck, StepBatch
 
-__all__ = ["BatchLimits", "PreparedBatch", "ingest_batch", "prepare_batch"]
+__all__ = ["BatchLimits", "PreparedBatch", "ingest_batch", "ingest_batches", "prepare_batch"]
 
 _INT64_MAX = 2**63 - 1
 _NULL = np.array(None, dtype=object)
@@ -151,9 +151,32 @@ def ingest_batch(
         BatchConflictError: The batch overlaps stored steps without being a resend, or reuses a
             stored batch id for other steps.
     """
-    prepared = prepare_batch(batch, limits)
+    return ingest_batches(session, run_id, [batch], limits, now)[0]
+
+
+def ingest_batches(
+    session: Session,
+    run_id: str,
+    batches: Sequence[StepBatch],
+    limits: BatchLimits,
+    now: datetime,
+) -> list[BatchAck]:
+    """Store several batches of one run in one transaction: all of them, or none.
+
+    The same rules as :func:`ingest_batch` apply to each batch in order (a later batch may be
+    a resend of an earlier one). One commit for all of them, which is what bulk loaders
+    (replaying a local run, benchmarks) want. Blocking; not thread-safe per session.
+
+    Raises:
+        InvalidBatchError, RunNotFoundError, BatchConflictError: As :func:`ingest_batch`;
+            nothing is stored.
+    """
+    prepared = [prepare_batch(batch, limits) for batch in batches]
     with session.begin():
-        return _store(session, run_id, prepared, batch.dropped_batches or {}, now)
+        return [
+            _store(session, run_id, item, batch.dropped_batches or {}, now)
+            for item, batch in zip(prepared, batches, strict=True)
+        ]
 
 
 def _store(

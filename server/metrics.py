@@ -21,10 +21,13 @@ from gradwatch.server import repository
 from gradwatch.server.db import Database
 from gradwatch.server.errors import (
     VALIDATION_ERROR_CODE,
+    AuthenticationError,
     BatchConflictError,
     InvalidBatchError,
     MalformedBodyError,
     PayloadTooLargeError,
+    PermissionDeniedError,
+    RateLimitedError,
     RunNotFoundError,
     UnsupportedEncodingError,
 )
@@ -39,6 +42,9 @@ _REJECTION_REASONS = (
     PayloadTooLargeError.code,
     UnsupportedEncodingError.code,
     MalformedBodyError.code,
+    AuthenticationError.code,
+    PermissionDeniedError.code,
+    RateLimitedError.code,
 )
 
 

@@ -38,6 +38,7 @@ from sqlalchemy.types import TypeDecorator
 
 __all__ = [
     "AgentDrop",
+    "ApiToken",
     "Base",
     "Batch",
     "Block",
@@ -219,3 +220,25 @@ class AgentDrop(Base):
     count: Mapped[int] = mapped_column(BigInteger)
     as_of_step: Mapped[int] = mapped_column(BigInteger)
     """Last step of the batch that reported ``count``; older reports never overwrite newer."""
+
+
+class ApiToken(Base):
+    """An API token of one project (see ``auth``). Only a hash of the secret is stored.
+
+    A token reads ``gw_<key>_<secret>``: ``key`` is public and finds the row, the SHA-256 of
+    the whole token is compared in constant time with ``token_hash``.
+    """
+
+    __tablename__ = "api_tokens"
+
+    key: Mapped[str] = mapped_column(String(16), primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64))
+    """Hex SHA-256 of the whole token."""
+    project: Mapped[str] = mapped_column(String(100))
+    scopes: Mapped[str] = mapped_column(String(64))
+    """Comma-separated, sorted scopes (``ingest``, ``read``)."""
+    name: Mapped[str] = mapped_column(String(200))
+    """Free description given at creation."""
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    """When the token was revoked; NULL while it is valid."""

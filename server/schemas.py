@@ -30,6 +30,8 @@ from gradwatch.server.metric import Metric
 from gradwatch.server.models import RunStatus
 
 __all__ = [
+    "NO_NUL_PATTERN",
+    "PROJECT_PATTERN",
     "SCHEMA_VERSION",
     "BatchAck",
     "BucketedSeriesOut",
@@ -87,7 +89,11 @@ WireFloat = Annotated[float, _WireFloatSchema]
 
 _Count = Annotated[StrictInt, Field(ge=0, le=_MAX_COUNT)]
 _Step = Annotated[StrictInt, Field(ge=0, le=_INT64_MAX)]
-_NO_NUL = r"^[^\x00]*$"
+NO_NUL_PATTERN = r"^[^\x00]*$"
+"""Strings without NUL characters (PostgreSQL text cannot hold them)."""
+PROJECT_PATTERN = r"^[A-Za-z0-9._-]{1,100}$"
+"""Project names: letters, digits and ``._-``, 1 to 100 characters."""
+_NO_NUL = NO_NUL_PATTERN
 _LayerName = Annotated[StrictStr, Field(min_length=1, max_length=1024, pattern=_NO_NUL)]
 _DropReason = Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 _RUN_LEVEL_FIELDS = ("loss", "global_norm", "global_norm_clipped", "clip_coef", "skipped")
@@ -190,7 +196,7 @@ class RunCreate(_Wire):
 
     run_id: UUID = Field(description="Client-made run id.")
     name: StrictStr = Field(min_length=1, max_length=200, pattern=_NO_NUL)
-    project: StrictStr = Field(default="default", pattern=r"^[A-Za-z0-9._-]{1,100}$")
+    project: StrictStr = Field(default="default", pattern=PROJECT_PATTERN)
     config: dict[str, Any] | None = Field(default=None, description="Free JSON object.")
 
 
@@ -269,7 +275,12 @@ class LayersOut(_Out):
 
 
 class RawSeriesOut(_Out):
-    """Every stored value of a series in the requested range, ``value[i]`` at ``step[i]``."""
+    """Stored values of a series in the requested range, ``value[i]`` at ``step[i]``.
+
+    Attributes:
+        next_start: Only with ``raw=true``: more values follow; pass ``start=next_start`` for
+            the next page. ``null`` when the reply holds every value of the range.
+    """
 
     run_id: str
     metric: Metric
@@ -277,6 +288,7 @@ class RawSeriesOut(_Out):
     downsampled: Literal[False] = False
     step: list[int]
     value: list[float | int]
+    next_start: int | None = None
 
 
 class BucketedSeriesOut(_Out):

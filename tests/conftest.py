@@ -1,6 +1,22 @@
-"""Test-wide settings: quiet TensorFlow, deterministic ops."""
+"""Test-wide settings: quiet TensorFlow, and two logical CPUs for tf.distribute tests.
+
+The logical devices must be configured before TensorFlow initialises its runtime,
+so it happens here, when pytest first loads the test tree. Server-only runs do not
+need TensorFlow, so it is only configured when it is installed.
+"""
 
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+try:
+    import tensorflow as tf
+except ImportError:  # pragma: no cover - the agent extra is not installed
+    tf = None
+
+if tf is not None:
+    _cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        _cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()]
+    )

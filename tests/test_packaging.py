@@ -93,3 +93,12 @@ def test_console_script_lists_commands():
     )
     assert "server" in result.stdout
     assert "demo" in result.stdout
+
+
+def test_agent_delivery_modules_load_without_tensorflow():
+    # `gradwatch upload` replays spools and local files: it must not need TensorFlow.
+    code = (
+        "import sys, gradwatch.agent, gradwatch.agent.transport, gradwatch.agent.spool;"
+        "assert 'tensorflow' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -7,7 +7,7 @@ from uuid import UUID
 
 from fastapi import APIRouter
 
-from gradwatch.server.api.deps import MetricsDep, SettingsDep, WriteSessionDep
+from gradwatch.server.api.deps import IngestRunAccess, MetricsDep, SettingsDep, WriteSessionDep
 from gradwatch.server.api.route import IngestRoute
 from gradwatch.server.ingest import BatchLimits, ingest_batch
 from gradwatch.server.schemas import BatchAck, ErrorOut, StepBatch
@@ -21,6 +21,9 @@ router = APIRouter(prefix="/api/v1/runs", tags=["batches"], route_class=IngestRo
     "/{run_id}/batches",
     responses={
         400: {"model": ErrorOut, "description": "The body does not decode (broken gzip)."},
+        401: {"model": ErrorOut, "description": "A token is required, or it is not valid."},
+        403: {"model": ErrorOut, "description": "The token lacks the scope or the project."},
+        429: {"model": ErrorOut, "description": "Rate limit; retry after Retry-After seconds."},
         404: {"model": ErrorOut, "description": "No run has this id."},
         409: {"model": ErrorOut, "description": "Overlaps stored steps without being a resend."},
         413: {"model": ErrorOut, "description": "Body too large, on the wire or decoded."},
@@ -33,6 +36,7 @@ def post_batch(
     session: WriteSessionDep,
     settings: SettingsDep,
     metrics: MetricsDep,
+    _principal: IngestRunAccess,
 ) -> BatchAck:
     """Store one ``StepBatch`` (JSON, ``Content-Encoding: gzip`` or identity), idempotently.
 

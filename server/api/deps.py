@@ -1,23 +1,39 @@
-"""Annotated FastAPI dependencies shared by the routers (settings, sessions, metrics)."""
+"""Annotated FastAPI dependencies shared by the routers (settings, sessions, metrics, auth).
 
-from __future__ import annotations
+Authentication dependencies: :data:`IngestAccess` and :data:`ReadAccess` check the bearer token
+for a scope; :data:`IngestRunAccess` and :data:`ReadRunAccess` also check that the run of the
+``run_id`` path parameter belongs to the token's project (403 otherwise; an unknown run is left
+to the handler's 404).
 
-from collections.abc import Iterator
+No ``from __future__ import annotations`` here: FastAPI must see the real ``Annotated`` objects
+of the dependency factories' inner functions, which close over their ``scope``.
+"""
+
+from collections.abc import Callable, Iterator
 from typing import Annotated
+from uuid import UUID
 
 from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
+from gradwatch.server import repository
+from gradwatch.server.auth import Authenticator, Principal, TokenScope
 from gradwatch.server.config import Settings
 from gradwatch.server.db import Database
 from gradwatch.server.metrics import ServerMetrics
 
 __all__ = [
     "DatabaseDep",
+    "IngestAccess",
+    "IngestRunAccess",
     "MetricsDep",
+    "ReadAccess",
+    "ReadRunAccess",
     "ReadSessionDep",
     "SettingsDep",
     "WriteSessionDep",
+    "get_authenticator",
     "get_database",
     "get_metrics",
     "get_read_session",
@@ -69,3 +85,57 @@ def get_write_session(database: DatabaseDep) -> Iterator[Session]:
 
 ReadSessionDep = Annotated[Session, Depends(get_read_session)]
 WriteSessionDep = Annotated[Session, Depends(get_write_session)]
+
+
+def get_authenticator(request: Request) -> Authenticator:
+    """Return the app's token authenticator."""
+    authenticator = request.app.state.authenticator
+    if not isinstance(authenticator, Authenticator):
+        raise RuntimeError("app was not built by gradwatch.server.app.create_app")
+    return authenticator
+
+
+_bearer = HTTPBearer(
+    auto_error=False,
+    description="A gradwatch API token (gradwatch token create). Not needed in open mode.",
+)
+_Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def _authenticate(scope: TokenScope) -> Callable[..., Principal]:
+    def authenticate(
+        credentials: _Credentials,
+        database: DatabaseDep,
+        authenticator: Annotated[Authenticator, Depends(get_authenticator)],
+    ) -> Principal:
+        bearer = None if credentials is None else credentials.credentials
+        with database.read_session() as session:
+            return authenticator.authenticate(session, bearer, scope)
+
+    return authenticate
+
+
+def _authorize_run(scope: TokenScope) -> Callable[..., Principal]:
+    def authorize(
+        run_id: UUID,
+        principal: Annotated[Principal, Depends(_authenticate(scope))],
+        database: DatabaseDep,
+    ) -> Principal:
+        if principal.project is not None:
+            with database.read_session() as session:
+                project = repository.get_run_project(session, str(run_id))
+            if project is not None:
+                principal.check_project(project)
+        return principal
+
+    return authorize
+
+
+IngestAccess = Annotated[Principal, Depends(_authenticate(TokenScope.INGEST))]
+"""The caller, checked for the ``ingest`` scope."""
+ReadAccess = Annotated[Principal, Depends(_authenticate(TokenScope.READ))]
+"""The caller, checked for the ``read`` scope."""
+IngestRunAccess = Annotated[Principal, Depends(_authorize_run(TokenScope.INGEST))]
+"""The caller, checked for ``ingest`` on the project of the path's run."""
+ReadRunAccess = Annotated[Principal, Depends(_authorize_run(TokenScope.READ))]
+"""The caller, checked for ``read`` on the project of the path's run."""

@@ -7,10 +7,10 @@ from uuid import UUID
 
 from fastapi import APIRouter, Query, Response
 
-from gradwatch.server.api.deps import ReadSessionDep
+from gradwatch.server.api.deps import ReadRunAccess, ReadSessionDep
 from gradwatch.server.metric import Metric
-from gradwatch.server.schemas import ErrorOut, SeriesOut
-from gradwatch.server.series import read_series
+from gradwatch.server.schemas import NO_NUL_PATTERN, ErrorOut, SeriesOut
+from gradwatch.server.series import MAX_POINTS, read_series
 
 __all__ = ["router"]
 
@@ -22,23 +22,50 @@ _MAX_STEP = 2**63 - 1
 @router.get(
     "/{run_id}/series",
     response_model=SeriesOut,
-    responses={404: {"model": ErrorOut, "description": "No such run or layer."}},
+    responses={
+        401: {"model": ErrorOut, "description": "A token is required, or it is not valid."},
+        403: {"model": ErrorOut, "description": "The token lacks the scope or the project."},
+        404: {"model": ErrorOut, "description": "No such run or layer."},
+        429: {"model": ErrorOut, "description": "Rate limit; retry after Retry-After seconds."},
+    },
 )
 def get_series(
     run_id: UUID,
     session: ReadSessionDep,
+    _principal: ReadRunAccess,
     metric: Metric,
-    layer: Annotated[str | None, Query(description="Required for per-layer metrics.")] = None,
+    layer: Annotated[
+        str | None,
+        Query(
+            description="Required for per-layer metrics.", max_length=1024, pattern=NO_NUL_PATTERN
+        ),
+    ] = None,
     start: Annotated[int | None, Query(ge=0, le=_MAX_STEP, description="First step.")] = None,
     end: Annotated[int | None, Query(ge=0, le=_MAX_STEP, description="Last step.")] = None,
-    max_points: Annotated[int, Query(ge=1, le=10_000)] = 2000,
+    max_points: Annotated[
+        int,
+        Query(ge=1, le=MAX_POINTS, description="Most values or buckets in the reply."),
+    ] = 2000,
+    raw: Annotated[
+        bool,
+        Query(description="Raw values only, max_points per page; follow next_start."),
+    ] = False,
 ) -> Response:
     """Return a series' values in a step range, or at most ``max_points`` min/max buckets.
 
-    ``start`` and ``end`` are inclusive steps; omitted, the range is open on that side.
+    ``start`` and ``end`` are inclusive steps; omitted, the range is open on that side. With
+    ``raw=true`` the reply is always raw values: the first ``max_points`` of the range and
+    ``next_start`` (the ``start`` of the next page) while more follow.
     """
     out = read_series(
-        session, str(run_id), metric, layer, start=start, end=end, max_points=max_points
+        session,
+        str(run_id),
+        metric,
+        layer,
+        start=start,
+        end=end,
+        max_points=max_points,
+        raw=raw,
     )
     # Serialised by the model itself: a TypeAdapter of the union would write non-finite
     # floats as null instead of "NaN"/"Infinity"/"-Infinity".

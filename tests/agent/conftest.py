@@ -47,3 +47,15 @@ class RecordingTransport:
 @pytest.fixture
 def transport() -> RecordingTransport:
     return RecordingTransport()
+
+
+@pytest.fixture(scope="session")
+def mirrored():
+    """MirroredStrategy over the two logical CPUs that tests/conftest.py configures.
+
+    One for the whole session: separate MirroredStrategy objects in one process
+    reuse collective instance keys and abort each other's all-reduces.
+    """
+    import tensorflow as tf
+
+    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from gradwatch.agent import ConfigError, GradientMonitor, clip
@@ -23,6 +25,14 @@ from gradwatch.agent.config import MonitorConfig
         ({"queue_size": -1}, "queue_size"),
         ({"request_timeout_seconds": 0}, "request_timeout_seconds"),
         ({"retry_deadline_seconds": float("inf")}, "retry_deadline_seconds"),
+        ({"spool_max_bytes": -1}, "spool_max_bytes"),
+        ({"spool_max_bytes": 1.5}, "spool_max_bytes"),
+        ({"spool_max_bytes": True}, "spool_max_bytes"),
+        ({"queue_max_bytes": 0}, "queue_max_bytes"),
+        ({"close_timeout_seconds": 0}, "close_timeout_seconds"),
+        ({"close_timeout_seconds": float("nan")}, "close_timeout_seconds"),
+        ({"spool_dir": 3}, "spool_dir"),
+        ({"local_dir": None}, "local_dir"),
     ],
 )
 def test_monitor_config_rejects_bad_field_by_name(kwargs, field):
@@ -46,3 +56,47 @@ def test_global_norm_rejects_bad_max_norm(bad):
 def test_gradient_monitor_rejects_non_policy(tmp_path):
     with pytest.raises(ConfigError, match=r"^policy:"):
         GradientMonitor(run="r", policy=1.0, local_dir=str(tmp_path))  # type: ignore[arg-type]
+
+
+def test_monitor_config_defaults_spool_dir_to_the_user_cache_dir():
+    import platformdirs
+
+    config = MonitorConfig(run="r")
+    assert config.spool_dir == Path(platformdirs.user_cache_dir("gradwatch")) / "spool"
+    assert config.spool_max_bytes == 256 * 2**20
+
+
+@pytest.mark.parametrize("url", ["localhost:8000", "http://", "http://host:port", "127.0.0.1"])
+def test_gradient_monitor_rejects_a_malformed_server_url(url, tmp_path):
+    with pytest.raises(ConfigError, match=r"^server:"):
+        GradientMonitor(run="r", server=url, spool_dir=str(tmp_path))
+
+
+def test_gradient_monitor_rejects_an_unwritable_spool_dir(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ConfigError, match=r"^spool_dir: cannot write to the directory .*a-file"):
+        GradientMonitor(run="r", server="http://127.0.0.1:9", spool_dir=str(blocker / "spool"))
+
+
+def test_gradient_monitor_rejects_an_unwritable_local_dir(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ConfigError, match=r"^local_dir: cannot write to the directory"):
+        GradientMonitor(run="r", local_dir=str(blocker))
+
+
+def test_gradient_monitor_checks_the_spool_dir_only_with_a_server(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monitor = GradientMonitor(run="r", local_dir=str(tmp_path / "runs"), spool_dir=str(blocker))
+    monitor.close()
+    with pytest.raises(ConfigError, match=r"^spool_dir:"):
+        GradientMonitor(
+            run="r", server="http://127.0.0.1:9", spool_dir=str(blocker), spool_max_bytes=1
+        )
+    off = GradientMonitor(
+        run="r", server="http://127.0.0.1:9", spool_dir=str(blocker), spool_max_bytes=0
+    )
+    assert off.sender.spool is None
+    off.close(timeout_seconds=0.01)

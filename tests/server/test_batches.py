@@ -6,13 +6,19 @@ import gzip
 import json
 import math
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
+from gradwatch.server import run as runs
 from gradwatch.server.app import create_app
 from gradwatch.server.config import Settings
+from gradwatch.server.db import Database, create_db_engine
+from gradwatch.server.errors import BatchConflictError
+from gradwatch.server.ingest import BatchLimits, ingest_batches
+from gradwatch.server.schemas import RunCreate, StepBatch
 from tests.server.wire import create_run, decode_float, get_series, make_batch, post_batch
 
 
@@ -367,9 +373,9 @@ def test_post_batch_unsupported_encoding_is_415(client):
 
 
 @pytest.fixture
-def small_client(tmp_path):
+def small_client(database_url):
     settings = Settings(
-        database_url="sqlite:///" + str(tmp_path / "small.db"),
+        database_url=database_url,
         max_body_bytes=4096,
         max_steps_per_batch=8,
         max_layers=3,
@@ -424,3 +430,43 @@ def test_post_batch_without_optional_metrics(client):
     assert post_batch(client, run_id, body).status_code == 200
     assert get_series(client, run_id, "loss")["step"] == []
     assert get_series(client, run_id, "weight_norm", layer="dense")["step"] == []
+
+
+def test_ingest_batches_stores_all_in_one_transaction_or_nothing(database_url):
+    engine = create_db_engine(database_url)
+    database = Database(engine)
+    limits = BatchLimits(max_steps=100, max_layers=10)
+    now = datetime.now(UTC)
+    try:
+        run_id = str(uuid.uuid4())
+        with database.write_session() as session:
+            runs.create_run(session, RunCreate(run_id=uuid.UUID(run_id), name="bulk"), now)
+        first, second = make_batch([0, 1]), make_batch([2, 3])
+        conflicting = make_batch([3, 4])
+        with database.write_session() as session, pytest.raises(BatchConflictError):
+            ingest_batches(
+                session,
+                run_id,
+                [StepBatch.model_validate(b) for b in (first, second, conflicting)],
+                limits,
+                now,
+            )
+        with database.read_session() as session:
+            assert runs.get_run(session, run_id).num_steps == 0
+
+        with database.write_session() as session:
+            acks = ingest_batches(
+                session,
+                run_id,
+                [StepBatch.model_validate(b) for b in (first, second, first)],
+                limits,
+                now,
+            )
+        with database.read_session() as session:
+            stored = runs.get_run(session, run_id)
+    finally:
+        engine.dispose()
+
+    assert [ack.duplicate for ack in acks] == [False, False, True]
+    assert stored.num_steps == 4
+    assert stored.last_step == 3

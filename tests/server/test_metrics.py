@@ -115,9 +115,9 @@ def test_metrics_counts_ingest_and_rejections(client):
     assert _value(duration, "gradwatch_ingest_request_duration_seconds_count") == 4
 
 
-def test_metrics_registries_are_per_app(tmp_path):
-    first = create_app(Settings(database_url=f"sqlite:///{tmp_path / 'a.db'}"))
-    second = create_app(Settings(database_url=f"sqlite:///{tmp_path / 'b.db'}"))
+def test_metrics_registries_are_per_app(make_database_url):
+    first = create_app(Settings(database_url=make_database_url()))
+    second = create_app(Settings(database_url=make_database_url()))
 
     with TestClient(first) as a, TestClient(second) as b:
         run_id = create_run(a)

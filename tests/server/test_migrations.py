@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -13,28 +14,29 @@ from gradwatch.server.db import create_db_engine, upgrade_database
 from gradwatch.server.models import Base
 
 
-def test_migrations_match_models(tmp_path):
-    url = f"sqlite:///{tmp_path / 'm.db'}"
+def test_migrations_match_models(make_database_url, backend):
+    url = make_database_url(migrated=False)
     upgrade_database(url)
     engine = create_db_engine(url)
     try:
         with engine.connect() as connection:
             context = MigrationContext.configure(connection, opts={"compare_type": True})
             diffs = compare_metadata(context, Base.metadata)
-            blocks_sql = connection.exec_driver_sql(
-                "SELECT sql FROM sqlite_master WHERE name = 'blocks'"
-            ).scalar_one()
             tables = set(inspect(connection).get_table_names())
+            if backend == "sqlite":
+                blocks_sql = connection.exec_driver_sql(
+                    "SELECT sql FROM sqlite_master WHERE name = 'blocks'"
+                ).scalar_one()
+                assert "WITHOUT ROWID" in blocks_sql
     finally:
         engine.dispose()
 
     assert diffs == []
-    assert "WITHOUT ROWID" in blocks_sql
     assert tables == set(Base.metadata.tables) | {"alembic_version"}
 
 
-def test_migrations_upgrade_is_idempotent(tmp_path):
-    url = f"sqlite:///{tmp_path / 'm.db'}"
+def test_migrations_upgrade_is_idempotent(make_database_url):
+    url = make_database_url(migrated=False)
     upgrade_database(url)
     upgrade_database(url)
     engine = create_db_engine(url)
@@ -43,7 +45,7 @@ def test_migrations_upgrade_is_idempotent(tmp_path):
             version = connection.exec_driver_sql("SELECT version_num FROM alembic_version").all()
     finally:
         engine.dispose()
-    assert version == [("0001",)]
+    assert version == [("0002",)]
 
 
 def test_migrations_sqlite_pragmas(tmp_path):
@@ -77,3 +79,16 @@ def test_import_app_imports_no_tensorflow(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_migrations_concurrent_upgrades_all_succeed(make_database_url):
+    url = make_database_url(migrated=False)
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        list(pool.map(lambda _: upgrade_database(url), range(3)))
+    engine = create_db_engine(url)
+    try:
+        with engine.connect() as connection:
+            version = connection.exec_driver_sql("SELECT version_num FROM alembic_version").all()
+    finally:
+        engine.dispose()
+    assert version == [("0002",)]

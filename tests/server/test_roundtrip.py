@@ -5,12 +5,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gradwatch.server.app import create_app
-from gradwatch.server.config import Settings
 from tests.server.wire import (
     create_run,
     decode_float,
@@ -62,52 +59,55 @@ def _present(values):
     return [(i, v) for i, v in enumerate(values) if v is not None]
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(data=_batches())
-def test_series_round_trip_is_lossless(tmp_path_factory, data):
-    path = tmp_path_factory.mktemp("roundtrip") / "x.db"
-    with TestClient(create_app(Settings(database_url=f"sqlite:///{path}"))) as client:
-        run_id = create_run(client)
-        steps, layers = data["steps"], data["layers"]
-        body = make_batch(
-            steps,
-            layers,
-            grad_norm=data["grad_norm"],
-            global_norm=data["global_norm"],
-            nonfinite=data["nonfinite"],
-            loss=[encode_float(v) for v in data["loss"]],
-            weight_norm=[[encode_float(v) for v in row] for row in data["weight_norm"]],
+def test_series_round_trip_is_lossless(client, data):
+    # One database per test; every example writes a run of its own.
+    run_id = create_run(client)
+    steps, layers = data["steps"], data["layers"]
+    body = make_batch(
+        steps,
+        layers,
+        grad_norm=data["grad_norm"],
+        global_norm=data["global_norm"],
+        nonfinite=data["nonfinite"],
+        loss=[encode_float(v) for v in data["loss"]],
+        weight_norm=[[encode_float(v) for v in row] for row in data["weight_norm"]],
+    )
+    assert post_batch(client, run_id, body).status_code == 200
+
+    series = get_series(client, run_id, "global_norm", max_points=10_000)
+    assert series["step"] == steps
+    assert all(map(_same, data["global_norm"], series["value"]))
+
+    loss = get_series(client, run_id, "loss")
+    expected_loss = _present(data["loss"])
+    assert loss["step"] == [steps[i] for i, _ in expected_loss]
+    assert all(_same(v, r) for (_, v), r in zip(expected_loss, loss["value"], strict=True))
+
+    for j, layer in enumerate(layers):
+        grad = get_series(client, run_id, "grad_norm", layer=layer)
+        assert grad["step"] == steps
+        assert all(
+            _same(row[j], r) for row, r in zip(data["grad_norm"], grad["value"], strict=True)
         )
-        assert post_batch(client, run_id, body).status_code == 200
 
-        series = get_series(client, run_id, "global_norm", max_points=10_000)
-        assert series["step"] == steps
-        assert all(map(_same, data["global_norm"], series["value"]))
+        counts = get_series(client, run_id, "nonfinite", layer=layer)
+        assert counts["value"] == [row[j] for row in data["nonfinite"]]
 
-        loss = get_series(client, run_id, "loss")
-        expected_loss = _present(data["loss"])
-        assert loss["step"] == [steps[i] for i, _ in expected_loss]
-        assert all(_same(v, r) for (_, v), r in zip(expected_loss, loss["value"], strict=True))
+        weight = get_series(client, run_id, "weight_norm", layer=layer)
+        expected = _present([row[j] for row in data["weight_norm"]])
+        assert weight["step"] == [steps[i] for i, _ in expected]
+        assert all(_same(v, r) for (_, v), r in zip(expected, weight["value"], strict=True))
 
-        for j, layer in enumerate(layers):
-            grad = get_series(client, run_id, "grad_norm", layer=layer)
-            assert grad["step"] == steps
-            assert all(
-                _same(row[j], r) for row, r in zip(data["grad_norm"], grad["value"], strict=True)
-            )
-
-            counts = get_series(client, run_id, "nonfinite", layer=layer)
-            assert counts["value"] == [row[j] for row in data["nonfinite"]]
-
-            weight = get_series(client, run_id, "weight_norm", layer=layer)
-            expected = _present([row[j] for row in data["weight_norm"]])
-            assert weight["step"] == [steps[i] for i, _ in expected]
-            assert all(_same(v, r) for (_, v), r in zip(expected, weight["value"], strict=True))
-
-        finite = np.asarray(data["global_norm"], dtype=np.float64)
-        finite = finite[~np.isnan(finite)]
-        max_norm = client.get(f"/api/v1/runs/{run_id}").json()["max_global_norm"]
-        if finite.size:
-            assert decode_float(max_norm) == finite.max()
-        else:
-            assert max_norm == "NaN"
+    finite = np.asarray(data["global_norm"], dtype=np.float64)
+    finite = finite[~np.isnan(finite)]
+    max_norm = client.get(f"/api/v1/runs/{run_id}").json()["max_global_norm"]
+    if finite.size:
+        assert decode_float(max_norm) == finite.max()
+    else:
+        assert max_norm == "NaN"

@@ -194,7 +194,15 @@ def test_list_runs_pages_by_keyset(client):
 
 
 @pytest.mark.parametrize(
-    "params", [{"limit": 0}, {"limit": 501}, {"cursor": "garbage!"}, {"status": "done"}]
+    "params",
+    [
+        {"limit": 0},
+        {"limit": 501},
+        {"cursor": "garbage!"},
+        {"status": "done"},
+        {"name": "a\x00b"},
+        {"project": "has space"},
+    ],
 )
 def test_list_runs_rejects_bad_parameters(client, params):
     response = client.get("/api/v1/runs", params=params)

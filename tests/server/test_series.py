@@ -7,8 +7,16 @@ import uuid
 import numpy as np
 import pytest
 
+from gradwatch.server import repository
 from gradwatch.server.series import bucket_series
-from tests.server.wire import create_run, get_series, make_batch, post_batch
+from tests.server.wire import (
+    create_run,
+    decode_float,
+    encode_float,
+    get_series,
+    make_batch,
+    post_batch,
+)
 
 
 def _ingest_steps(client, run_id, steps, global_norm, batch_size=250):
@@ -124,6 +132,8 @@ def test_series_count_metric_values_are_integers(client):
         ({"metric": "loss", "max_points": 10_001}, 422, "max_points"),
         ({"metric": "loss", "start": -1}, 422, "start"),
         ({"metric": "loss", "end": 2**63}, 422, "end"),
+        ({"metric": "grad_norm", "layer": "dense\x00"}, 422, "layer"),
+        ({"metric": "loss", "raw": "maybe"}, 422, "raw"),
     ],
 )
 def test_series_rejects_bad_parameters(client, params, status, text):
@@ -139,3 +149,122 @@ def test_series_rejects_bad_parameters(client, params, status, text):
 def test_series_unknown_run_is_404(client):
     response = client.get(f"/api/v1/runs/{uuid.uuid4()}/series", params={"metric": "loss"})
     assert response.status_code == 404
+
+
+def _raw(client, run_id, metric, **params):
+    body = get_series(client, run_id, metric, max_points=10_000, **params)
+    assert body["downsampled"] is False
+    return body
+
+
+def _as_float(values):
+    return np.array([decode_float(v) for v in values], dtype=np.float64)
+
+
+def _same_buckets(got, want):
+    assert got["bucket_width"] == want.width
+    assert got["step"] == want.start.tolist()
+    assert got["count"] == want.count.tolist()
+    for key, expected in (("min", want.min), ("max", want.max), ("last", want.last)):
+        np.testing.assert_array_equal(_as_float(got[key]), expected.astype(np.float64), key)
+
+
+def test_series_summary_path_matches_bucketing_every_value(client):
+    rng = np.random.default_rng(11)
+    run_id = create_run(client)
+    step = 0
+    for _ in range(60):
+        n = int(rng.integers(1, 40))
+        steps = step + np.cumsum(rng.integers(1, 4, size=n))
+        step = int(steps[-1]) + int(rng.integers(1, 30))
+        norms = rng.lognormal(0, 1, size=(n, 1)).astype(np.float32).astype(float)
+        norms[rng.random((n, 1)) < 0.05] = np.nan
+        norms[rng.random((n, 1)) < 0.02] = np.inf
+        weights = [[float(v) if rng.random() < 0.3 else None] for v in norms[:, 0]]
+        body = make_batch(
+            steps.tolist(),
+            ["a"],
+            grad_norm=norms.tolist(),
+            weight_norm=[[encode_float(v) for v in row] for row in weights],
+        )
+        assert post_batch(client, run_id, body).status_code == 200
+    for metric in ("grad_norm", "weight_norm"):
+        full = _raw(client, run_id, metric, layer="a")
+        all_steps = np.array(full["step"], dtype=np.int64)
+        all_values = _as_float(full["value"])
+        for start, end, points in [
+            (None, None, 7),
+            (None, None, 100),
+            (13, None, 50),
+            (None, int(all_steps[-1]) - 17, 33),
+            (int(all_steps[40]) + 1, int(all_steps[-40]), 9),
+            (0, int(all_steps[-1]), 1),
+        ]:
+            params = {"layer": "a", "max_points": points}
+            params |= {} if start is None else {"start": start}
+            params |= {} if end is None else {"end": end}
+            got = get_series(client, run_id, metric, **params)
+            inside = (all_steps >= (start or 0)) & (all_steps <= (end or 2**62))
+            want = bucket_series(all_steps[inside], all_values[inside], points)
+            assert got["downsampled"] is True, (metric, params)
+            _same_buckets(got, want)
+
+
+def test_series_whole_blocks_are_read_from_summaries(client, monkeypatch):
+    run_id = create_run(client)
+    norms = [1.0] * 1000
+    norms[537] = 1e6
+    _ingest_steps(client, run_id, list(range(1000)), norms, batch_size=10)
+    decoded: list[int] = []
+    for name in ("fetch_cut_blocks", "fetch_split_blocks", "fetch_blocks"):
+        original = getattr(repository, name)
+
+        def recording(*args, _original=original, **kwargs):
+            blocks = _original(*args, **kwargs)
+            decoded.extend(block.first_step for block in blocks)
+            return blocks
+
+        monkeypatch.setattr(repository, name, recording)
+
+    aligned = get_series(client, run_id, "global_norm", max_points=100)
+    assert decoded == []
+    cut = get_series(client, run_id, "global_norm", start=5, end=994, max_points=99)
+
+    assert aligned["bucket_width"] == 10
+    assert aligned["max"][53] == 1e6
+    assert sum(aligned["count"]) == 1000
+    assert decoded[:2] == [0, 990]  # the blocks cut by start and end, then the split ones
+    assert sum(cut["count"]) == 990
+    assert max(cut["max"]) == 1e6
+
+
+def test_series_raw_pages_by_keyset(client):
+    run_id = create_run(client)
+    steps = list(range(0, 600, 2))
+    _ingest_steps(client, run_id, steps, [float(s) for s in steps], batch_size=37)
+
+    pages = []
+    params = {"raw": "true", "max_points": 64, "start": 11, "end": 501}
+    while True:
+        page = get_series(client, run_id, "global_norm", **params)
+        assert page["downsampled"] is False
+        assert len(page["step"]) <= 64
+        pages.append(page)
+        if page["next_start"] is None:
+            break
+        assert page["next_start"] > page["step"][-1]
+        params["start"] = page["next_start"]
+
+    seen = [step for page in pages for step in page["step"]]
+    assert seen == [s for s in steps if 11 <= s <= 501]
+    assert [v for page in pages for v in page["value"]] == [float(s) for s in seen]
+    assert len(pages) == -(-len(seen) // 64)
+
+
+def test_series_raw_page_of_everything_has_no_next(client):
+    run_id = create_run(client)
+    post_batch(client, run_id, make_batch([0, 1, 2]))
+    page = get_series(client, run_id, "global_norm", raw="true")
+    assert page["step"] == [0, 1, 2]
+    assert page["next_start"] is None
+    assert get_series(client, run_id, "global_norm", raw="true", start=3)["step"] == []

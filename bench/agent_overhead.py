@@ -1,0 +1,137 @@
+"""Training-step overhead of gradwatch: median step-time ratios measured side by side.
+
+Configs, interleaved in one process (each timed ``--repeats`` times, median kept):
+
+(a) ``Adam(global_clipnorm=1)``: Keras' own clipping, the baseline;
+(b) ``Adam`` + GradientMonitor with ``clip.global_norm(1)``, ``flush_every=50``:
+    per-layer norms, non-finite counts, the in-graph ring, a host read every 50
+    steps and the sender thread serialising every batch;
+(c) the same with ``clip.zclip()`` (adaptive: EMA statistics in the graph);
+(d) the naive way: an eager train step calling ``float(tf.norm(g))`` per variable;
+(e) plain ``Adam`` and (f) ``Adam`` + monitor with no policy: the cost of monitoring alone.
+
+    python bench/agent_overhead.py [--steps 30] [--repeats 5] [--jit]
+
+Model: an MLP of 50 Dense(350) layers (100 variables, 6.1M parameters), batch 256, CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from gradwatch.agent import GradientMonitor, clip
+from gradwatch.agent.transport import RunInfo
+
+WIDTH, DEPTH, BATCH = 350, 50, 256
+
+
+class _DiscardTransport:
+    """Accepts and drops everything: isolates the agent's own cost from the network."""
+
+    def create_run(self, run: RunInfo) -> None: ...
+    def send_batch(self, run_id: str, batch: dict[str, Any]) -> None: ...
+    def set_status(self, run_id: str, status: str) -> None: ...
+    def close(self) -> None: ...
+
+
+class _EagerNormModel(keras.Sequential):  # type: ignore[misc]
+    """(d): what a hand-written monitor does: host-side norms of every variable, every step."""
+
+    def train_step(self, data: Any) -> dict[str, Any]:
+        x, y = data
+        with tf.GradientTape() as tape:
+            loss = self.compute_loss(x=x, y=y, y_pred=self(x, training=True))
+        grads = tape.gradient(loss, self.trainable_variables)
+        self.norms = [float(tf.norm(g)) for g in grads]  # one host sync per variable
+        grads, _ = tf.clip_by_global_norm(grads, 1.0)
+        self.optimizer.apply_gradients(zip(grads, self.trainable_variables, strict=True))
+        return {"loss": loss}
+
+
+def _layers() -> list[Any]:
+    layers: list[Any] = [keras.Input((WIDTH,))]
+    layers += [keras.layers.Dense(WIDTH, activation="relu") for _ in range(DEPTH - 1)]
+    layers.append(keras.layers.Dense(1))
+    return layers
+
+
+def _setup(name: str, jit: bool) -> tuple[keras.Model, list[Any]]:
+    keras.utils.set_random_seed(0)
+    callbacks: list[Any] = []
+    if name == "d":
+        model = _EagerNormModel(_layers())
+        model.compile(optimizer=keras.optimizers.Adam(1e-4), loss="mse", run_eagerly=True)
+        return model, callbacks
+    model = keras.Sequential(_layers())
+    policy = {"b": clip.global_norm(1.0), "c": clip.zclip(), "f": None}.get(name)
+    if name in ("b", "c", "f"):
+        monitor = GradientMonitor(
+            run="bench", policy=policy, flush_every=50, transport=_DiscardTransport()
+        )
+        optimizer = monitor.wrap(keras.optimizers.Adam(1e-4))
+        callbacks.append(monitor)
+    else:
+        optimizer = keras.optimizers.Adam(1e-4, global_clipnorm=1.0 if name == "a" else None)
+    model.compile(optimizer=optimizer, loss="mse", jit_compile=jit)
+    return model, callbacks
+
+
+LABELS = {
+    "a": "(a) Adam(global_clipnorm=1)",
+    "b": "(b) gradwatch + global_norm(1)",
+    "c": "(c) gradwatch + zclip()",
+    "d": "(d) eager float(tf.norm(g))",
+    "e": "(e) Adam, no clipping",
+    "f": "(f) gradwatch, no policy",
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=30, help="steps per timed fit")
+    parser.add_argument("--repeats", type=int, default=5, help="timed fits per config")
+    parser.add_argument("--jit", action="store_true", help="jit_compile=True (XLA) for a-c, e-f")
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(BATCH * args.steps, WIDTH)).astype("float32")
+    y = rng.normal(size=(BATCH * args.steps, 1)).astype("float32")
+
+    configs = {name: _setup(name, args.jit) for name in LABELS}
+    params = configs["a"][0].count_params()
+    for model, callbacks in configs.values():  # trace and warm up
+        model.fit(x[: BATCH * 3], y[: BATCH * 3], batch_size=BATCH, verbose=0, callbacks=callbacks)
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    for _ in range(args.repeats):
+        for name, (model, callbacks) in configs.items():
+            start = time.perf_counter()
+            model.fit(x, y, batch_size=BATCH, verbose=0, shuffle=False, callbacks=callbacks)
+            times[name].append((time.perf_counter() - start) / args.steps * 1e3)
+    for _, callbacks in configs.values():
+        for callback in callbacks:
+            callback.close()
+
+    median = {name: statistics.median(values) for name, values in times.items()}
+    print(
+        f"MLP {DEPTH}×Dense({WIDTH}): {params / 1e6:.1f}M parameters, {2 * DEPTH} variables, "
+        f"batch {BATCH}, {'XLA' if args.jit else 'graph'} mode; "
+        f"{args.steps} steps × {args.repeats} repeats, medians"
+    )
+    print(f"{'config':<34} {'ms/step':>8} {'÷ (a)':>7}  all repeats")
+    for name, label in LABELS.items():
+        spread = " ".join(f"{t:.1f}" for t in times[name])
+        print(f"{label:<34} {median[name]:>8.2f} {median[name] / median['a']:>7.3f}  {spread}")
+    print(f"monitoring alone, (f) ÷ (e): {median['f'] / median['e']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
