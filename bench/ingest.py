@@ -50,12 +50,12 @@ from gradwatch.server import repository
 from gradwatch.server.config import Settings
 from gradwatch.server.db import Database, create_db_engine, upgrade_database
 from gradwatch.server.embedded import EmbeddedServer
-from gradwatch.server.ingest import BatchLimits, ingest_batches, prepare_batch
+from gradwatch.server.ingest import IngestOptions, ingest_batches, prepare_batch
 from gradwatch.server.models import Block
 from gradwatch.server.run import create_run
 from gradwatch.server.schemas import RunCreate, StepBatch
 
-_LIMITS = BatchLimits(max_steps=100_000, max_layers=10_000)
+_LIMITS = IngestOptions(max_steps=100_000, max_layers=10_000)
 _TABLES = ("runs", "series", "blocks", "batches", "dropped_batches")
 
 
@@ -87,7 +87,7 @@ def _gzip(body: dict[str, Any]) -> bytes:
 
 
 @contextmanager
-def _postgres(url: str | None) -> Iterator[Any]:
+def postgres_databases(url: str | None) -> Iterator[Any]:
     """Yield a function that makes a fresh PostgreSQL database URL, or None if unavailable."""
     if url is not None:
         counter = iter(range(1_000_000))
@@ -318,7 +318,7 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="gradwatch-bench-"))
     rows = []
     try:
-        with _postgres(args.postgres_url) as make_postgres:
+        with postgres_databases(args.postgres_url) as make_postgres:
             for backend in args.backends.split(","):
                 if backend == "sqlite":
                     make = _sqlite_factory(workdir)

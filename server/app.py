@@ -9,7 +9,7 @@ from importlib.metadata import PackageNotFoundError, version
 from anyio import to_thread
 from fastapi import FastAPI
 
-from gradwatch.server.api import batches, health, runs, series
+from gradwatch.server.api import batches, events, health, projects, runs, series
 from gradwatch.server.auth import Authenticator, RateLimiter
 from gradwatch.server.config import Settings
 from gradwatch.server.db import Database, create_db_engine, upgrade_database
@@ -45,7 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         limiter=RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst),
     )
     install_error_handlers(app)
-    for module in (runs, batches, series, health):
+    for module in (runs, batches, series, events, projects, health):
         app.include_router(module.router)
     return app
 
@@ -59,7 +59,7 @@ def _lifespan(
         try:
             await to_thread.run_sync(upgrade_database, engine)
             database = Database(engine)
-            collector = RunStateCollector(database)
+            collector = RunStateCollector(database, settings)
             metrics.registry.register(collector)
             app.state.database = database
             try:

@@ -31,6 +31,17 @@ class Settings(BaseSettings):
         rate_limit_per_second: Sustained requests per second allowed to one token; 0 turns
             the limit off. Requests over it get 429 with ``Retry-After``.
         rate_limit_burst: Requests one token may send at once before the rate applies.
+        metrics_cache_seconds: How long a ``/metrics`` answer is reused, in seconds, so several
+            scrapers (or a scrape storm) cost one set of queries; 0 turns the cache off.
+        metrics_top_k_layers: Layers exported per run as ``gradwatch_layer_grad_norm`` (those
+            with the largest latest norm; NaN first); 0 exports none.
+        finished_run_grace_seconds: How long a finished or failed run stays exported after its
+            status changed, in seconds; afterwards its series go stale in Prometheus.
+        inactive_run_seconds: A running run that has stored nothing for this long, in seconds,
+            stops being exported (an abandoned run; ``GradwatchRunSilent`` fires well before).
+        norm_window_seconds: Window of ``gradwatch_global_grad_norm_window_max`` in seconds
+            (ingest time): the largest global norm of the current and previous window, so a
+            spike stays visible for at least this long whatever the scrape interval.
     """
 
     model_config = SettingsConfigDict(env_prefix="GRADWATCH_", frozen=True, extra="ignore")
@@ -42,3 +53,8 @@ class Settings(BaseSettings):
     require_auth: bool = False
     rate_limit_per_second: float = Field(default=20.0, ge=0)
     rate_limit_burst: int = Field(default=100, ge=1)
+    metrics_cache_seconds: float = Field(default=1.0, ge=0)
+    metrics_top_k_layers: int = Field(default=10, ge=0)
+    finished_run_grace_seconds: float = Field(default=600.0, ge=0)
+    inactive_run_seconds: float = Field(default=86_400.0, gt=0)
+    norm_window_seconds: float = Field(default=60.0, gt=0)

@@ -1,10 +1,12 @@
 """``gradwatch demo``: two small Keras runs streamed to a gradwatch server.
 
-The first run trains with a stable learning rate; the second with one large
-enough to make the gradients explode. Both use ``clip.global_norm``, so the
-exploding run shows clipped steps, a global norm far above the stable run's,
-and eventually non-finite gradients. Everything is generated here; nothing is
-downloaded.
+The first run trains with a stable learning rate throughout. The second trains
+just as calmly for 60% of its steps, then its learning rate jumps to one large
+enough to make the gradients explode: the way a real run blows up at step
+41,000, after the detectors have learnt what its healthy norms look like. Both
+use ``clip.global_norm``, so the exploding run shows clipped steps, a global
+norm far above the stable run's and explosion events on the server. Everything
+is generated here; nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -24,15 +26,25 @@ __all__ = ["DemoRun", "run_demo"]
 
 @dataclass(frozen=True, slots=True)
 class DemoRun:
-    """One training run of the demo."""
+    """One training run of the demo.
+
+    Attributes:
+        name: Run name.
+        learning_rate: SGD learning rate.
+        explosive_learning_rate: Learning rate from ``explode_at`` (a fraction of the run's
+            steps) on, or None to keep ``learning_rate`` throughout.
+        explode_at: Fraction of the steps after which ``explosive_learning_rate`` applies.
+    """
 
     name: str
     learning_rate: float
+    explosive_learning_rate: float | None = None
+    explode_at: float = 0.6
 
 
 DEMO_RUNS = (
     DemoRun("demo-stable", learning_rate=0.01),
-    DemoRun("demo-exploding", learning_rate=2.0),
+    DemoRun("demo-exploding", learning_rate=0.01, explosive_learning_rate=2.0),
 )
 
 
@@ -62,8 +74,13 @@ def _train(run: DemoRun, server: str, epochs: int, progress: Progress, console: 
         ],
         name="demo_mlp",
     )
-    model.compile(optimizer=keras.optimizers.SGD(run.learning_rate, momentum=0.9), loss="mse")
     steps = epochs * (len(x) // 32)
+    learning_rate: float | keras.optimizers.schedules.LearningRateSchedule = run.learning_rate
+    if run.explosive_learning_rate is not None:
+        learning_rate = keras.optimizers.schedules.PiecewiseConstantDecay(
+            [int(steps * run.explode_at)], [run.learning_rate, run.explosive_learning_rate]
+        )
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate, momentum=0.9), loss="mse")
     task = progress.add_task(run.name, total=steps)
 
     class _Progress(keras.callbacks.Callback):  # type: ignore[misc]
@@ -85,25 +102,38 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _describe_health(health: dict[str, Any]) -> str:
+    """The verdict and the rules that fired, e.g. ``critical: explosion 12, nonfinite 3``."""
+    fired = [
+        f"{rule} {sum(by_severity.values())}"
+        for rule, by_severity in health["detections"].items()
+        if sum(by_severity.values())
+    ]
+    return f"{health['verdict']}: {', '.join(fired)}" if fired else str(health["verdict"])
+
+
 def _summarise(server: str, run_ids: list[str], console: Console) -> list[dict[str, Any]]:
     table = Table(title="gradwatch demo")
-    for column in ("run", "steps", "max global norm", "clipped steps", "non-finite steps"):
-        table.add_column(column, justify="left" if column == "run" else "right")
+    columns = ("run", "steps", "max global norm", "clipped steps", "non-finite steps", "health")
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("run", "health") else "right")
     with httpx.Client(base_url=server, timeout=10.0) as client:
         runs = [client.get(f"/api/v1/runs/{run_id}").json() for run_id in run_ids]
-    for run in runs:
+        healths = [client.get(f"/api/v1/runs/{run_id}/health").json() for run_id in run_ids]
+    for run, health in zip(runs, healths, strict=True):
         table.add_row(
             run["name"],
             _fmt(run["num_steps"]),
             _fmt(run["max_global_norm"]),
             _fmt(run["clipped_steps"]),
             _fmt(run["nonfinite_steps"]),
+            _describe_health(health),
         )
     console.print(table)
     for run in runs:
         base = f"{server}/api/v1/runs/{run['run_id']}"
         console.print(f"[bold]{run['name']}[/bold]")
-        for url in (base, f"{base}/layers", f"{base}/series?metric=global_norm"):
+        for url in (base, f"{base}/health", f"{base}/events", f"{base}/series?metric=global_norm"):
             console.print(f"  {url}", soft_wrap=True, highlight=False)
     console.print(f"Prometheus metrics: {server}/metrics", soft_wrap=True, highlight=False)
     console.print(f"API docs:           {server}/docs", soft_wrap=True, highlight=False)

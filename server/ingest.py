@@ -1,4 +1,5 @@
-"""The write path: one ``StepBatch`` → block rows, idempotently, in one transaction.
+"""The write path: one ``StepBatch`` → block rows and detector events, idempotently, in one
+transaction.
 
 Work is split so the database write lock is held briefly: :func:`prepare_batch` (pure NumPy,
 no I/O) builds every block first; :func:`ingest_batch` then checks idempotency and writes.
@@ -9,6 +10,10 @@ Idempotency:
     * by natural key: a batch whose every step is already stored stores nothing, whatever its
       id; a batch that overlaps stored steps but also carries new ones is a conflict (409),
       because stored blocks of a series never overlap.
+
+Detection: every stored batch runs the detectors (``events.detect_batch``) in the same
+transaction, under the run's lock, so events, detector state and samples are stored together
+or not at all, whichever worker ingests.
 """
 
 from __future__ import annotations
@@ -16,32 +21,49 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import numpy as np
 from numpy.typing import NDArray
 from sqlalchemy.orm import Session
 
-from gradwatch.server import repository
+from gradwatch.server import events, repository
 from gradwatch.server.block import BlockSet, decode_blocks, encode_blocks
+from gradwatch.server.detect import StepColumns
 from gradwatch.server.errors import BatchConflictError, InvalidBatchError, RunNotFoundError
 from gradwatch.server.metric import METRICS, Metric, MetricKind, MetricSpec, Scope
 from gradwatch.server.models import Run
 from gradwatch.server.repository import RUN_LEVEL, BatchRecord, SeriesKey, SeriesState
-from gradwatch.server.schemas import BatchAck, StepBatch
+from gradwatch.server.schemas import BatchAck, StepBatch, encode_float
 
-__all__ = ["BatchLimits", "PreparedBatch", "ingest_batch", "ingest_batches", "prepare_batch"]
+__all__ = ["IngestOptions", "PreparedBatch", "ingest_batch", "ingest_batches", "prepare_batch"]
 
 _INT64_MAX = 2**63 - 1
 _NULL = np.array(None, dtype=object)
+_Columns = tuple[NDArray[np.float32] | NDArray[np.int64], NDArray[np.bool_] | None]
+_Arrays = Mapping[Metric, _Columns | None]
+"""Per metric: ``(values (n, S), present or None)``, or None when the batch lacks it."""
 
 
 @dataclass(frozen=True, slots=True)
-class BatchLimits:
-    """Size limits of one batch (from ``Settings``)."""
+class IngestOptions:
+    """How batches are accepted and summarised (from ``Settings``).
+
+    Attributes:
+        max_steps: Most steps in one batch.
+        max_layers: Most layers in one batch.
+        norm_window_seconds: Window of ``gradwatch_global_grad_norm_window_max``: the largest
+            global norm ingested in the current and the previous window of this many seconds
+            (ingest time), so a spike stays visible for at least one window whatever the
+            scrape interval.
+        top_k_layers: Layers kept per run for ``gradwatch_layer_grad_norm`` (the largest
+            norms at the newest step, NaN first).
+    """
 
     max_steps: int
     max_layers: int
+    norm_window_seconds: float = 60.0
+    top_k_layers: int = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +93,8 @@ class PreparedBatch:
         metrics: Blocks per metric, in series-creation order (registry order, then layers).
         totals: Increments of the run's running totals.
         samples: Values it carries (``null`` entries excluded).
+        columns: What the detectors read, as stored (float32 values).
+        global_norm_max: Largest non-NaN global norm of the batch (None when all are NaN).
     """
 
     record: BatchRecord
@@ -78,9 +102,11 @@ class PreparedBatch:
     metrics: tuple[_MetricBlocks, ...]
     totals: _RunTotals
     samples: int
+    columns: StepColumns
+    global_norm_max: float | None
 
 
-def prepare_batch(batch: StepBatch, limits: BatchLimits) -> PreparedBatch:
+def prepare_batch(batch: StepBatch, limits: IngestOptions) -> PreparedBatch:
     """Check server limits and build the blocks of every series of a batch.
 
     Pure and vectorised (NumPy over the steps and layers of each metric); thread-safe; does
@@ -112,6 +138,9 @@ def prepare_batch(batch: StepBatch, limits: BatchLimits) -> PreparedBatch:
             _MetricBlocks(spec.metric, layers, encode_blocks(steps, values, present, spec.kind))
         )
     totals = _total(arrays, n)
+    detector_columns = _detector_columns(arrays, steps, tuple(batch.layers))
+    global_norm = detector_columns.global_norm
+    finite_or_inf = global_norm[~np.isnan(global_norm)]
     return PreparedBatch(
         record=BatchRecord(
             batch_id=str(batch.batch_id),
@@ -123,11 +152,13 @@ def prepare_batch(batch: StepBatch, limits: BatchLimits) -> PreparedBatch:
         metrics=tuple(prepared),
         totals=totals,
         samples=sum(int(item.blocks.count.sum()) for item in prepared),
+        columns=detector_columns,
+        global_norm_max=float(finite_or_inf.max()) if finite_or_inf.size else None,
     )
 
 
 def ingest_batch(
-    session: Session, run_id: str, batch: StepBatch, limits: BatchLimits, now: datetime
+    session: Session, run_id: str, batch: StepBatch, options: IngestOptions, now: datetime
 ) -> BatchAck:
     """Store a batch for a run in one transaction (committed here), or nothing at all.
 
@@ -139,7 +170,7 @@ def ingest_batch(
             back on any error.
         run_id: Canonical run uuid.
         batch: The validated batch.
-        limits: Server size limits.
+        options: Server limits and the global-norm window.
         now: Ingest time (timezone-aware).
 
     Returns:
@@ -151,14 +182,14 @@ def ingest_batch(
         BatchConflictError: The batch overlaps stored steps without being a resend, or reuses a
             stored batch id for other steps.
     """
-    return ingest_batches(session, run_id, [batch], limits, now)[0]
+    return ingest_batches(session, run_id, [batch], options, now)[0]
 
 
 def ingest_batches(
     session: Session,
     run_id: str,
     batches: Sequence[StepBatch],
-    limits: BatchLimits,
+    options: IngestOptions,
     now: datetime,
 ) -> list[BatchAck]:
     """Store several batches of one run in one transaction: all of them, or none.
@@ -171,10 +202,10 @@ def ingest_batches(
         InvalidBatchError, RunNotFoundError, BatchConflictError: As :func:`ingest_batch`;
             nothing is stored.
     """
-    prepared = [prepare_batch(batch, limits) for batch in batches]
+    prepared = [prepare_batch(batch, options) for batch in batches]
     with session.begin():
         return [
-            _store(session, run_id, item, batch.dropped_batches or {}, now)
+            _store(session, run_id, item, batch.dropped_batches or {}, options, now)
             for item, batch in zip(prepared, batches, strict=True)
         ]
 
@@ -184,6 +215,7 @@ def _store(
     run_id: str,
     prepared: PreparedBatch,
     dropped_batches: Mapping[str, int],
+    options: IngestOptions,
     now: datetime,
 ) -> BatchAck:
     record = prepared.record
@@ -218,15 +250,71 @@ def _store(
     _check_totals(run, prepared.totals)
     repository.insert_batch(session, run_id, record, now)
     _store_blocks(session, run_id, prepared)
+    if run.last_step is None or record.last_step > run.last_step:
+        run.top_layers = _top_layers(prepared.columns, options.top_k_layers)
     _add_totals(run, prepared, now)
+    _fold_norm_window(run, prepared.global_norm_max, now, options.norm_window_seconds)
+    events.detect_batch(session, run, prepared.columns, now)
     if dropped_batches:
         repository.upsert_agent_drops(session, run_id, dropped_batches, record.last_step)
     return _acknowledge(run_id, prepared, duplicate=False)
 
 
-def _to_arrays(
-    batch: StepBatch, spec: MetricSpec, n: int
-) -> tuple[NDArray[np.float32] | NDArray[np.int64], NDArray[np.bool_] | None] | None:
+def _required(arrays: _Arrays, metric: Metric) -> NDArray[np.float32] | NDArray[np.int64]:
+    """The values of a metric every batch carries."""
+    columns = arrays[metric]
+    assert columns is not None, f"{metric} is required"
+    return columns[0]
+
+
+def _required_floats(arrays: _Arrays, metric: Metric) -> NDArray[np.float32]:
+    """The values of a float metric every batch carries."""
+    return _required(arrays, metric).astype(np.float32, copy=False)
+
+
+def _detector_columns(
+    arrays: _Arrays, steps: NDArray[np.int64], layers: tuple[str, ...]
+) -> StepColumns:
+    return StepColumns(
+        steps=steps,
+        layers=layers,
+        global_norm=_required_floats(arrays, Metric.GLOBAL_NORM)[:, 0],
+        grad_norm=_required_floats(arrays, Metric.GRAD_NORM),
+        nonfinite=_required(arrays, Metric.NONFINITE).astype(np.int64, copy=False),
+        clip_coef=_required_floats(arrays, Metric.CLIP_COEF)[:, 0],
+        skipped=_required(arrays, Metric.SKIPPED)[:, 0] != 0,
+    )
+
+
+def _top_layers(columns: StepColumns, k: int) -> dict[str, object]:
+    """The ``k`` layers with the largest norm at the batch's last step (see ``Run.top_layers``)."""
+    last = columns.grad_norm[-1].astype(np.float64)
+    nan = np.isnan(last)
+    order = np.lexsort((-np.where(nan, 0.0, last), ~nan))[:k]  # NaN first, then largest
+    return {
+        "layers": len(columns.layers),
+        "top": [[columns.layers[i], encode_float(float(last[i]))] for i in order.tolist()],
+    }
+
+
+def _fold_norm_window(
+    run: Run, batch_max: float | None, now: datetime, window_seconds: float
+) -> None:
+    """Fold a batch's largest global norm into the run's two-window maximum (tumbling
+    windows of ingest time; the exported value is the max of the current and previous one)."""
+    started = run.norm_window_started_at
+    window = timedelta(seconds=window_seconds)
+    if started is None or now - started >= window:
+        adjacent = started is not None and now - started < 2 * window
+        run.norm_window_previous_max = run.norm_window_max if adjacent else None
+        run.norm_window_max = batch_max
+        run.norm_window_started_at = now
+    elif batch_max is not None:
+        current = run.norm_window_max
+        run.norm_window_max = batch_max if current is None else max(current, batch_max)
+
+
+def _to_arrays(batch: StepBatch, spec: MetricSpec, n: int) -> _Columns | None:
     """Return ``(values (n, S), present or None)`` of one metric, or None when absent."""
     raw = getattr(batch, spec.metric.value)
     if raw is None:
@@ -247,25 +335,15 @@ def _to_arrays(
     return values, None if present is None else present.reshape(n, -1)
 
 
-def _total(
-    arrays: dict[
-        Metric, tuple[NDArray[np.float32] | NDArray[np.int64], NDArray[np.bool_] | None] | None
-    ],
-    n: int,
-) -> _RunTotals:
-    def values_of(metric: Metric) -> NDArray[np.float32] | NDArray[np.int64]:
-        columns = arrays[metric]
-        assert columns is not None, f"{metric} is required"
-        return columns[0]
-
-    nonfinite = values_of(Metric.NONFINITE)
-    global_norm = values_of(Metric.GLOBAL_NORM)[:, 0]
+def _total(arrays: _Arrays, n: int) -> _RunTotals:
+    nonfinite = _required(arrays, Metric.NONFINITE)
+    global_norm = _required(arrays, Metric.GLOBAL_NORM)[:, 0]
     if nonfinite.size and int(nonfinite.max()) > _INT64_MAX // nonfinite.size:
         raise InvalidBatchError("nonfinite: counts too large (their sum overflows int64)")
     return _RunTotals(
         num_steps=n,
-        clipped_steps=int((values_of(Metric.CLIP_COEF)[:, 0] < 1).sum()),
-        skipped_steps=int(values_of(Metric.SKIPPED).sum()),
+        clipped_steps=int((_required(arrays, Metric.CLIP_COEF)[:, 0] < 1).sum()),
+        skipped_steps=int(_required(arrays, Metric.SKIPPED).sum()),
         nonfinite_steps=int(((nonfinite > 0).any(axis=1) | ~np.isfinite(global_norm)).sum()),
         nonfinite_values=int(nonfinite.sum()),
     )

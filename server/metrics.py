@@ -1,24 +1,34 @@
 """Prometheus metrics: stored run state read at scrape time, plus server self-metrics.
 
 Everything lives in a per-app :class:`~prometheus_client.CollectorRegistry` (never the global
-one), so several apps in one process do not clash. A scrape runs a constant number of queries
-(two), whatever the number of runs. Labels are ``run_id`` (plus ``project``, ``name``,
-``status`` on ``gradwatch_run_info`` and ``reason`` on drop and rejection counters); never a
-step, never a sample timestamp.
+one), so several apps in one process do not clash. Run families are built from the database at
+scrape time (every worker answers the same, whichever ingested) with a constant number of
+queries (three), whatever the number of runs, and reused for ``metrics_cache_seconds``.
+
+Labels are ``run_id`` (plus ``project``, ``name``, ``status`` on ``gradwatch_run_info``;
+``rule`` and ``severity`` on detector counts; ``layer`` on the top-K layer norms; ``reason``
+on drop and rejection counters); never a step, never a sample timestamp. Finished and failed
+runs are exported for ``finished_run_grace_seconds`` after their status changed, so their
+series go stale in Prometheus afterwards.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from gradwatch.server import repository
+from gradwatch.server.config import Settings
 from gradwatch.server.db import Database
+from gradwatch.server.detect import Rule, Severity
 from gradwatch.server.errors import (
     VALIDATION_ERROR_CODE,
     AuthenticationError,
@@ -31,6 +41,7 @@ from gradwatch.server.errors import (
     RunNotFoundError,
     UnsupportedEncodingError,
 )
+from gradwatch.server.schemas import decode_float
 
 __all__ = ["RunStateCollector", "ServerMetrics"]
 
@@ -97,39 +108,70 @@ class ServerMetrics:
 
 
 class RunStateCollector(Collector):
-    """Exports stored run state, read from the database at each scrape.
+    """Exports stored run state, read from the database at scrape time (short cache).
 
-    ``collect`` blocks for two queries; it is called by the scraping thread and is
-    thread-safe (each call uses its own session).
+    ``collect`` blocks for three queries unless a cached answer younger than
+    ``metrics_cache_seconds`` exists. Thread-safe: concurrent scrapes wait for one query set.
     """
 
-    def __init__(self, database: Database) -> None:
-        """Read runs from ``database``; does not connect until the first scrape."""
+    def __init__(
+        self,
+        database: Database,
+        settings: Settings,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """Read runs from ``database``; does not connect until the first scrape.
+
+        Args:
+            database: Where runs are stored.
+            settings: Cache time, top-K, grace periods.
+            clock: Unix time in seconds (injectable for tests).
+        """
         self._database = database
+        self._settings = settings
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._cached: tuple[float, list[Metric]] | None = None
 
     def describe(self) -> Iterable[Metric]:
         """Return the families without samples (so registering does not query)."""
         return list(_Families().all())
 
     def collect(self) -> Iterable[Metric]:
-        """Query the database and return the current families."""
-        families = _Families()
+        """Return the current families, from the cache or from the database."""
+        with self._lock:
+            now = self._clock()
+            if (
+                self._cached is not None
+                and now - self._cached[0] < self._settings.metrics_cache_seconds
+            ):
+                return self._cached[1]
+            families = self._query(now)
+            self._cached = (now, families)
+            return families
+
+    def _query(self, now: float) -> list[Metric]:
+        settings = self._settings
+        moment = datetime.fromtimestamp(now, UTC)
+        window = {
+            "finished_since": moment - timedelta(seconds=settings.finished_run_grace_seconds),
+            "ingested_since": moment - timedelta(seconds=settings.inactive_run_seconds),
+        }
         with self._database.read_session() as session:
-            runs = repository.scrape_runs(session)
-            drops = repository.scrape_agent_drops(session)
+            runs = repository.scrape_runs(session, **window)
+            drops = repository.scrape_agent_drops(session, **window)
+            detections = repository.scrape_detector_counts(session, **window)
+        families = _Families()
         for run in runs:
-            families.run_info.add_metric([run.run_id, run.project, run.name, run.status], 1)
-            if run.last_step is not None:
-                families.run_step.add_metric([run.run_id], run.last_step)
-            if run.last_ingest_at is not None:
-                families.last_ingest.add_metric([run.run_id], run.last_ingest_at.timestamp())
-            families.clipped.add_metric([run.run_id], run.clipped_steps)
-            families.skipped.add_metric([run.run_id], run.skipped_steps)
-            families.nonfinite.add_metric([run.run_id], run.nonfinite_values)
-            if run.global_norm_last_step is not None:
-                families.global_norm.add_metric([run.run_id], _value(run.global_norm_last))
-            if run.loss_last_step is not None:
-                families.loss.add_metric([run.run_id], _value(run.loss_last))
+            families.add_run(run)
+            families.add_layers(run, settings.metrics_top_k_layers)
+        counts = {(run_id, rule, severity): n for run_id, rule, severity, n in detections}
+        for run in runs:
+            for rule in Rule:
+                for severity in Severity:
+                    # Every (rule, severity) from 0, so the first detection is an increase.
+                    count = counts.get((run.run_id, rule.value, severity.value), 0)
+                    families.detections.add_metric([run.run_id, rule.value, severity.value], count)
         for run_id, reason, count in drops:
             families.dropped.add_metric([run_id, reason], count)
         return list(families.all())
@@ -138,6 +180,11 @@ class RunStateCollector(Collector):
 def _value(stored: float | None) -> float:
     """A stored float; NULL stands for NaN."""
     return math.nan if stored is None else stored
+
+
+def _window_max(*maxima: float | None) -> float | None:
+    present = [value for value in maxima if value is not None]
+    return max(present) if present else None
 
 
 class _Families:
@@ -158,9 +205,21 @@ class _Families:
             "Unix time of the last stored batch, in seconds.",
             labels=run,
         )
+        self.steps = CounterMetricFamily("gradwatch_steps", "Training steps stored.", labels=run)
         self.global_norm = GaugeMetricFamily(
             "gradwatch_global_grad_norm",
             "Global gradient L2 norm (before clipping) at the last stored step.",
+            labels=run,
+        )
+        self.clipped_norm = GaugeMetricFamily(
+            "gradwatch_global_grad_norm_clipped",
+            "Global gradient L2 norm after clipping at the last stored step.",
+            labels=run,
+        )
+        self.window_max = GaugeMetricFamily(
+            "gradwatch_global_grad_norm_window_max",
+            "Largest global gradient norm (before clipping) ingested in the current and "
+            "previous window of norm_window_seconds; NaN ignored, +Inf kept.",
             labels=run,
         )
         self.loss = GaugeMetricFamily(
@@ -177,21 +236,74 @@ class _Families:
             "Non-finite gradient values seen, over all layers.",
             labels=run,
         )
+        self.detections = CounterMetricFamily(
+            "gradwatch_detector_events",
+            "Detections (a rule firing on one step of one series), by rule and severity.",
+            labels=[*run, "rule", "severity"],
+        )
+        self.layer_norm = GaugeMetricFamily(
+            "gradwatch_layer_grad_norm",
+            "Gradient L2 norm of a layer at its last stored step; only the top-K layers of "
+            "each run by that norm (NaN first).",
+            labels=[*run, "layer"],
+        )
+        self.truncated = GaugeMetricFamily(
+            "gradwatch_layer_series_truncated",
+            "1 when the run has more layers than gradwatch_layer_grad_norm exports, else 0.",
+            labels=run,
+        )
         self.dropped = CounterMetricFamily(
             "gradwatch_agent_dropped_batches",
             "Batches the agent dropped before sending, by reason (as last reported).",
             labels=[*run, "reason"],
         )
 
+    def add_run(self, run: repository.RunScrape) -> None:
+        """Add the run-level samples of one run."""
+        labels = [run.run_id]
+        self.run_info.add_metric([run.run_id, run.project, run.name, run.status], 1)
+        if run.last_step is not None:
+            self.run_step.add_metric(labels, run.last_step)
+        if run.last_ingest_at is not None:
+            self.last_ingest.add_metric(labels, run.last_ingest_at.timestamp())
+        self.steps.add_metric(labels, run.num_steps)
+        self.clipped.add_metric(labels, run.clipped_steps)
+        self.skipped.add_metric(labels, run.skipped_steps)
+        self.nonfinite.add_metric(labels, run.nonfinite_values)
+        if run.global_norm_last_step is not None:
+            self.global_norm.add_metric(labels, _value(run.global_norm_last))
+        if run.clipped_norm_last_step is not None:
+            self.clipped_norm.add_metric(labels, _value(run.clipped_norm_last))
+        window_max = _window_max(run.norm_window_max, run.norm_window_previous_max)
+        if window_max is not None:
+            self.window_max.add_metric(labels, window_max)
+        if run.loss_last_step is not None:
+            self.loss.add_metric(labels, _value(run.loss_last))
+
+    def add_layers(self, run: repository.RunScrape, k: int) -> None:
+        """Add the norms of the run's top-``k`` layers and the truncation flag."""
+        if run.top_layers is None:
+            return
+        top = run.top_layers["top"][:k]
+        for layer, value in top:
+            self.layer_norm.add_metric([run.run_id, layer], decode_float(value))
+        self.truncated.add_metric([run.run_id], int(run.top_layers["layers"] > len(top)))
+
     def all(self) -> Iterator[Metric]:
         yield from (
             self.run_info,
             self.run_step,
             self.last_ingest,
+            self.steps,
             self.global_norm,
+            self.clipped_norm,
+            self.window_max,
             self.loss,
             self.clipped,
             self.skipped,
             self.nonfinite,
+            self.detections,
+            self.layer_norm,
+            self.truncated,
             self.dropped,
         )

@@ -42,6 +42,10 @@ __all__ = [
     "Base",
     "Batch",
     "Block",
+    "DetectorCount",
+    "DetectorState",
+    "Event",
+    "ProjectSettings",
     "Run",
     "RunStatus",
     "Series",
@@ -123,6 +127,17 @@ class Run(Base):
     """Steps with a non-finite global norm or any non-finite gradient value."""
     nonfinite_values: Mapped[int] = mapped_column(BigInteger, default=0)
     """Sum of the per-layer non-finite gradient value counts."""
+    norm_window_started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    """Start of the current window of ``gradwatch_global_grad_norm_window_max`` (ingest time)."""
+    norm_window_max: Mapped[float | None] = mapped_column(Double)
+    """Largest global norm ingested in the current window; NULL when none (or all NaN)."""
+    norm_window_previous_max: Mapped[float | None] = mapped_column(Double)
+    """Largest global norm ingested in the window before; NULL when none."""
+    top_layers: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
+    """The layers with the largest gradient norm at the newest stored step, for the exporter:
+    ``{"layers": <layers in that batch>, "top": [[layer, norm], ...]}``, NaN first, at most
+    ``metrics_top_k_layers`` (as set at ingest) entries; non-finite norms as the wire strings
+    ``"NaN"``, ``"Infinity"``. Kept at ingest so a scrape reads one row per run."""
 
     __table_args__ = (
         CheckConstraint(
@@ -242,3 +257,71 @@ class ApiToken(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     """When the token was revoked; NULL while it is valid."""
+
+
+class Event(Base):
+    """A detector event: consecutive detections of one rule on one series, merged within the
+    rule's cooldown (see ``detect``). ``layer == ''`` for run-level events."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(_SERIES_ID, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(String(36), ForeignKey("runs.id", ondelete="CASCADE"))
+    rule: Mapped[str] = mapped_column(String(16))
+    layer: Mapped[str] = mapped_column(String(1024))
+    severity: Mapped[str] = mapped_column(String(16))
+    """Highest severity among the merged detections."""
+    first_step: Mapped[int] = mapped_column(BigInteger)
+    last_step: Mapped[int] = mapped_column(BigInteger)
+    count: Mapped[int] = mapped_column(BigInteger)
+    """Detections (steps on which the rule fired) merged into the event."""
+    value: Mapped[float] = mapped_column(Double)
+    """Most extreme value seen (a norm, a count or a fraction; ±Inf possible, never NaN)."""
+    baseline: Mapped[float | None] = mapped_column(Double)
+    """What ``value`` was compared with, when the rule has a baseline."""
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    __table_args__ = (
+        Index(None, "run_id", "first_step", "id"),
+        Index(None, "run_id", "rule", "layer", "last_step"),
+    )
+
+
+class DetectorCount(Base):
+    """Detections of a run by rule and severity (``gradwatch_detector_events_total``).
+
+    Only ever incremented, so the exported counter never goes down when events merge or
+    escalate."""
+
+    __tablename__ = "detector_counts"
+
+    run_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True
+    )
+    rule: Mapped[str] = mapped_column(String(16), primary_key=True)
+    severity: Mapped[str] = mapped_column(String(16), primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger)
+
+
+class DetectorState(Base):
+    """The detectors' per-run state (``detect.DetectorState`` serialised), written in the same
+    transaction as each ingested batch, so it survives restarts and is shared by workers."""
+
+    __tablename__ = "detector_states"
+
+    run_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True
+    )
+    state: Mapped[bytes] = mapped_column(LargeBinary)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class ProjectSettings(Base):
+    """Per-project settings: the detector thresholds (``detect.DetectorConfig`` as JSON)."""
+
+    __tablename__ = "project_settings"
+
+    project: Mapped[str] = mapped_column(String(100), primary_key=True)
+    detectors: Mapped[dict[str, Any]] = mapped_column(JSON)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())

@@ -18,6 +18,7 @@ from sqlalchemy import (
     ColumnElement,
     Table,
     and_,
+    case,
     func,
     insert,
     or_,
@@ -30,16 +31,31 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, aliased
 
 from gradwatch.server.block import BlockSummaries, StoredBlock
+from gradwatch.server.detect import Severity
 from gradwatch.server.metric import LAYER_ORDER_METRIC, Metric
-from gradwatch.server.models import AgentDrop, Batch, Block, Run, RunStatus, Series
+from gradwatch.server.models import (
+    AgentDrop,
+    Batch,
+    Block,
+    DetectorCount,
+    DetectorState,
+    Event,
+    ProjectSettings,
+    Run,
+    RunStatus,
+    Series,
+)
 
 __all__ = [
     "RUN_LEVEL",
     "BatchRecord",
+    "EventCursor",
+    "EventFilter",
     "LayerStats",
     "RunScrape",
     "SeriesKey",
     "SeriesState",
+    "add_detector_counts",
     "bucket_inner_blocks",
     "count_inner_blocks",
     "count_layers",
@@ -51,6 +67,10 @@ __all__ = [
     "find_series_id",
     "get_agent_drops",
     "get_batch",
+    "get_detector_counts",
+    "get_detector_state",
+    "get_latest_events",
+    "get_project_detectors",
     "get_run",
     "get_run_project",
     "get_run_series_states",
@@ -59,10 +79,15 @@ __all__ = [
     "insert_batch",
     "insert_blocks",
     "insert_series",
+    "list_events",
     "list_layer_stats",
     "list_runs",
+    "put_detector_state",
+    "put_project_detectors",
     "scrape_agent_drops",
+    "scrape_detector_counts",
     "scrape_runs",
+    "summarise_event_layers",
     "update_series_states",
     "upsert_agent_drops",
 ]
@@ -123,12 +148,20 @@ class RunScrape:
     clipped_steps: int
     skipped_steps: int
     nonfinite_values: int
+    num_steps: int
+    norm_window_max: float | None
+    norm_window_previous_max: float | None
     global_norm_last_step: int | None
     global_norm_last: float | None
     """Global norm at ``global_norm_last_step``; NULL means NaN."""
+    clipped_norm_last_step: int | None
+    clipped_norm_last: float | None
+    """Global norm after clipping at ``clipped_norm_last_step``; NULL means NaN."""
     loss_last_step: int | None
     loss_last: float | None
     """Loss at ``loss_last_step``; NULL means NaN."""
+    top_layers: dict[str, Any] | None
+    """See ``Run.top_layers``."""
 
 
 _BLOCKS = cast(Table, Block.__table__)
@@ -628,13 +661,29 @@ def fetch_split_blocks(
 # Prometheus scrape (a constant number of queries, whatever the number of runs) --------------
 
 
-def scrape_runs(session: Session) -> list[RunScrape]:
-    """Return the exported columns of every run, with its last global norm and loss.
+def _exported(finished_since: datetime, ingested_since: datetime) -> ColumnElement[bool]:
+    """Runs still exported: running ones that ingested (or were created) recently, and
+    finished or failed ones within their grace period."""
+    return or_(
+        and_(
+            Run.status == RunStatus.RUNNING.value,
+            func.coalesce(Run.last_ingest_at, Run.created_at) >= ingested_since,
+        ),
+        Run.updated_at >= finished_since,
+    )
 
-    One query: ``runs`` left-joined twice to ``series`` on the full unique key, so each run
-    costs two index probes.
+
+def scrape_runs(
+    session: Session, *, finished_since: datetime, ingested_since: datetime
+) -> list[RunScrape]:
+    """Return the exported columns of every exported run (see ``_exported``), with its last
+    global norm (before and after clipping) and loss.
+
+    One query: ``runs`` left-joined three times to ``series`` on the full unique key, so each
+    run costs three index probes.
     """
     global_norm = aliased(Series)
+    clipped = aliased(Series)
     loss = aliased(Series)
 
     def run_level(series: type[Series], metric: Metric) -> ColumnElement[bool]:
@@ -653,21 +702,190 @@ def scrape_runs(session: Session) -> list[RunScrape]:
             Run.clipped_steps,
             Run.skipped_steps,
             Run.nonfinite_values,
+            Run.num_steps,
+            Run.norm_window_max,
+            Run.norm_window_previous_max,
             global_norm.last_step,
             global_norm.vlast,
+            clipped.last_step,
+            clipped.vlast,
             loss.last_step,
             loss.vlast,
+            Run.top_layers,
         )
         .outerjoin(global_norm, run_level(global_norm, Metric.GLOBAL_NORM))
+        .outerjoin(clipped, run_level(clipped, Metric.GLOBAL_NORM_CLIPPED))
         .outerjoin(loss, run_level(loss, Metric.LOSS))
+        .where(_exported(finished_since, ingested_since))
         .order_by(Run.created_at, Run.id)
     )
     return [RunScrape(*tuple(row)) for row in session.execute(statement)]
 
 
-def scrape_agent_drops(session: Session) -> list[tuple[str, str, int]]:
-    """Return (run_id, reason, count) for every stored agent drop count."""
-    statement = select(AgentDrop.run_id, AgentDrop.reason, AgentDrop.count).order_by(
-        AgentDrop.run_id, AgentDrop.reason
+def scrape_agent_drops(
+    session: Session, *, finished_since: datetime, ingested_since: datetime
+) -> list[tuple[str, str, int]]:
+    """Return (run_id, reason, count) for every agent drop count of an exported run."""
+    statement = (
+        select(AgentDrop.run_id, AgentDrop.reason, AgentDrop.count)
+        .join(Run, Run.id == AgentDrop.run_id)
+        .where(_exported(finished_since, ingested_since))
+        .order_by(AgentDrop.run_id, AgentDrop.reason)
     )
-    return list(session.execute(statement))
+    return [(run_id, reason, count) for run_id, reason, count in session.execute(statement)]
+
+
+def scrape_detector_counts(
+    session: Session, *, finished_since: datetime, ingested_since: datetime
+) -> list[tuple[str, str, str, int]]:
+    """Return (run_id, rule, severity, count) for every detection count of an exported run."""
+    statement = (
+        select(
+            DetectorCount.run_id, DetectorCount.rule, DetectorCount.severity, DetectorCount.count
+        )
+        .join(Run, Run.id == DetectorCount.run_id)
+        .where(_exported(finished_since, ingested_since))
+    )
+    return [tuple(row) for row in session.execute(statement)]  # type: ignore[misc]
+
+
+# Detectors ----------------------------------------------------------------------------------
+
+
+def get_project_detectors(session: Session, project: str) -> dict[str, Any] | None:
+    """Return a project's stored detector configuration (JSON), or None when it has none."""
+    statement = select(ProjectSettings.detectors).where(ProjectSettings.project == project)
+    return session.execute(statement).scalar_one_or_none()
+
+
+def put_project_detectors(
+    session: Session, project: str, detectors: dict[str, Any], now: datetime
+) -> None:
+    """Store a project's detector configuration, replacing any earlier one."""
+    stored = session.get(ProjectSettings, project, with_for_update=True)
+    if stored is None:
+        session.add(ProjectSettings(project=project, detectors=detectors, updated_at=now))
+    else:
+        stored.detectors = detectors
+        stored.updated_at = now
+
+
+def get_detector_state(session: Session, run_id: str) -> bytes | None:
+    """Return a run's serialised detector state, or None before its first batch."""
+    statement = select(DetectorState.state).where(DetectorState.run_id == run_id)
+    return session.execute(statement).scalar_one_or_none()
+
+
+def put_detector_state(session: Session, run_id: str, state: bytes, now: datetime) -> None:
+    """Store a run's detector state. The caller must hold the run's lock."""
+    stored = session.get(DetectorState, run_id)
+    if stored is None:
+        session.add(DetectorState(run_id=run_id, state=state, updated_at=now))
+    else:
+        stored.state = state
+        stored.updated_at = now
+
+
+def get_latest_events(
+    session: Session, run_id: str, keys: Sequence[tuple[str, str]]
+) -> dict[tuple[str, str], Event]:
+    """Return the latest stored event of each (rule, layer) in ``keys`` that has one."""
+    if not keys:
+        return {}
+    latest = (
+        select(func.max(Event.id))
+        .where(Event.run_id == run_id, tuple_(Event.rule, Event.layer).in_(list(keys)))
+        .group_by(Event.rule, Event.layer)
+    )
+    events = session.scalars(select(Event).where(Event.id.in_(latest)))
+    return {(event.rule, event.layer): event for event in events}
+
+
+def add_detector_counts(
+    session: Session, run_id: str, counts: Mapping[tuple[str, str], int]
+) -> None:
+    """Add detections to a run's (rule, severity) counters. The caller holds the run's lock."""
+    if not counts:
+        return
+    stored = {
+        (row.rule, row.severity): row
+        for row in session.scalars(select(DetectorCount).where(DetectorCount.run_id == run_id))
+    }
+    for (rule, severity), count in counts.items():
+        row = stored.get((rule, severity))
+        if row is None:
+            session.add(DetectorCount(run_id=run_id, rule=rule, severity=severity, count=count))
+        else:
+            row.count += count
+
+
+def get_detector_counts(session: Session, run_id: str) -> dict[tuple[str, str], int]:
+    """Return a run's detection counts by (rule, severity)."""
+    statement = select(DetectorCount.rule, DetectorCount.severity, DetectorCount.count).where(
+        DetectorCount.run_id == run_id
+    )
+    return {(rule, severity): count for rule, severity, count in session.execute(statement)}
+
+
+@dataclass(frozen=True, slots=True)
+class EventFilter:
+    """Which events of a run to list; None fields do not filter."""
+
+    rules: Sequence[str] | None = None
+    severities: Sequence[str] | None = None
+    layer: str | None = None
+    start: int | None = None
+    """Only events that reach this step or later."""
+    end: int | None = None
+    """Only events that start at this step or earlier."""
+
+
+EventCursor = tuple[int, int]
+"""Keyset position (first_step, id) of the last event of a page."""
+
+
+def list_events(
+    session: Session, run_id: str, where: EventFilter, after: EventCursor | None, limit: int
+) -> list[Event]:
+    """Return up to ``limit`` events of a run, newest first (by first step, then id)."""
+    statement = (
+        select(Event)
+        .where(Event.run_id == run_id)
+        .order_by(Event.first_step.desc(), Event.id.desc())
+        .limit(limit)
+    )
+    if where.rules:
+        statement = statement.where(Event.rule.in_(where.rules))
+    if where.severities:
+        statement = statement.where(Event.severity.in_(where.severities))
+    if where.layer is not None:
+        statement = statement.where(Event.layer == where.layer)
+    if where.start is not None:
+        statement = statement.where(Event.last_step >= where.start)
+    if where.end is not None:
+        statement = statement.where(Event.first_step <= where.end)
+    if after is not None:
+        statement = statement.where(tuple_(Event.first_step, Event.id) < tuple_(*after))
+    return list(session.scalars(statement))
+
+
+def summarise_event_layers(
+    session: Session, run_id: str, limit: int
+) -> list[tuple[str, int, int, str]]:
+    """Return the layers with the most detections: (layer, detections, events, worst severity).
+
+    Run-level events (``layer == ''``) are left out. Ordered by detections, most first.
+    """
+    critical = func.max(case((Event.severity == Severity.CRITICAL.value, 1), else_=0))
+    detections = func.sum(Event.count)
+    statement = (
+        select(Event.layer, detections, func.count(), critical)
+        .where(Event.run_id == run_id, Event.layer != RUN_LEVEL)
+        .group_by(Event.layer)
+        .order_by(detections.desc(), Event.layer)
+        .limit(limit)
+    )
+    return [
+        (layer, int(total), int(events), (Severity.CRITICAL if worst else Severity.WARNING).value)
+        for layer, total, events, worst in session.execute(statement)
+    ]

@@ -6,10 +6,6 @@ models from ``schemas``. Writers commit; readers never do. A session belongs to 
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
-import math
 from collections.abc import Sequence
 from datetime import datetime
 
@@ -17,13 +13,17 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from gradwatch.server import repository
+from gradwatch.server.cursor import decode_cursor, encode_cursor
 from gradwatch.server.errors import InvalidQueryError, RunNotFoundError
 from gradwatch.server.metric import Metric
 from gradwatch.server.models import Run, RunStatus
 from gradwatch.server.repository import SeriesState
 from gradwatch.server.schemas import LayerOut, LayersOut, RunCreate, RunList, RunOut
+from gradwatch.server.summary import last_value, max_value
 
 __all__ = ["create_run", "get_run", "list_layers", "list_runs", "set_run_status"]
+
+_ENDPOINT = "GET /api/v1/runs"
 
 
 def create_run(session: Session, request: RunCreate, now: datetime) -> tuple[RunOut, bool]:
@@ -136,8 +136,8 @@ def list_layers(session: Session, run_id: str) -> LayersOut:
             LayerOut(
                 index=index,
                 name=stats.name,
-                latest_grad_norm=_last_value(stats.last_step, stats.vlast),
-                max_grad_norm=_max_value(stats.count, stats.vmax),
+                latest_grad_norm=last_value(stats.last_step, stats.vlast),
+                max_grad_norm=max_value(stats.count, stats.vmax),
                 nonfinite_values=stats.nonfinite_values,
             )
             for index, stats in enumerate(repository.list_layer_stats(session, run_id))
@@ -178,37 +178,19 @@ def _summarise(session: Session, runs: Sequence[Run]) -> list[RunOut]:
 
 
 def _series_max(state: SeriesState | None) -> float | None:
-    return None if state is None else _max_value(state.count, state.vmax)
-
-
-def _max_value(count: int, vmax: float | None) -> float | None:
-    """Largest value; NaN when every value was NaN; None before any value."""
-    if count == 0:
-        return None
-    return math.nan if vmax is None else vmax
-
-
-def _last_value(last_step: int | None, vlast: float | None) -> float | None:
-    """Latest value; NaN when it was NaN; None before any value."""
-    if last_step is None:
-        return None
-    return math.nan if vlast is None else vlast
+    return None if state is None else max_value(state.count, state.vmax)
 
 
 def _encode_cursor(run: Run) -> str:
-    raw = json.dumps([run.created_at.isoformat(), run.id]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    return encode_cursor([run.created_at.isoformat(), run.id])
 
 
 def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    created_at, run_id = decode_cursor(cursor, (str, str), _ENDPOINT)
     try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        created_at, run_id = json.loads(raw)
-        position = datetime.fromisoformat(created_at), str(run_id)
-    except (binascii.Error, ValueError, TypeError) as error:
-        raise InvalidQueryError(
-            "cursor: not a cursor returned by GET /api/v1/runs (pass next_cursor unchanged)"
-        ) from error
+        position = datetime.fromisoformat(str(created_at)), str(run_id)
+    except ValueError as error:
+        raise InvalidQueryError(f"cursor: not a cursor returned by {_ENDPOINT}") from error
     if position[0].tzinfo is None:
-        raise InvalidQueryError("cursor: not a cursor returned by GET /api/v1/runs")
+        raise InvalidQueryError(f"cursor: not a cursor returned by {_ENDPOINT}")
     return position

@@ -26,6 +26,7 @@ from pydantic import (
 )
 from pydantic_core import CoreSchema, core_schema
 
+from gradwatch.server.detect import Rule, Severity
 from gradwatch.server.metric import Metric
 from gradwatch.server.models import RunStatus
 
@@ -36,17 +37,23 @@ __all__ = [
     "BatchAck",
     "BucketedSeriesOut",
     "ErrorOut",
+    "EventList",
+    "EventOut",
     "HealthOut",
+    "LayerHealthOut",
     "LayerOut",
     "LayersOut",
     "RawSeriesOut",
     "RunCreate",
+    "RunHealthOut",
     "RunList",
     "RunOut",
     "RunPatch",
     "SeriesOut",
     "StepBatch",
     "WireFloat",
+    "decode_float",
+    "encode_float",
 ]
 
 SCHEMA_VERSION = 1
@@ -60,6 +67,20 @@ _NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 def _decode_non_finite(text: str) -> float:
     return _NON_FINITE[text]
+
+
+def encode_float(value: float) -> float | str:
+    """A float as JSON carries it: itself, or ``"NaN"``, ``"Infinity"``, ``"-Infinity"``."""
+    if math.isfinite(value):
+        return value
+    if math.isnan(value):
+        return "NaN"
+    return "Infinity" if value > 0 else "-Infinity"
+
+
+def decode_float(value: float | str) -> float:
+    """The inverse of :func:`encode_float`."""
+    return _NON_FINITE[value] if isinstance(value, str) else float(value)
 
 
 class _WireFloatSchema:
@@ -313,6 +334,73 @@ class BucketedSeriesOut(_Out):
 
 SeriesOut = Annotated[RawSeriesOut | BucketedSeriesOut, Field(discriminator="downsampled")]
 """Reply of ``GET /api/v1/runs/{run_id}/series``."""
+
+
+class EventOut(_Out):
+    """One detector event: detections of ``rule`` on one series, merged within the cooldown.
+
+    Attributes:
+        layer: The layer, or ``null`` for run-level events (global norm, clip rate).
+        severity: The highest severity among the merged detections.
+        count: Detections (steps on which the rule fired) merged into this event.
+        value: The most extreme value seen: a gradient norm (explosion, vanishing), a count of
+            non-finite values (nonfinite) or a fraction of clipped steps (clip_rate).
+        baseline: What ``value`` was compared with (the running median estimate, the floor,
+            the limit), or ``null``.
+    """
+
+    id: int
+    rule: Rule
+    layer: str | None
+    severity: Severity
+    first_step: int
+    last_step: int
+    count: int
+    value: float
+    baseline: float | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class EventList(_Out):
+    """A page of a run's events, newest first; pass ``next_cursor`` as ``cursor`` for more."""
+
+    run_id: str
+    events: list[EventOut]
+    next_cursor: str | None
+
+
+class LayerHealthOut(_Out):
+    """A layer with detections: how many, and its gradient-norm summary."""
+
+    layer: str
+    detections: int
+    events: int
+    worst_severity: Severity
+    latest_grad_norm: float | None
+    max_grad_norm: float | None
+    nonfinite_values: int
+
+
+class RunHealthOut(_Out):
+    """Reply of ``GET /api/v1/runs/{run_id}/health``: a run's gradient health at a glance.
+
+    Attributes:
+        verdict: ``critical`` or ``warning`` when an event of that severity reaches the
+            run's recent steps, else ``healthy``.
+        detections: Detections so far by rule, then severity (every rule and severity listed).
+        worst_layers: Layers with the most detections, most first.
+        last_event: The newest event (by first step), or ``null``.
+    """
+
+    run_id: str
+    status: RunStatus
+    verdict: Severity | Literal["healthy"]
+    last_step: int | None
+    last_ingest_at: datetime | None
+    detections: dict[str, dict[str, int]]
+    worst_layers: list[LayerHealthOut]
+    last_event: EventOut | None
 
 
 class HealthOut(_Out):

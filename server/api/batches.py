@@ -9,7 +9,7 @@ from fastapi import APIRouter
 
 from gradwatch.server.api.deps import IngestRunAccess, MetricsDep, SettingsDep, WriteSessionDep
 from gradwatch.server.api.route import IngestRoute
-from gradwatch.server.ingest import BatchLimits, ingest_batch
+from gradwatch.server.ingest import IngestOptions, ingest_batch
 from gradwatch.server.schemas import BatchAck, ErrorOut, StepBatch
 
 __all__ = ["router"]
@@ -47,7 +47,12 @@ def post_batch(
         session,
         str(run_id),
         batch,
-        BatchLimits(max_steps=settings.max_steps_per_batch, max_layers=settings.max_layers),
+        IngestOptions(
+            max_steps=settings.max_steps_per_batch,
+            max_layers=settings.max_layers,
+            norm_window_seconds=settings.norm_window_seconds,
+            top_k_layers=settings.metrics_top_k_layers,
+        ),
         datetime.now(UTC),
     )
     metrics.ingest_samples.inc(ack.stored_samples)

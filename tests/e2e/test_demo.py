@@ -5,7 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from gradwatch.server.demo import run_demo
 
@@ -13,13 +15,31 @@ pytestmark = pytest.mark.e2e
 
 
 def test_demo_exploding_run_shows_far_larger_norms_and_clipping(server):
-    stable, exploding = run_demo(server=server.url, database_url=None, epochs=2, keep_serving=False)
+    stable, exploding = run_demo(server=server.url, database_url=None, epochs=4, keep_serving=False)
     assert stable["name"] == "demo-stable"
     assert exploding["name"] == "demo-exploding"
-    assert stable["num_steps"] == exploding["num_steps"] == 128
+    assert stable["num_steps"] == exploding["num_steps"] == 256
     assert stable["status"] == exploding["status"] == "finished"
     assert exploding["clipped_steps"] > 0
     assert float(exploding["max_global_norm"]) > 1000 * float(stable["max_global_norm"])
+
+    metrics = httpx.get(f"{server.url}/metrics", timeout=10.0).text
+    detections = {
+        (s.labels["run_id"], s.labels["rule"], s.labels["severity"]): s.value
+        for family in text_string_to_metric_families(metrics)
+        if family.name == "gradwatch_detector_events"
+        for s in family.samples
+    }
+    explosions = sum(
+        n
+        for (run_id, rule, _), n in detections.items()
+        if run_id == exploding["run_id"] and rule == "explosion"
+    )
+    assert explosions > 0
+    stable_detections = {k: n for k, n in detections.items() if k[0] == stable["run_id"] and n}
+    assert stable_detections == {}
+    health = httpx.get(f"{server.url}/api/v1/runs/{stable['run_id']}/health", timeout=10.0)
+    assert health.json()["verdict"] == "healthy"
 
 
 def test_demo_command_runs_with_its_embedded_server(tmp_path):

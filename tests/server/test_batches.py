@@ -17,7 +17,7 @@ from gradwatch.server.app import create_app
 from gradwatch.server.config import Settings
 from gradwatch.server.db import Database, create_db_engine
 from gradwatch.server.errors import BatchConflictError
-from gradwatch.server.ingest import BatchLimits, ingest_batches
+from gradwatch.server.ingest import IngestOptions, ingest_batches
 from gradwatch.server.schemas import RunCreate, StepBatch
 from tests.server.wire import create_run, decode_float, get_series, make_batch, post_batch
 
@@ -435,7 +435,7 @@ def test_post_batch_without_optional_metrics(client):
 def test_ingest_batches_stores_all_in_one_transaction_or_nothing(database_url):
     engine = create_db_engine(database_url)
     database = Database(engine)
-    limits = BatchLimits(max_steps=100, max_layers=10)
+    limits = IngestOptions(max_steps=100, max_layers=10)
     now = datetime.now(UTC)
     try:
         run_id = str(uuid.uuid4())

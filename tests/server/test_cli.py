@@ -30,7 +30,7 @@ def test_cli_db_upgrade_creates_the_schema(make_database_url):
             version = connection.exec_driver_sql("SELECT version_num FROM alembic_version").all()
     finally:
         engine.dispose()
-    assert version == [("0002",)]
+    assert version == [("0003",)]
 
 
 def test_cli_token_create_prints_a_working_token_once(database_url):

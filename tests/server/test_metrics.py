@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import subprocess
+import time
 
+import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from gradwatch.server.app import create_app
 from gradwatch.server.config import Settings
+from gradwatch.server.db import Database, create_db_engine
+from gradwatch.server.metrics import RunStateCollector
 from tests.server.wire import create_run, make_batch, post_batch
 
 
@@ -80,7 +87,7 @@ def test_metrics_labels_never_carry_steps(client):
     run_id = create_run(client)
     post_batch(client, run_id, make_batch([0, 1]))
 
-    allowed = {"run_id", "project", "name", "status", "reason", "le"}
+    allowed = {"run_id", "project", "name", "status", "reason", "le", "rule", "severity", "layer"}
     for samples in _scrape(client).values():
         for sample in samples:
             assert set(sample.labels) <= allowed, sample
@@ -128,3 +135,133 @@ def test_metrics_registries_are_per_app(make_database_url):
 
     assert len(run_info_a) == 1
     assert run_info_b == []
+
+
+def test_metrics_detector_counters_start_at_zero_and_count_detections(make_database_url):
+    settings = Settings(database_url=make_database_url(), metrics_cache_seconds=0)
+    with TestClient(create_app(settings)) as client:
+        _check_detector_counters(client)
+
+
+def _check_detector_counters(client: TestClient) -> None:
+    run_id = create_run(client)
+    post_batch(client, run_id, make_batch([0, 1]))
+    before = _scrape(client)["gradwatch_detector_events"]
+    combinations = {
+        (s.labels["rule"], s.labels["severity"]) for s in before if s.labels["run_id"] == run_id
+    }
+    assert combinations == {
+        (rule, severity)
+        for rule in ("explosion", "nonfinite", "vanishing", "clip_rate")
+        for severity in ("warning", "critical")
+    }
+    assert all(s.value == 0 for s in before)
+
+    post_batch(client, run_id, make_batch([2], nonfinite=[[4, 0]], global_norm=[math.inf]))
+    after = _scrape(client)["gradwatch_detector_events"]
+    name = "gradwatch_detector_events_total"
+    nonfinite = _value(after, name, run_id=run_id, rule="nonfinite", severity="critical")
+    assert nonfinite == 2  # layer "dense" and the run
+
+
+def test_metrics_window_max_keeps_a_spike_after_calm_steps(client):
+    run_id = create_run(client)
+    post_batch(client, run_id, make_batch([0, 1, 2], global_norm=[1.0, 1e6, 2.0]))
+    post_batch(client, run_id, make_batch([3, 4], global_norm=[float("nan"), 3.0]))
+
+    families = _scrape(client)
+    run = {"run_id": run_id}
+    window = families["gradwatch_global_grad_norm_window_max"]
+    assert _value(window, "gradwatch_global_grad_norm_window_max", **run) == 1e6
+    assert _value(families["gradwatch_global_grad_norm"], "gradwatch_global_grad_norm", **run) == 3
+    clipped = families["gradwatch_global_grad_norm_clipped"]
+    assert _value(clipped, "gradwatch_global_grad_norm_clipped", **run) == 1.0
+    assert _value(families["gradwatch_steps"], "gradwatch_steps_total", **run) == 5
+
+
+def test_metrics_window_max_forgets_after_two_windows(make_database_url):
+    settings = Settings(
+        database_url=make_database_url(), norm_window_seconds=1e-6, metrics_cache_seconds=0
+    )
+    with TestClient(create_app(settings)) as client:
+        run_id = create_run(client)
+        post_batch(client, run_id, make_batch([0], global_norm=[1e6]))
+        post_batch(client, run_id, make_batch([1], global_norm=[2.0]))
+        post_batch(client, run_id, make_batch([2], global_norm=[3.0]))
+        window = _scrape(client)["gradwatch_global_grad_norm_window_max"]
+    assert _value(window, "gradwatch_global_grad_norm_window_max", run_id=run_id) == 3.0
+
+
+def test_metrics_exports_top_k_layers_and_truncation(make_database_url):
+    settings = Settings(database_url=make_database_url(), metrics_top_k_layers=2)
+    layers = ["a", "b", "c"]
+    with TestClient(create_app(settings)) as client:
+        wide = create_run(client, name="wide")
+        post_batch(client, wide, make_batch([0], layers, grad_norm=[[3.0, float("nan"), 7.0]]))
+        narrow = create_run(client, name="narrow")
+        post_batch(client, narrow, make_batch([0], ["a"], grad_norm=[[1.5]]))
+        families = _scrape(client)
+
+    norms = {
+        (s.labels["run_id"], s.labels["layer"]): s.value
+        for s in families["gradwatch_layer_grad_norm"]
+    }
+    assert set(norms) == {(wide, "b"), (wide, "c"), (narrow, "a")}  # NaN ranks first
+    assert math.isnan(norms[(wide, "b")])
+    assert norms[(wide, "c")] == 7.0
+    truncated = families["gradwatch_layer_series_truncated"]
+    assert _value(truncated, "gradwatch_layer_series_truncated", run_id=wide) == 1
+    assert _value(truncated, "gradwatch_layer_series_truncated", run_id=narrow) == 0
+
+
+def test_metrics_finished_runs_leave_after_grace_period(make_database_url):
+    url = make_database_url()
+    for grace, exported in ((3600.0, True), (0.0, False)):
+        settings = Settings(database_url=url, finished_run_grace_seconds=grace)
+        with TestClient(create_app(settings)) as client:
+            run_id = create_run(client, name=f"grace-{grace}")
+            post_batch(client, run_id, make_batch([0]))
+            patch = client.patch(f"/api/v1/runs/{run_id}", json={"status": "finished"})
+            assert patch.status_code == 200
+            families = _scrape(client)
+        runs = {s.labels["run_id"]: s.labels for s in families["gradwatch_run_info"]}
+        assert (run_id in runs) is exported
+        if exported:
+            assert runs[run_id]["status"] == "finished"
+        steps = {s.labels["run_id"] for s in families["gradwatch_run_step"]}
+        assert (run_id in steps) is exported
+
+
+def test_metrics_collector_caches_for_a_short_time(make_database_url):
+    url = make_database_url()
+    now = [time.time()]
+    settings = Settings(database_url=url, metrics_cache_seconds=5.0)
+    with TestClient(create_app(settings)) as client:
+        engine = create_db_engine(url)
+        try:
+            collector = RunStateCollector(Database(engine), settings, clock=lambda: now[0])
+            first = collector.collect()
+            create_run(client, name="later")
+            now[0] += 4.0
+            assert collector.collect() is first
+            now[0] += 1.0
+            fresh = collector.collect()
+        finally:
+            engine.dispose()
+    info = next(f for f in fresh if f.name == "gradwatch_run_info")
+    assert [s.labels["name"] for s in info.samples] == ["later"]
+
+
+def test_metrics_output_passes_promtool_check_metrics(client):
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("GRADWATCH_REQUIRE_PROMETHEUS") == "1":
+            pytest.fail("promtool not found (GRADWATCH_REQUIRE_PROMETHEUS=1 forbids skipping)")
+        pytest.skip("promtool not found; install it with: apt-get install prometheus")
+    run_id = create_run(client)
+    post_batch(client, run_id, make_batch([0, 1], nonfinite=[[0, 0], [1, 0]]))
+    text = client.get("/metrics").text
+    result = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -45,7 +45,7 @@ def test_migrations_upgrade_is_idempotent(make_database_url):
             version = connection.exec_driver_sql("SELECT version_num FROM alembic_version").all()
     finally:
         engine.dispose()
-    assert version == [("0002",)]
+    assert version == [("0003",)]
 
 
 def test_migrations_sqlite_pragmas(tmp_path):
@@ -91,4 +91,4 @@ def test_migrations_concurrent_upgrades_all_succeed(make_database_url):
             version = connection.exec_driver_sql("SELECT version_num FROM alembic_version").all()
     finally:
         engine.dispose()
-    assert version == [("0002",)]
+    assert version == [("0003",)]

@@ -1,0 +1,47 @@
+"""Project endpoints: detector thresholds per project (and per layer name pattern)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path
+
+from gradwatch.server import events
+from gradwatch.server.api.deps import IngestAccess, ReadAccess, ReadSessionDep, WriteSessionDep
+from gradwatch.server.api.route import DecodedBodyRoute
+from gradwatch.server.detect import DetectorConfig
+from gradwatch.server.schemas import PROJECT_PATTERN, ErrorOut
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/api/v1/projects", tags=["projects"], route_class=DecodedBodyRoute)
+
+_Project = Annotated[str, Path(pattern=PROJECT_PATTERN)]
+_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorOut, "description": "A token is required, or it is not valid."},
+    403: {"model": ErrorOut, "description": "The token lacks the scope or the project."},
+    429: {"model": ErrorOut, "description": "Rate limit; retry after Retry-After seconds."},
+}
+
+
+@router.get("/{project}/detectors", responses=_RESPONSES)
+def get_detectors(
+    project: _Project, session: ReadSessionDep, principal: ReadAccess
+) -> DetectorConfig:
+    """Return a project's detector thresholds (the defaults until some are set)."""
+    principal.check_project(project)
+    return events.get_detector_config(session, project)
+
+
+@router.put("/{project}/detectors", responses=_RESPONSES)
+def put_detectors(
+    project: _Project, body: DetectorConfig, session: WriteSessionDep, principal: IngestAccess
+) -> DetectorConfig:
+    """Replace a project's detector thresholds; they apply from the next ingested batch on.
+
+    Runs keep their baselines. Fields left out take their defaults; per-layer overrides
+    (``layers``, first matching glob wins) override only the fields they give.
+    """
+    principal.check_project(project)
+    return events.set_detector_config(session, project, body, datetime.now(UTC))
