@@ -206,7 +206,15 @@ def demo(
     database_url: Annotated[
         str | None, typer.Option(help="Database of the embedded server (default: a temp file).")
     ] = None,
-    epochs: Annotated[int, typer.Option(min=1, help="Epochs per run.")] = 4,
+    epochs: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Epochs per run (64 steps each). The exploding run explodes after 80% of its "
+            "steps; the server's detectors learn a baseline over 200 steps first, so explosion "
+            "events need at least 4 epochs.",
+        ),
+    ] = 5,
     keep_serving: Annotated[
         bool, typer.Option(help="Keep the embedded server up after the runs, until Ctrl-C.")
     ] = False,

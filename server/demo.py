@@ -1,7 +1,7 @@
 """``gradwatch demo``: two small Keras runs streamed to a gradwatch server.
 
 The first run trains with a stable learning rate throughout. The second trains
-just as calmly for 60% of its steps, then its learning rate jumps to one large
+just as calmly for 80% of its steps, then its learning rate jumps to one large
 enough to make the gradients explode: the way a real run blows up at step
 41,000, after the detectors have learnt what its healthy norms look like. Both
 use ``clip.global_norm``, so the exploding run shows clipped steps, a global
@@ -34,12 +34,14 @@ class DemoRun:
         explosive_learning_rate: Learning rate from ``explode_at`` (a fraction of the run's
             steps) on, or None to keep ``learning_rate`` throughout.
         explode_at: Fraction of the steps after which ``explosive_learning_rate`` applies.
+            With the default 5 epochs (320 steps) that is step 256, after the server's
+            detectors have finished learning the run's baseline (``warmup_steps``, 200).
     """
 
     name: str
     learning_rate: float
     explosive_learning_rate: float | None = None
-    explode_at: float = 0.6
+    explode_at: float = 0.8
 
 
 DEMO_RUNS = (

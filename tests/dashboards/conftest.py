@@ -113,7 +113,7 @@ def demo_stack(
         prometheus.start()
     try:
         stable, exploding = run_demo(
-            server=server.url, database_url=None, epochs=2, keep_serving=False
+            server=server.url, database_url=None, epochs=5, keep_serving=False
         )
         yield DemoStack(server, prometheus, stable, exploding)
     finally:

@@ -15,10 +15,10 @@ pytestmark = pytest.mark.e2e
 
 
 def test_demo_exploding_run_shows_far_larger_norms_and_clipping(server):
-    stable, exploding = run_demo(server=server.url, database_url=None, epochs=4, keep_serving=False)
+    stable, exploding = run_demo(server=server.url, database_url=None, epochs=5, keep_serving=False)
     assert stable["name"] == "demo-stable"
     assert exploding["name"] == "demo-exploding"
-    assert stable["num_steps"] == exploding["num_steps"] == 256
+    assert stable["num_steps"] == exploding["num_steps"] == 320
     assert stable["status"] == exploding["status"] == "finished"
     assert exploding["clipped_steps"] > 0
     assert float(exploding["max_global_norm"]) > 1000 * float(stable["max_global_norm"])
