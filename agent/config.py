@@ -38,6 +38,8 @@ class MonitorConfig:
         run_id: UUID of the run; generated when not given. Pass the id of an
             earlier run to keep streaming into it after a restart.
         flush_every: Steps per host read and per batch sent (>= 1).
+        stats_every: Steps between measurements of the per-layer weight norm
+            and update ratio ‖Δw‖/‖w‖ (>= 0; 0 turns them off).
         queue_size: Batches held in memory while the sender is busy (>= 1).
         request_timeout_seconds: Timeout of one HTTP request, seconds (> 0).
         retry_deadline_seconds: How long the sender keeps retrying one request
@@ -60,6 +62,7 @@ class MonitorConfig:
     project: str = "default"
     run_id: str = ""
     flush_every: int = 50
+    stats_every: int = 50
     queue_size: int = 1000
     request_timeout_seconds: float = 10.0
     retry_deadline_seconds: float = 60.0
@@ -87,19 +90,12 @@ class MonitorConfig:
         else:
             object.__setattr__(self, "run_id", str(uuid.uuid4()))
         _check_positive_int("flush_every", self.flush_every)
+        _check_int_or_off("stats_every", self.stats_every, "weight statistics")
         _check_positive_int("queue_size", self.queue_size)
         _check_positive_float("request_timeout_seconds", self.request_timeout_seconds)
         _check_positive_float("retry_deadline_seconds", self.retry_deadline_seconds)
         _check_positive_float("close_timeout_seconds", self.close_timeout_seconds)
-        if (
-            isinstance(self.spool_max_bytes, bool)
-            or not isinstance(self.spool_max_bytes, int)
-            or self.spool_max_bytes < 0
-        ):
-            raise ConfigError(
-                f"spool_max_bytes: expected an integer >= 0 (0 turns the spool off), "
-                f"got {self.spool_max_bytes!r}"
-            )
+        _check_int_or_off("spool_max_bytes", self.spool_max_bytes, "the spool")
         _check_positive_int("queue_max_bytes", self.queue_max_bytes)
         object.__setattr__(self, "local_dir", _to_path("local_dir", self.local_dir))
         object.__setattr__(self, "spool_dir", _to_path("spool_dir", self.spool_dir))
@@ -158,6 +154,11 @@ def _to_path(name: str, value: object) -> Path:
 def _check_positive_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{name}: expected an integer >= 1, got {value!r}")
+
+
+def _check_int_or_off(name: str, value: object, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{name}: expected an integer >= 0 (0 turns {what} off), got {value!r}")
 
 
 def _check_positive_float(name: str, value: object) -> None:

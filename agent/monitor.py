@@ -5,12 +5,18 @@ How a step flows:
 1. ``train_step`` calls ``optimizer.scale_loss(loss)`` (the wrapper records the
    loss in a variable) and then ``optimizer.apply(grads, variables)``.
 2. The wrapper computes the step's statistics and applies the clip policy with
-   tf ops, writes one row into in-graph ring buffers at ``step % capacity``
-   and hands the (clipped) gradients to the inner optimizer, or skips the
-   update. Nothing here syncs with the host.
+   tf ops, hands the (clipped) gradients to the inner optimizer, or skips the
+   update, and writes one row into in-graph ring buffers at ``step % capacity``.
+   Nothing here syncs with the host.
 3. Every ``flush_every`` steps the callback (or :meth:`GradientMonitor.on_step`
    in a custom loop) reads the buffers once and submits a
    :class:`~gradwatch.agent.records.StepBatch` to the sender thread.
+4. Every ``stats_every`` steps it snapshots the weights before a step and
+   measures them after it, each with a call of its own between steps, and
+   writes the weight norms and update ratios into that step's row
+   (:mod:`gradwatch.agent.weights`). With ``steps_per_execution`` > 1 there is
+   no call between the steps of an execution, so the train step measures its
+   first step itself, in a ``tf.cond`` (about ×1.02 per step).
 
 The ring holds ``flush_every + steps_per_execution`` rows: the host reads as
 soon as ``flush_every`` steps may be pending, and at most
@@ -23,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -40,14 +46,15 @@ from gradwatch.agent.sender import RetryPolicy, Sender, close_at_exit
 from gradwatch.agent.spool import Spool
 from gradwatch.agent.stats import compute_gradient_stats
 from gradwatch.agent.transport import HttpTransport, JsonlTransport, RunInfo, Transport
+from gradwatch.agent.weights import WeightSnapshot
 
 __all__ = ["GradientMonitor", "MonitoredOptimizer"]
 
 log = logging.getLogger("gradwatch.agent")
 
-# Columns of the per-step run buffer.
-_LOSS, _LOSS_KNOWN, _GLOBAL, _GLOBAL_CLIPPED, _COEF, _SKIPPED = range(6)
-_RUN_COLUMNS = 6
+# Columns of the per-step run buffer (_WEIGHED: weight statistics were measured).
+_LOSS, _LOSS_KNOWN, _GLOBAL, _GLOBAL_CLIPPED, _COEF, _SKIPPED, _WEIGHED = range(7)
+_RUN_COLUMNS = 7
 
 
 def _variable_key(variable: Any) -> object:
@@ -82,6 +89,19 @@ def _check_token(token: str | None) -> str | None:
     return token
 
 
+def _weight_columns(
+    weights: np.ndarray[Any, Any] | None, known: np.ndarray[Any, Any], part: np.ndarray[Any, Any]
+) -> dict[str, Any]:
+    """The StepBatch weight fields for rows ``part`` of a ring read (none when weights are off)."""
+    if weights is None:
+        return {}
+    return {
+        "weight_norm": weights[part, 0].astype(np.float32),
+        "update_ratio": weights[part, 1].astype(np.float32),
+        "weights_known": known,
+    }
+
+
 def _write_row(buffer: tf.Variable, row: tf.Tensor, value: tf.Tensor) -> None:
     """Write one ring-buffer row (``row`` is ``[[index]]``).
 
@@ -108,23 +128,43 @@ class _GraphState(tf.Module):
 
     Rows are indexed by ``recorded % capacity``, a count of rows written by this
     process, so restoring the checkpointed step counter never confuses reading.
+    The loss is the mean of the losses recorded since the last row (one, or the
+    micro-batches of a step with gradient accumulation).
     """
 
-    def __init__(self, layout: LayerLayout, capacity: int) -> None:
+    def __init__(self, layout: LayerLayout, capacity: int, weights: bool) -> None:
         super().__init__(name="gradwatch_ring")
         var = _variable
         num_layers = layout.num_layers
         self.layout = layout
         self.capacity = capacity
         self.recorded = var(0, tf.int64, "recorded")
-        self.loss = var(float("nan"), tf.float32, "loss")
-        self.loss_fresh = var(False, tf.bool, "loss_fresh")
+        self.loss_sum = var(0.0, tf.float32, "loss_sum")
+        self.loss_count = var(0, tf.int32, "loss_count")
         self.step_buf = var(tf.fill([capacity], tf.constant(-1, tf.int64)), tf.int64, "step_buf")
         self.run_buf = var(tf.zeros([capacity, _RUN_COLUMNS]), tf.float32, "run_buf")
         self.norm_buf = var(tf.zeros([capacity, num_layers]), tf.float32, "norm_buf")
         self.nonfinite_buf = var(
             tf.zeros([capacity, num_layers], tf.int32), tf.int32, "nonfinite_buf"
         )
+        # Row i: the weight norms and the update ratios, meaningful where _WEIGHED is set.
+        self.weight_buf = (
+            var(tf.zeros([capacity, 2, num_layers]), tf.float32, "weight_buf") if weights else None
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Row:
+    """One step's gradient statistics, measured before the update and written after it."""
+
+    step: tf.Tensor
+    layout: LayerLayout
+    global_norm: tf.Tensor
+    global_norm_clipped: tf.Tensor
+    clip_coef: tf.Tensor
+    skipped: tf.Tensor
+    layer_norms: tf.Tensor
+    layer_nonfinite: tf.Tensor
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +184,7 @@ class _Traced:
     model: Any
     train_function: Any
     state: _GraphState
+    weights_in_step: bool
 
 
 @keras.saving.register_keras_serializable(package="gradwatch")
@@ -202,6 +243,11 @@ class MonitoredOptimizer(keras.optimizers.Optimizer):  # type: ignore[misc]
         statistics, the policy and the skip decision see the summed gradient and
         N replicas give the single-device result; the inner optimizer then gets
         ``g / N`` per replica, which its own all-reduce sums back to ``g``.
+
+        Raises:
+            ConfigError: The inner optimizer accumulates gradients under
+                ``tf.distribute`` (Keras itself cannot: its accumulation
+                ``tf.cond`` would contain a ``merge_call``).
         """
         if trainable_variables is None:
             trainable_variables = self.inner_optimizer._trainable_variables
@@ -211,9 +257,16 @@ class MonitoredOptimizer(keras.optimizers.Optimizer):  # type: ignore[misc]
         grads = list(grads)
         replica = tf.distribute.get_replica_context()
         replicas = replica.num_replicas_in_sync if replica is not None else 1
+        if self.inner_optimizer.gradient_accumulation_steps:
+            if replicas > 1:
+                raise ConfigError(
+                    "optimizer: gradient_accumulation_steps does not work under tf.distribute"
+                )
+            self._apply_accumulating(grads, variables)
+            return
         if replicas > 1:
             grads = _all_reduce_sum(replica, grads)
-        new_grads, skip = self.monitor._process(grads, variables)
+        new_grads, skip, row = self.monitor._process(grads, variables)
         if replicas > 1:
             new_grads = [_scale_gradient(g, 1.0 / replicas) for g in new_grads]
         if skip is None:
@@ -229,6 +282,7 @@ class MonitoredOptimizer(keras.optimizers.Optimizer):  # type: ignore[misc]
                 return tf.constant(True)
 
             tf.cond(skip, lambda: tf.constant(False), update)
+        self.monitor._record_row(row, variables)
 
     def _apply_unless_skipped(
         self, distribution: Any, grads: list[Any], variables: list[Any], skip: Any
@@ -243,6 +297,57 @@ class MonitoredOptimizer(keras.optimizers.Optimizer):  # type: ignore[misc]
             return tf.constant(True)
 
         tf.cond(skip_any, lambda: tf.constant(False), update)
+
+    def _apply_accumulating(self, grads: list[Any], variables: list[Any]) -> None:
+        """``gradient_accumulation_steps``: work on the averaged gradient of each real update.
+
+        Keras adds each micro-batch's gradient to its accumulators and, on every
+        n-th call, averages them and clips the average inside its own
+        ``tf.cond``. gradwatch measures, clips and records at that same point,
+        once per real update, by shadowing three of the inner optimizer's
+        methods while this call traces it: the Keras clipping
+        (``_clip_gradients``) and the decoupled weight decay
+        (``_apply_weight_decay``) are deferred to the update
+        (``_backend_update_step``), which runs the policy first and skips all
+        three together when the policy skips the step (the accumulators are
+        reset and ``iterations`` advances either way, as Keras does).
+        """
+        inner = self.inner_optimizer
+        monitor = self.monitor
+        clip_gradients = inner._clip_gradients
+        apply_weight_decay = inner._apply_weight_decay
+        update_step = inner._backend_update_step
+        decayed: list[Any] = []
+
+        def update_averaged(averaged: Any, trainable: Any, learning_rate: Any) -> None:
+            trainable = list(trainable)
+            new_grads, skip, row = monitor._process(list(averaged), trainable)
+            new_grads = clip_gradients(new_grads)
+
+            def update() -> tf.Tensor:
+                for decay_variables in decayed:
+                    apply_weight_decay(decay_variables)
+                update_step(new_grads, trainable, learning_rate)
+                return tf.constant(True)
+
+            if skip is None:
+                update()
+            else:
+                tf.cond(skip, lambda: tf.constant(False), update)
+            monitor._record_row(row, trainable)
+
+        hooks: dict[str, Callable[..., Any]] = {
+            "_clip_gradients": lambda averaged: averaged,
+            "_apply_weight_decay": decayed.append,
+            "_backend_update_step": update_averaged,
+        }
+        # Straight into the instance dict, for this trace only.
+        vars(inner).update(hooks)
+        try:
+            inner.apply(grads, variables)
+        finally:
+            for name in hooks:
+                vars(inner).pop(name, None)
 
     def finalize_variable_values(self, var_list: Sequence[Any]) -> None:
         self.inner_optimizer.finalize_variable_values(var_list)
@@ -275,6 +380,11 @@ class GradientMonitor(keras.callbacks.Callback, tf.__internal__.tracking.Trackab
         policy: Clip policy from :mod:`gradwatch.agent.clip`, or ``None`` to
             monitor only.
         flush_every: Steps per host read and per batch sent.
+        stats_every: Steps between measurements of the per-layer weight norm
+            and update ratio ‖Δw‖/‖w‖ (the first step of each ``fit`` is
+            measured; with ``steps_per_execution`` > 1, the first step of the
+            execution where one is due). 0 turns them off; while on, one copy
+            of the trainable weights is kept.
         project: Project the run belongs to.
         run_id: UUID of an existing run to continue; new one if omitted.
         queue_size: Batches held in memory while the sender is busy.
@@ -306,6 +416,7 @@ class GradientMonitor(keras.callbacks.Callback, tf.__internal__.tracking.Trackab
         server: str | None = None,
         policy: ClipPolicy | None = None,
         flush_every: int = 50,
+        stats_every: int = 50,
         project: str = "default",
         run_id: str | None = None,
         queue_size: int = 1000,
@@ -331,6 +442,7 @@ class GradientMonitor(keras.callbacks.Callback, tf.__internal__.tracking.Trackab
             project=project,
             run_id=run_id or "",
             flush_every=flush_every,
+            stats_every=stats_every,
             queue_size=queue_size,
             request_timeout_seconds=request_timeout_seconds,
             retry_deadline_seconds=retry_deadline_seconds,
@@ -366,6 +478,7 @@ class GradientMonitor(keras.callbacks.Callback, tf.__internal__.tracking.Trackab
             project=self.config.project,
             config={
                 "flush_every": self.config.flush_every,
+                "stats_every": self.config.stats_every,
                 "policy": policy.describe() if policy else None,
             },
         )
@@ -383,6 +496,13 @@ class GradientMonitor(keras.callbacks.Callback, tf.__internal__.tracking.Trackab
         self._checkpointed = tf.__internal__.tracking.AutoTrackable()
         self._track_trackable(self._checkpointed, name="gradwatch")
         self._var_segments: dict[object, int] = {}
+        self._variables: list[Any] = []  # as built: what an overflow step measures
+        self._snapshot: WeightSnapshot | None = None  # None: weight statistics off
+        self._until_snapshot = 0  # micro-batches until the next weight snapshot
+        self._measure_tries = 0  # host calls left to measure the step after the snapshot
+        self._measure_fn: Any = None  # the host-called measurement, for the current ring
+        self._weights_in_step = False  # trace time: the step measures itself (see module doc)
+        self._accumulation = 1  # micro-batches per recorded step
         self._wrapper: MonitoredOptimizer | None = None
         self._installed: _Installed | None = None
         self._traced: _Traced | None = None
@@ -470,17 +590,21 @@ class GradientMonitor(keras.callbacks.Callback, tf.__internal__.tracking.Trackab
         if replica is not None and replica.num_replicas_in_sync > 1:
             # Keras scales each replica's loss by 1/N; their sum is the global mean.
             value = replica.all_reduce(tf.distribute.ReduceOp.SUM, value)
-        self._state.loss.assign(value)
-        self._state.loss_fresh.assign(True)
+        self._state.loss_sum.assign_add(value)
+        self._state.loss_count.assign_add(1)
 
     def on_step(self, step: int | None = None) -> None:
         """Custom loops: call after each training step (host side, cheap).
 
-        Reads the in-graph buffers once every ``flush_every`` calls.
+        Reads the in-graph buffers once every ``flush_every`` calls, and
+        snapshots the weights every ``stats_every`` calls (one copy of them).
         """
+        self._measure_weights()
         self._unread_estimate += 1
-        if self._unread_estimate >= self.config.flush_every:
-            self._collect()
+        self._collect_if_due()
+        self._until_snapshot -= 1
+        if self._until_snapshot <= 0:
+            self._snapshot_weights()
 
     def flush(self, timeout_seconds: float = 10.0) -> bool:
         """Read pending steps and wait up to ``timeout_seconds`` for delivery."""
@@ -547,20 +671,35 @@ class GradientMonitor(keras.callbacks.Callback, tf.__internal__.tracking.Trackab
                 wrapper.build(model.trainable_variables)
             grown = self._ensure_capacity()
         traced = self._traced
-        if swapped and traced is not None and traced.model is model and traced.state is self._state:
+        in_step = self._snapshot is not None and self._steps_per_call > 1
+        retrace = in_step != self._weights_in_step
+        self._weights_in_step = in_step
+        self._snapshot_weights()  # the weights may have changed since the last fit
+        if (
+            swapped
+            and traced is not None
+            and traced.model is model
+            and traced.state is self._state
+            and traced.weights_in_step == in_step
+        ):
             # Same wrapper and buffers as the last fit: reuse its trace instead of retracing.
             model.train_function = traced.train_function
-        elif swapped or grown:
+        elif swapped or grown or retrace:
             # Trace again so the train function calls the wrapper and the current buffers.
             model.train_function = None
             model.make_train_function()
         self._sender.set_status("running")
         self._train_active = True
 
+    def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        if self._until_snapshot <= 0:
+            self._snapshot_weights()
+
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        self._measure_weights()
         self._unread_estimate += self._steps_per_call
-        if self._unread_estimate >= self.config.flush_every:
-            self._collect()
+        self._until_snapshot -= self._steps_per_call
+        self._collect_if_due()
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         self._collect()
@@ -571,6 +710,39 @@ class GradientMonitor(keras.callbacks.Callback, tf.__internal__.tracking.Trackab
         self._uninstall()
 
     # -- internals -------------------------------------------------------------------------
+
+    def _collect_if_due(self) -> None:
+        """Read once ``flush_every`` steps may be pending (micro-batches counted by the caller)."""
+        if self._unread_estimate >= self.config.flush_every * self._accumulation:
+            self._collect()
+
+    def _snapshot_weights(self) -> None:
+        """Host side: copy the weights before the next step, to measure that step.
+
+        With ``steps_per_execution`` > 1 this happens between executions, so the
+        step measured is the first of the next one. No-op when stats are off.
+        """
+        if self._snapshot is None:
+            return
+        self._snapshot.take(self._checkpointed.step)
+        self._until_snapshot = self.config.stats_every * self._accumulation
+        # The step after the snapshot is recorded within one gradient accumulation cycle.
+        self._measure_tries = 0 if self._weights_in_step else self._accumulation
+
+    def _measure_weights(self) -> None:
+        """Host side, after a step: measure it if it is the step after the snapshot.
+
+        One call of a compiled function that reads the weights and writes the
+        last ring row; a no-op there while that step has not been recorded yet.
+        """
+        snapshot = self._snapshot
+        if snapshot is None or self._measure_tries <= 0:
+            return
+        self._measure_tries -= 1
+        if self._measure_fn is None:
+            self._measure_fn = tf.function(self._measure_last_step, autograph=False)
+        with snapshot.strategy.scope():
+            self._measure_fn()
 
     def _install(self, model: Any) -> bool:
         """Swap the wrapper into ``model`` unless it is there already; True if swapped."""
@@ -639,7 +811,7 @@ class GradientMonitor(keras.callbacks.Callback, tf.__internal__.tracking.Trackab
         setattr(installed.owner, installed.attribute, installed.original)
         model = self.model
         if model is not None and self._state is not None:
-            self._traced = _Traced(model, model.train_function, self._state)
+            self._traced = _Traced(model, model.train_function, self._state, self._weights_in_step)
             model.train_function = installed.plain_train_function
 
     def _capacity(self) -> int:
@@ -655,16 +827,24 @@ class GradientMonitor(keras.callbacks.Callback, tf.__internal__.tracking.Trackab
             return
         with tf.init_scope():
             layout = layout_of(variables)
-            self._state = _GraphState(layout, self._capacity())
+            self._state = _GraphState(layout, self._capacity(), self._weights_on)
             self._var_segments = {
                 _variable_key(v): seg for v, seg in zip(variables, layout.segment_ids, strict=True)
             }
+            self._variables = list(variables)
+            self._accumulation = inner.gradient_accumulation_steps or 1
             # Tracked attributes: a checkpoint restored before this point is applied now.
             first_step = int(inner.iterations.numpy()) if inner.built else 0
             self._checkpointed.step = _variable(first_step, tf.int64, "step")
             if self.policy is not None:
                 self._checkpointed.policy = self.policy.init(variables, layout)
             self._read_count = 0
+            if self._weights_on:
+                step = int(self._checkpointed.step.numpy())
+                keys = [_variable_key(v) for v in variables]
+                self._snapshot = WeightSnapshot(variables, keys, step)
+                self._until_snapshot = self.config.stats_every * self._accumulation
+                self._measure_tries = self._accumulation  # custom loops: measure the first step
 
     def _ensure_capacity(self) -> bool:
         """Grow the ring if ``steps_per_execution`` needs more rows; True if it grew."""
@@ -672,14 +852,17 @@ class GradientMonitor(keras.callbacks.Callback, tf.__internal__.tracking.Trackab
         if state is None or state.capacity >= self._capacity():
             return False
         self._collect()
-        self._state = _GraphState(state.layout, self._capacity())
+        self._state = _GraphState(state.layout, self._capacity(), self._weights_on)
+        self._measure_fn = None  # traced with the old ring
         self._read_count = 0
         return True
 
-    def _process(
-        self, grads: list[Any], variables: list[Any]
-    ) -> tuple[list[Any], tf.Tensor | None]:
-        """In-graph: measure, clip and record one step. Returns (grads, skip or None)."""
+    @property
+    def _weights_on(self) -> bool:
+        return self.config.stats_every > 0
+
+    def _layout_for(self, variables: Sequence[Any]) -> LayerLayout:
+        """The layer groups of ``variables``, in the order given."""
         state = self._state
         assert state is not None, "the wrapped optimizer was not built"
         try:
@@ -688,7 +871,13 @@ class GradientMonitor(keras.callbacks.Callback, tf.__internal__.tracking.Trackab
             raise ConfigError(
                 "variables: apply() got a variable the optimizer was not built with"
             ) from None
-        layout = LayerLayout(state.layout.names, segments)
+        return LayerLayout(state.layout.names, segments)
+
+    def _process(
+        self, grads: list[Any], variables: list[Any]
+    ) -> tuple[list[Any], tf.Tensor | None, _Row]:
+        """In-graph: measure and clip one step. Returns (grads, skip or None, row to record)."""
+        layout = self._layout_for(variables)
         stats = compute_gradient_stats(grads, layout)
         skip: tf.Tensor | None = None
         coef = tf.constant(1.0)
@@ -703,73 +892,118 @@ class GradientMonitor(keras.callbacks.Callback, tf.__internal__.tracking.Trackab
                 result.stats if result.stats is not None else compute_gradient_stats(grads, layout)
             )
             norm_after = after.global_norm
-        skipped = tf.constant(False) if skip is None else skip
-        self._record_row(
-            state,
-            step,
+        row = _Row(
+            step=step,
+            layout=layout,
             global_norm=stats.global_norm,
             global_norm_clipped=norm_after,
             clip_coef=coef,
-            skipped=skipped,
+            skipped=tf.constant(False) if skip is None else skip,
             layer_norms=stats.layer_norms,
             layer_nonfinite=stats.layer_nonfinite,
         )
-        return grads, skip
+        return grads, skip, row
 
-    def _record_row(
-        self,
-        state: _GraphState,
-        step: tf.Tensor,
-        *,
-        global_norm: tf.Tensor,
-        global_norm_clipped: tf.Tensor,
-        clip_coef: tf.Tensor,
-        skipped: tf.Tensor,
-        layer_norms: tf.Tensor,
-        layer_nonfinite: tf.Tensor,
-    ) -> None:
-        """In-graph: write step ``step`` into the ring and advance the step counter."""
-        row = tf.reshape(tf.math.floormod(state.recorded.read_value(), state.capacity), [1, 1])
+    def _record_row(self, row: _Row, variables: Sequence[Any]) -> None:
+        """In-graph, after the update: write ``row`` into the ring and advance the step counter.
+
+        With ``steps_per_execution`` > 1 and weight statistics on, also measures
+        the weights of ``variables`` on the step after a snapshot.
+        """
+        state = self._state
+        assert state is not None, "the wrapped optimizer was not built"
+        snapshot = self._snapshot if self._weights_in_step else None
+        weigh = tf.constant(False) if snapshot is None else tf.equal(row.step, snapshot.step)
+        index = tf.reshape(tf.math.floormod(state.recorded.read_value(), state.capacity), [1, 1])
+        count = state.loss_count.read_value()
+        loss = tf.where(
+            count > 0,
+            state.loss_sum.read_value() / tf.cast(tf.maximum(count, 1), tf.float32),
+            float("nan"),
+        )
         run_row = tf.stack(
             [
-                state.loss.read_value(),
-                tf.cast(state.loss_fresh.read_value(), tf.float32),
-                tf.cast(global_norm, tf.float32),
-                tf.cast(global_norm_clipped, tf.float32),
-                tf.cast(clip_coef, tf.float32),
-                tf.cast(skipped, tf.float32),
+                loss,
+                tf.cast(count > 0, tf.float32),
+                tf.cast(row.global_norm, tf.float32),
+                tf.cast(row.global_norm_clipped, tf.float32),
+                tf.cast(row.clip_coef, tf.float32),
+                tf.cast(row.skipped, tf.float32),
+                tf.cast(weigh, tf.float32),
             ]
         )
-        _write_row(state.step_buf, row, tf.reshape(step, [1]))
-        _write_row(state.run_buf, row, run_row[tf.newaxis])
-        _write_row(state.norm_buf, row, tf.cast(layer_norms, tf.float32)[tf.newaxis])
-        _write_row(state.nonfinite_buf, row, tf.cast(layer_nonfinite, tf.int32)[tf.newaxis])
-        state.loss_fresh.assign(False)
+        _write_row(state.step_buf, index, tf.reshape(row.step, [1]))
+        _write_row(state.run_buf, index, run_row[tf.newaxis])
+        _write_row(state.norm_buf, index, tf.cast(row.layer_norms, tf.float32)[tf.newaxis])
+        _write_row(state.nonfinite_buf, index, tf.cast(row.layer_nonfinite, tf.int32)[tf.newaxis])
+        if snapshot is not None and state.weight_buf is not None:
+            keys = [_variable_key(v) for v in variables]
+            values = tf.cond(
+                weigh,
+                lambda: snapshot.measure(variables, keys, row.layout),
+                lambda: tf.zeros([2, row.layout.num_layers]),
+            )
+            _write_row(state.weight_buf, index, values[tf.newaxis])
+        state.loss_sum.assign(0.0)
+        state.loss_count.assign(0)
         state.recorded.assign_add(1)
         self._checkpointed.step.assign_add(1)
+
+    def _measure_last_step(self) -> None:
+        """Traced into :attr:`_measure_fn`: measure the last recorded step if it is due.
+
+        Due: it is the step after the snapshot and was not measured yet.
+        """
+        state, snapshot = self._state, self._snapshot
+        assert state is not None
+        assert state.weight_buf is not None
+        assert snapshot is not None
+        weight_buf = state.weight_buf
+        recorded = state.recorded.read_value()
+        index = tf.math.floormod(recorded - 1, state.capacity)
+        due = tf.logical_and(
+            recorded > 0,
+            tf.logical_and(
+                tf.equal(tf.gather(state.step_buf.read_value(), index), snapshot.step),
+                tf.equal(state.run_buf.read_value()[index, _WEIGHED], 0.0),
+            ),
+        )
+        keys = [_variable_key(v) for v in self._variables]
+
+        def measure() -> tf.Tensor:
+            values = snapshot.measure(self._variables, keys, state.layout)
+            _write_row(weight_buf, tf.reshape(index, [1, 1]), values[tf.newaxis])
+            flag = tf.stack([index, tf.constant(_WEIGHED, tf.int64)])[tf.newaxis]
+            state.run_buf.assign(tf.tensor_scatter_nd_update(state.run_buf, flag, [1.0]))
+            return tf.constant(True)
+
+        tf.cond(due, measure, lambda: tf.constant(False))
 
     def _record_overflow_step(self) -> None:
         """In-graph: record a step the LossScaleOptimizer skipped because of overflow.
 
         The scaled gradient overflowed, so no norm of the unscaled gradient can be
         measured: the step is reported skipped, with NaN norms, clip coefficient 0
-        and no non-finite values (the model's own gradient was not at fault).
+        and no non-finite values (the model's own gradient was not at fault); its
+        weights are measured as on any step (unchanged: update ratio 0).
         """
         state = self._state
         if state is None:
             return
-        num_layers = state.layout.num_layers
+        layout = state.layout
         nan = tf.constant(float("nan"), tf.float32)
-        self._record_row(
-            state,
-            self._checkpointed.step.read_value(),
+        step = self._checkpointed.step.read_value()
+        row = _Row(
+            step=step,
+            layout=layout,
             global_norm=nan,
             global_norm_clipped=tf.constant(0.0),
             clip_coef=tf.constant(0.0),
             skipped=tf.constant(True),
-            layer_norms=tf.fill([num_layers], nan),
-            layer_nonfinite=tf.zeros([num_layers], tf.int32),
+            layer_norms=tf.fill([layout.num_layers], nan),
+            layer_nonfinite=tf.zeros([layout.num_layers], tf.int32),
         )
+        self._record_row(row, self._variables)
 
     def _collect(self) -> None:
         """Host side: read the steps recorded since the last read and submit them."""
@@ -794,6 +1028,7 @@ class GradientMonitor(keras.callbacks.Callback, tf.__internal__.tracking.Trackab
         run = state.run_buf.numpy()[rows]
         norms = state.norm_buf.numpy()[rows]
         nonfinite = state.nonfinite_buf.numpy()[rows].astype(np.int64)
+        weights = None if state.weight_buf is None else state.weight_buf.numpy()[rows]
         self._read_count = count
         # Steps only go backwards if a checkpoint was restored mid-run: send each
         # increasing stretch as its own batch (the server refuses steps it already has).
@@ -811,6 +1046,7 @@ class GradientMonitor(keras.callbacks.Callback, tf.__internal__.tracking.Trackab
                     skipped=run[part, _SKIPPED] > 0.5,
                     grad_norm=norms[part],
                     nonfinite=nonfinite[part],
+                    **_weight_columns(weights, run[part, _WEIGHED] > 0.5, part),
                 )
             )
 

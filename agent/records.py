@@ -104,6 +104,12 @@ class StepBatch:
         grad_norm: ``[n, L]`` float32 per-layer gradient L2 norm.
         nonfinite: ``[n, L]`` int64 count of NaN/±Inf gradient values per layer.
         batch_id: UUID making resends idempotent.
+        weight_norm: ``[n, L]`` float32 per-layer L2 norm of the weights after
+            the step's update, or ``None`` when weight statistics are off.
+        update_ratio: ``[n, L]`` float32 per-layer ‖Δw‖/‖w‖ of the step's
+            update (0 for a skipped step), or ``None`` with ``weight_norm``.
+        weights_known: ``[n]`` bool, whether ``weight_norm`` and
+            ``update_ratio`` were measured at that step (``None`` with them).
     """
 
     layers: tuple[str, ...]
@@ -117,6 +123,9 @@ class StepBatch:
     grad_norm: FloatArray
     nonfinite: IntArray
     batch_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    weight_norm: FloatArray | None = None
+    update_ratio: FloatArray | None = None
+    weights_known: BoolArray | None = None
 
     def __post_init__(self) -> None:
         n, num_layers = len(self.step), len(self.layers)
@@ -132,10 +141,19 @@ class StepBatch:
                 raise ValueError(
                     f"{name}: expected shape ({n},), got {np.shape(getattr(self, name))}"
                 )
-        for name in ("grad_norm", "nonfinite"):
-            shape = np.shape(getattr(self, name))
-            if shape != (n, num_layers):
-                raise ValueError(f"{name}: expected shape ({n}, {num_layers}), got {shape}")
+        weights = (self.weight_norm, self.update_ratio, self.weights_known)
+        if any(w is None for w in weights) and any(w is not None for w in weights):
+            raise ValueError("weight_norm, update_ratio, weights_known: give all three or none")
+        if self.weights_known is not None and np.shape(self.weights_known) != (n,):
+            raise ValueError(
+                f"weights_known: expected shape ({n},), got {np.shape(self.weights_known)}"
+            )
+        for name in ("grad_norm", "nonfinite", "weight_norm", "update_ratio"):
+            value = getattr(self, name)
+            if value is not None and np.shape(value) != (n, num_layers):
+                raise ValueError(
+                    f"{name}: expected shape ({n}, {num_layers}), got {np.shape(value)}"
+                )
         if n and np.any(np.diff(self.step) <= 0):
             raise ValueError("step: must be strictly increasing")
 
@@ -163,6 +181,13 @@ class StepBatch:
         }
         if self.loss_known.any():
             wire["loss"] = encode_floats(self.loss, self.loss_known)
+        known = self.weights_known
+        if known is not None and known.any():
+            assert self.weight_norm is not None
+            assert self.update_ratio is not None
+            mask = np.broadcast_to(known[:, np.newaxis], self.weight_norm.shape)
+            wire["weight_norm"] = encode_floats(self.weight_norm, mask)
+            wire["update_ratio"] = encode_floats(self.update_ratio, mask)
         if dropped_batches:
             wire["dropped_batches"] = dict(dropped_batches)
         return wire
@@ -181,6 +206,15 @@ class StepBatch:
             loss, loss_known = decode_floats(wire["loss"])
         else:
             loss, loss_known = np.full(n, np.nan, np.float32), np.zeros(n, bool)
+        num_layers = len(wire["layers"])
+        weights: dict[str, Any] = {}
+        if "weight_norm" in wire:
+            weight_norm, known = decode_floats(wire["weight_norm"])
+            weights = {
+                "weight_norm": weight_norm.reshape(n, num_layers),
+                "update_ratio": decode_floats(wire["update_ratio"])[0].reshape(n, num_layers),
+                "weights_known": known.reshape(n, num_layers).any(axis=1),
+            }
         return cls(
             batch_id=str(wire["batch_id"]),
             layers=tuple(wire["layers"]),
@@ -191,6 +225,7 @@ class StepBatch:
             global_norm_clipped=decode_floats(wire["global_norm_clipped"])[0],
             clip_coef=decode_floats(wire["clip_coef"])[0],
             skipped=np.asarray(wire["skipped"], dtype=bool),
-            grad_norm=decode_floats(wire["grad_norm"])[0].reshape(n, len(wire["layers"])),
-            nonfinite=np.asarray(wire["nonfinite"], dtype=np.int64).reshape(n, len(wire["layers"])),
+            grad_norm=decode_floats(wire["grad_norm"])[0].reshape(n, num_layers),
+            nonfinite=np.asarray(wire["nonfinite"], dtype=np.int64).reshape(n, num_layers),
+            **weights,
         )

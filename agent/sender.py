@@ -745,19 +745,23 @@ class Sender:
         close_at_exit(self._close_at_exit)
 
 
+_ARRAY_FIELDS = (
+    "step",
+    "loss",
+    "loss_known",
+    "global_norm",
+    "global_norm_clipped",
+    "clip_coef",
+    "skipped",
+    "grad_norm",
+    "nonfinite",
+    "weight_norm",
+    "update_ratio",
+    "weights_known",
+)
+
+
 def _nbytes(batch: StepBatch) -> int:
     """Bytes of a batch's arrays (its memory footprint, to a few hundred bytes)."""
-    return sum(
-        int(getattr(batch, name).nbytes)
-        for name in (
-            "step",
-            "loss",
-            "loss_known",
-            "global_norm",
-            "global_norm_clipped",
-            "clip_coef",
-            "skipped",
-            "grad_norm",
-            "nonfinite",
-        )
-    )
+    arrays = (getattr(batch, name) for name in _ARRAY_FIELDS)
+    return sum(int(array.nbytes) for array in arrays if array is not None)

@@ -43,6 +43,27 @@ class RecordingTransport:
     def column(self, key: str) -> np.ndarray:
         return np.concatenate([StepBatch.from_wire(b).__getattribute__(key) for b in self.batches])
 
+    def weights(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``weight_norm``, ``update_ratio`` (NaN where not measured) and the measured mask."""
+        parts = []
+        for wire in self.batches:
+            batch = StepBatch.from_wire(wire)
+            shape = batch.grad_norm.shape
+            if batch.weights_known is None:
+                nan = np.full(shape, np.nan, np.float32)
+                parts.append((nan, nan, np.zeros(shape[0], bool)))
+            else:
+                known = batch.weights_known[:, None]
+                parts.append(
+                    (
+                        np.where(known, batch.weight_norm, np.nan),
+                        np.where(known, batch.update_ratio, np.nan),
+                        batch.weights_known,
+                    )
+                )
+        norm, ratio, known = zip(*parts, strict=True)
+        return np.concatenate(norm), np.concatenate(ratio), np.concatenate(known)
+
 
 @pytest.fixture
 def transport() -> RecordingTransport:

@@ -22,6 +22,9 @@ from gradwatch.agent.config import MonitorConfig
         ({"flush_every": 0}, "flush_every"),
         ({"flush_every": 2.5}, "flush_every"),
         ({"flush_every": True}, "flush_every"),
+        ({"stats_every": -1}, "stats_every"),
+        ({"stats_every": 2.0}, "stats_every"),
+        ({"stats_every": None}, "stats_every"),
         ({"queue_size": -1}, "queue_size"),
         ({"request_timeout_seconds": 0}, "request_timeout_seconds"),
         ({"retry_deadline_seconds": float("inf")}, "retry_deadline_seconds"),
@@ -51,6 +54,11 @@ def test_monitor_config_normalises_server_and_generates_run_id():
 def test_global_norm_rejects_bad_max_norm(bad):
     with pytest.raises(ConfigError, match=r"^max_norm:"):
         clip.global_norm(bad)
+
+
+def test_gradient_monitor_rejects_a_bad_stats_every_by_name(tmp_path):
+    with pytest.raises(ConfigError, match=r"^stats_every: .*0 turns weight statistics off"):
+        GradientMonitor(run="r", local_dir=str(tmp_path), stats_every=-5)
 
 
 def test_gradient_monitor_rejects_non_policy(tmp_path):

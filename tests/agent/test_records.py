@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -95,3 +96,39 @@ def test_step_batch_to_wire_carries_drop_counts_and_omits_unknown_loss():
     assert "loss" not in wire
     assert wire["schema"] == 1
     assert not math.isnan(wire["grad_norm"][0][0])
+
+
+@given(
+    data=st.data(),
+    n=st.integers(1, 8),
+    layers=st.integers(1, 5),
+)
+def test_weight_statistics_round_trip_with_null_rows_where_not_measured(data, n, layers):
+    values = data.draw(hnp.arrays(np.float32, (n, layers), elements=_floats32))
+    ratios = data.draw(hnp.arrays(np.float32, (n, layers), elements=_floats32))
+    known = data.draw(hnp.arrays(np.bool_, (n,)))
+    plain = _batch(n, layers, values, values[:, 0].copy(), np.ones(n, bool))
+    batch = dataclasses.replace(plain, weight_norm=values, update_ratio=ratios, weights_known=known)
+    wire = json.loads(json.dumps(batch.to_wire(), allow_nan=False))
+    if not known.any():
+        assert "weight_norm" not in wire
+        assert "update_ratio" not in wire
+        return
+    assert [row == [None] * layers for row in wire["weight_norm"]] == (~known).tolist()
+    back = StepBatch.from_wire(wire)
+    assert np.array_equal(back.weights_known, known)
+    assert _same(back.weight_norm[known], values[known])
+    assert _same(back.update_ratio[known], ratios[known])
+
+
+def test_step_batch_wants_all_weight_fields_or_none():
+    batch = _batch(2, 1, np.ones((2, 1), np.float32), np.zeros(2, np.float32), np.ones(2, bool))
+    with pytest.raises(ValueError, match="all three or none"):
+        dataclasses.replace(batch, weight_norm=np.ones((2, 1), np.float32))
+    with pytest.raises(ValueError, match="update_ratio"):
+        dataclasses.replace(
+            batch,
+            weight_norm=np.ones((2, 1), np.float32),
+            update_ratio=np.ones((3, 1), np.float32),
+            weights_known=np.ones(2, bool),
+        )
