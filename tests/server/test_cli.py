@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from gradwatch.server.app import create_app
 from gradwatch.server.cli import app
 from gradwatch.server.config import Settings
-from gradwatch.server.db import create_db_engine
+from tests.server.schema import head_revision, stored_revisions
 
 runner = CliRunner()
 
@@ -24,13 +24,7 @@ def test_cli_db_upgrade_creates_the_schema(make_database_url):
     result = _invoke("db", "upgrade", "--database-url", url)
 
     assert result.exit_code == 0, result.output
-    engine = create_db_engine(url)
-    try:
-        with engine.connect() as connection:
-            version = connection.exec_driver_sql("SELECT version_num FROM alembic_version").all()
-    finally:
-        engine.dispose()
-    assert version == [("0003",)]
+    assert stored_revisions(url) == [head_revision()]
 
 
 def test_cli_token_create_prints_a_working_token_once(database_url):

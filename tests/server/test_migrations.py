@@ -12,6 +12,7 @@ from sqlalchemy import inspect
 
 from gradwatch.server.db import create_db_engine, upgrade_database
 from gradwatch.server.models import Base
+from tests.server.schema import head_revision, stored_revisions
 
 
 def test_migrations_match_models(make_database_url, backend):
@@ -39,13 +40,7 @@ def test_migrations_upgrade_is_idempotent(make_database_url):
     url = make_database_url(migrated=False)
     upgrade_database(url)
     upgrade_database(url)
-    engine = create_db_engine(url)
-    try:
-        with engine.connect() as connection:
-            version = connection.exec_driver_sql("SELECT version_num FROM alembic_version").all()
-    finally:
-        engine.dispose()
-    assert version == [("0003",)]
+    assert stored_revisions(url) == [head_revision()]
 
 
 def test_migrations_sqlite_pragmas(tmp_path):
@@ -85,10 +80,4 @@ def test_migrations_concurrent_upgrades_all_succeed(make_database_url):
     url = make_database_url(migrated=False)
     with ThreadPoolExecutor(max_workers=3) as pool:
         list(pool.map(lambda _: upgrade_database(url), range(3)))
-    engine = create_db_engine(url)
-    try:
-        with engine.connect() as connection:
-            version = connection.exec_driver_sql("SELECT version_num FROM alembic_version").all()
-    finally:
-        engine.dispose()
-    assert version == [("0003",)]
+    assert stored_revisions(url) == [head_revision()]
