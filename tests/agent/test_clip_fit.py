@@ -8,28 +8,14 @@ import pytest
 
 from gradwatch.agent import GradientMonitor, clip
 from tests.agent.conftest import RecordingTransport
+from tests.agent.models import regression_data, small_model
 
 STEPS = 6
 BATCH = 8
 
 
-def _data(seed: int = 0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(STEPS * BATCH, 6)).astype("float32")
-    y = (x @ rng.normal(size=(6, 1))).astype("float32")
-    return x, y
-
-
-def _model(seed: int = 1) -> keras.Model:
-    keras.utils.set_random_seed(seed)
-    return keras.Sequential(
-        [
-            keras.Input((6,)),
-            keras.layers.Dense(8, activation="tanh", name="hidden"),
-            keras.layers.Dense(1, name="out"),
-        ],
-        name="net",
-    )
+def _data(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    return regression_data(STEPS * BATCH, seed)
 
 
 # Small windows and warm-ups so the adaptive policies clip within a few steps.
@@ -49,7 +35,7 @@ POLICIES = {
 
 def _fit(policy, transport, jit: bool):
     x, y = _data()
-    model = _model()
+    model = small_model()
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse", jit_compile=jit)
     monitor = GradientMonitor(run="clip", transport=transport, policy=policy, flush_every=4)
     history = model.fit(
@@ -105,7 +91,7 @@ def test_skip_nonfinite_fit_skips_the_nan_batch_and_freezes_weights(transport, j
     x, y = _data()
     nan_step = 2
     x[nan_step * BATCH : (nan_step + 1) * BATCH] = np.nan  # every gradient of step 2 is NaN
-    model = _model()
+    model = small_model()
     adam = keras.optimizers.Adam(0.05)
     model.compile(optimizer=adam, loss="mse", jit_compile=jit)
     monitor = GradientMonitor(

@@ -8,25 +8,11 @@ import pytest
 import tensorflow as tf
 
 from gradwatch.agent import GradientMonitor, MonitoredOptimizer, clip
+from tests.agent.models import regression_data, small_model
 
 
-def _data(n: int = 96, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, 6)).astype("float32")
-    y = (x @ rng.normal(size=(6, 1))).astype("float32")
-    return x, y
-
-
-def _model(seed: int = 1) -> keras.Model:
-    keras.utils.set_random_seed(seed)
-    return keras.Sequential(
-        [
-            keras.Input((6,)),
-            keras.layers.Dense(8, activation="tanh", name="hidden"),
-            keras.layers.Dense(1, name="out"),
-        ],
-        name="net",
-    )
+def _data(n: int = 96, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    return regression_data(n, seed)
 
 
 def _monitor(transport, **kwargs) -> GradientMonitor:
@@ -38,7 +24,7 @@ def _monitor(transport, **kwargs) -> GradientMonitor:
 )
 def test_fit_records_every_step_once_in_order(transport, jit, steps_per_execution):
     x, y = _data(n=100)  # 13 batches of 8 per epoch: the last execution is partial
-    model = _model()
+    model = small_model()
     model.compile(
         optimizer=keras.optimizers.SGD(0.01),
         loss="mse",
@@ -58,11 +44,11 @@ def test_fit_records_every_step_once_in_order(transport, jit, steps_per_executio
 def test_fit_with_global_norm_policy_matches_keras_global_clipnorm(transport):
     # Same rule; the norm is summed per layer first, so agreement is to float32 rounding.
     x, y = _data()
-    reference = _model()
+    reference = small_model()
     reference.compile(optimizer=keras.optimizers.Adam(0.05, global_clipnorm=0.1), loss="mse")
     reference.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=False)
 
-    model = _model()
+    model = small_model()
     monitor = _monitor(transport, policy=clip.global_norm(0.1), flush_every=4)
     model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
     model.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=False, callbacks=[monitor])
@@ -79,7 +65,7 @@ def test_fit_with_global_norm_policy_matches_keras_global_clipnorm(transport):
 
 def test_fit_restores_optimizer_so_saved_model_loads_without_gradwatch(transport, tmp_path):
     x, y = _data()
-    model = _model()
+    model = small_model()
     adam = keras.optimizers.Adam(0.01)
     model.compile(optimizer=adam, loss="mse")
     monitor = _monitor(transport, policy=clip.global_norm(1.0))
@@ -98,7 +84,7 @@ def test_fit_restores_optimizer_so_saved_model_loads_without_gradwatch(transport
 
 def test_fit_records_loss_of_each_step(transport):
     x, y = _data(n=32)
-    model = _model()
+    model = small_model()
     model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")  # weights never change
     monitor = _monitor(transport, flush_every=2)
     model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False, callbacks=[monitor])
@@ -113,7 +99,7 @@ def test_fit_records_loss_of_each_step(transport):
 
 def test_explicit_wrap_in_compile_records_and_stays_installed(transport):
     x, y = _data(n=32)
-    model = _model()
+    model = small_model()
     monitor = _monitor(transport, flush_every=3)
     wrapped = monitor.wrap(keras.optimizers.SGD(0.01))
     model.compile(optimizer=wrapped, loss="mse")
@@ -126,7 +112,7 @@ def test_explicit_wrap_in_compile_records_and_stays_installed(transport):
 
 
 def test_global_norm_policy_zeroes_a_nonfinite_gradient_instead_of_poisoning_weights(transport):
-    model = _model()
+    model = small_model()
     monitor = _monitor(transport, policy=clip.global_norm(1.0), flush_every=1)
     optimizer = monitor.wrap(keras.optimizers.SGD(0.1))
     model.build((None, 6))
@@ -151,7 +137,7 @@ def test_global_norm_policy_zeroes_a_nonfinite_gradient_instead_of_poisoning_wei
 
 def test_custom_training_loop_in_tf_function(transport):
     x, y = _data(n=40)
-    model = _model()
+    model = small_model()
     monitor = _monitor(transport, flush_every=4, policy=clip.global_norm(0.5))
     optimizer = monitor.wrap(keras.optimizers.SGD(0.01))
     loss_fn = keras.losses.MeanSquaredError()
@@ -194,7 +180,7 @@ def test_repeated_fit_with_callback_reuses_its_trace(transport, monkeypatch):
 
     monkeypatch.setattr(MonitoredOptimizer, "apply", counting_apply)
     x, y = _data(n=32)
-    model = _model()
+    model = small_model()
     model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
     monitor = _monitor(transport, flush_every=3)
     for _ in range(3):
