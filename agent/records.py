@@ -3,87 +3,28 @@
 The wire form is columnar JSON (DESIGN.md §5). Non-finite floats travel as the
 strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"`` (the protobuf JSON
 convention), since JSON has no literal for them; unknown values are ``null``.
-Floats are the float32 values computed in the graph, written exactly.
+Floats are the float32 values computed in the graph, written exactly. The
+format's constants and float codec live in :mod:`gradwatch.wire`.
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from gradwatch.wire import SCHEMA_VERSION, decode_floats, encode_floats
+
 __all__ = ["SCHEMA_VERSION", "StepBatch", "decode_floats", "encode_floats"]
-
-SCHEMA_VERSION = 1
-
-_NONFINITE_TO_WIRE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
-_WIRE_TO_FLOAT = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 FloatArray = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
-
-
-def encode_floats(
-    values: npt.NDArray[np.floating[Any]], known: BoolArray | None = None
-) -> list[Any]:
-    """Turn a float array (any shape) into nested lists for JSON.
-
-    Args:
-        values: The values; NaN/±Inf become their wire strings.
-        known: Optional mask of the same shape; ``False`` entries become ``None``.
-    """
-    finite = np.isfinite(values)
-    if known is None and finite.all():
-        return values.tolist()  # type: ignore[no-any-return]
-    out = values.astype(object)
-    if not finite.all():
-        out[np.isnan(values)] = "NaN"
-        out[np.isposinf(values)] = "Infinity"
-        out[np.isneginf(values)] = "-Infinity"
-    if known is not None:
-        out[~known] = None
-    return out.tolist()  # type: ignore[no-any-return]
-
-
-def decode_floats(values: Sequence[Any]) -> tuple[FloatArray, BoolArray]:
-    """Inverse of :func:`encode_floats` for float32 data: returns values and known-mask.
-
-    Raises:
-        ValueError: An entry is a string other than the three wire spellings.
-    """
-    flat = _flatten(values)
-    shape = _shape_of(values)
-    known = np.array([v is not None for v in flat], dtype=bool).reshape(shape)
-    return np.array([_to_float(v) for v in flat], dtype=np.float32).reshape(shape), known
-
-
-def _flatten(values: Sequence[Any]) -> list[Any]:
-    if values and isinstance(values[0], list):
-        return [v for row in values for v in row]
-    return list(values)
-
-
-def _shape_of(values: Sequence[Any]) -> tuple[int, ...]:
-    if values and isinstance(values[0], list):
-        return (len(values), len(values[0]))
-    return (len(values),)
-
-
-def _to_float(value: Any) -> float:
-    if value is None:
-        return math.nan
-    if isinstance(value, str):
-        try:
-            return _WIRE_TO_FLOAT[value]
-        except KeyError:
-            raise ValueError(f"unexpected string {value!r} where a number was expected") from None
-    return float(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +100,12 @@ class StepBatch:
 
     def __len__(self) -> int:
         return len(self.step)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the batch's arrays (its memory footprint, to a few hundred bytes)."""
+        arrays = (getattr(self, f.name) for f in dataclasses.fields(self))
+        return sum(int(a.nbytes) for a in arrays if isinstance(a, np.ndarray))
 
     def to_wire(self, dropped_batches: Mapping[str, int] | None = None) -> dict[str, Any]:
         """Return the JSON-ready wire dict (schema 1).

@@ -263,7 +263,7 @@ class Sender:
             ``False`` if the queue was full (in batches or bytes) or the sender
             closed (the batch is dropped and counted), else ``True``.
         """
-        size = _nbytes(batch)
+        size = batch.nbytes
         with self._cond:
             if self._closing:
                 self._dropped[DropReason.SHUTDOWN] += 1
@@ -451,7 +451,7 @@ class Sender:
                         item = self._items.popleft()
                         if isinstance(item, StepBatch):
                             self._queued_batches -= 1
-                            self._queued_bytes -= _nbytes(item)
+                            self._queued_bytes -= item.nbytes
                             self._in_flight = item
                         self._cond.notify_all()  # for wait_for(): the queue changed
                         break
@@ -743,25 +743,3 @@ class Sender:
         if callable(reset):
             reset()
         close_at_exit(self._close_at_exit)
-
-
-_ARRAY_FIELDS = (
-    "step",
-    "loss",
-    "loss_known",
-    "global_norm",
-    "global_norm_clipped",
-    "clip_coef",
-    "skipped",
-    "grad_norm",
-    "nonfinite",
-    "weight_norm",
-    "update_ratio",
-    "weights_known",
-)
-
-
-def _nbytes(batch: StepBatch) -> int:
-    """Bytes of a batch's arrays (its memory footprint, to a few hundred bytes)."""
-    arrays = (getattr(batch, name) for name in _ARRAY_FIELDS)
-    return sum(int(array.nbytes) for array in arrays if array is not None)

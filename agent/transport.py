@@ -36,6 +36,8 @@ from typing import Any, Protocol, TypeVar
 
 import httpx
 
+from gradwatch.wire import decode_float
+
 __all__ = [
     "HttpTransport",
     "JsonlTransport",
@@ -373,9 +375,8 @@ class LocalSummary:
 
 
 def _wire_float(value: Any) -> float:
-    if isinstance(value, str):
-        return {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}.get(value, math.nan)
-    return math.nan if value is None else float(value)
+    """A wire float of a batch this process wrote itself; ``None`` (unknown) reads as NaN."""
+    return math.nan if value is None else decode_float(value)
 
 
 class JsonlTransport:

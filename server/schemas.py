@@ -7,7 +7,6 @@ All models are immutable once validated and safe to share between threads.
 
 from __future__ import annotations
 
-import math
 from datetime import datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
@@ -29,6 +28,16 @@ from pydantic_core import CoreSchema, core_schema
 from gradwatch.server.detect import Rule, Severity
 from gradwatch.server.metric import Metric
 from gradwatch.server.models import RunStatus
+from gradwatch.wire import (
+    LAYER_FIELDS,
+    MAX_COUNT,
+    MAX_STEP,
+    NONFINITE_STRINGS,
+    RUN_FIELDS,
+    SCHEMA_VERSION,
+    decode_float,
+    encode_float,
+)
 
 __all__ = [
     "NO_NUL_PATTERN",
@@ -56,31 +65,9 @@ __all__ = [
     "encode_float",
 ]
 
-SCHEMA_VERSION = 1
-"""The ``schema`` value of the ``StepBatch`` format this server reads."""
-
-_INT64_MAX = 2**63 - 1
-_MAX_COUNT = 2**53
-"""Largest count accepted: counts must stay exact in the float64 summary columns."""
-_NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
-
 
 def _decode_non_finite(text: str) -> float:
-    return _NON_FINITE[text]
-
-
-def encode_float(value: float) -> float | str:
-    """A float as JSON carries it: itself, or ``"NaN"``, ``"Infinity"``, ``"-Infinity"``."""
-    if math.isfinite(value):
-        return value
-    if math.isnan(value):
-        return "NaN"
-    return "Infinity" if value > 0 else "-Infinity"
-
-
-def decode_float(value: float | str) -> float:
-    """The inverse of :func:`encode_float`."""
-    return _NON_FINITE[value] if isinstance(value, str) else float(value)
+    return NONFINITE_STRINGS[text]
 
 
 class _WireFloatSchema:
@@ -95,7 +82,7 @@ class _WireFloatSchema:
             [
                 core_schema.float_schema(strict=True),
                 core_schema.no_info_after_validator_function(
-                    _decode_non_finite, core_schema.literal_schema(list(_NON_FINITE))
+                    _decode_non_finite, core_schema.literal_schema(list(NONFINITE_STRINGS))
                 ),
             ],
             custom_error_type="wire_float",
@@ -108,8 +95,8 @@ class _WireFloatSchema:
 WireFloat = Annotated[float, _WireFloatSchema]
 """A float as it travels: JSON number or "NaN" / "Infinity" / "-Infinity"."""
 
-_Count = Annotated[StrictInt, Field(ge=0, le=_MAX_COUNT)]
-_Step = Annotated[StrictInt, Field(ge=0, le=_INT64_MAX)]
+_Count = Annotated[StrictInt, Field(ge=0, le=MAX_COUNT)]
+_Step = Annotated[StrictInt, Field(ge=0, le=MAX_STEP)]
 NO_NUL_PATTERN = r"^[^\x00]*$"
 """Strings without NUL characters (PostgreSQL text cannot hold them)."""
 PROJECT_PATTERN = r"^[A-Za-z0-9._-]{1,100}$"
@@ -117,8 +104,6 @@ PROJECT_PATTERN = r"^[A-Za-z0-9._-]{1,100}$"
 _NO_NUL = NO_NUL_PATTERN
 _LayerName = Annotated[StrictStr, Field(min_length=1, max_length=1024, pattern=_NO_NUL)]
 _DropReason = Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
-_RUN_LEVEL_FIELDS = ("loss", "global_norm", "global_norm_clipped", "clip_coef", "skipped")
-_LAYER_FIELDS = ("grad_norm", "nonfinite", "weight_norm", "update_ratio")
 
 
 class _Wire(BaseModel):
@@ -181,7 +166,7 @@ class StepBatch(_Wire):
             )
         return steps
 
-    @field_validator(*_RUN_LEVEL_FIELDS)
+    @field_validator(*RUN_FIELDS)
     @classmethod
     def _check_one_per_step(cls, values: list[Any] | None, info: ValidationInfo) -> Any:
         steps = info.data.get("step")
@@ -191,7 +176,7 @@ class StepBatch(_Wire):
             )
         return values
 
-    @field_validator(*_LAYER_FIELDS)
+    @field_validator(*LAYER_FIELDS)
     @classmethod
     def _check_step_by_layer(cls, rows: list[list[Any]] | None, info: ValidationInfo) -> Any:
         steps = info.data.get("step")

@@ -234,7 +234,7 @@ def test_sender_submit_never_blocks_and_drops_when_queue_full(make_sender):
 def test_sender_submit_drops_when_queue_bytes_exceeded(make_sender):
     transport = ScriptedTransport()
     transport.gate.clear()
-    one = sender_module._nbytes(_batch(0, steps=10))
+    one = _batch(0, steps=10).nbytes
     sender = make_sender(transport, queue_max_bytes=2 * one)
     assert sender.submit(_batch(0, steps=10))
     assert sender.wait_for(lambda: sender.queued_batches == 0, timeout_seconds=10)  # in flight
