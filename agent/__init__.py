@@ -10,8 +10,8 @@ Typical use::
     monitor.close()
 
 Never imports FastAPI or SQLAlchemy. TensorFlow and Keras are imported on first use of
-a name that needs them (PEP 562), so the transport, spool and records modules, which
-``gradwatch upload`` uses, work without loading TensorFlow.
+a name that needs them (PEP 562), so the transport, spool, local, upload, delivery and
+records modules, which ``gradwatch upload`` uses, work without loading TensorFlow.
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from gradwatch.agent.config import ConfigError, MonitorConfig
-from gradwatch.agent.records import StepBatch
+from .config import ConfigError, MonitorConfig
+from .records import StepBatch
 
 if TYPE_CHECKING:
-    from gradwatch.agent import clip
-    from gradwatch.agent.monitor import GradientMonitor, MonitoredOptimizer
+    from . import clip
+    from .monitor import GradientMonitor
+    from .optimizer import MonitoredOptimizer
 
 __all__ = [
     "ConfigError",
@@ -36,14 +37,14 @@ __all__ = [
 ]
 
 _LAZY = {
-    "GradientMonitor": "gradwatch.agent.monitor",
-    "MonitoredOptimizer": "gradwatch.agent.monitor",
+    "GradientMonitor": ".monitor",
+    "MonitoredOptimizer": ".optimizer",
 }
 
 
 def __getattr__(name: str) -> Any:
     if name == "clip":
-        return importlib.import_module("gradwatch.agent.clip")
+        return importlib.import_module(".clip", __name__)
     if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module 'gradwatch.agent' has no attribute {name!r}")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from gradwatch.agent.spool import default_spool_dir
+from .spool import default_spool_dir
 
 __all__ = ["ConfigError", "MonitorConfig", "check_server_url", "check_writable_directory"]
 

@@ -22,30 +22,27 @@ on the wire); with a spool they are also kept on disk, so a restarted process
 continues them. No exception raised by a transport or the spool ever reaches
 the caller.
 
-Process events: every sender is closed at interpreter exit (:func:`close_at_exit`
-holds only a weak reference), and after ``os.fork`` the child's senders drop
-the parent's queue, get fresh locks and connections, and start their thread on
-first use.
+Process events (:mod:`gradwatch.agent.lifecycle`): every sender is closed at
+interpreter exit (the registry holds only a weak reference), and after
+``os.fork`` the child's senders drop the parent's queue, get fresh locks and
+connections, and start their thread on first use.
 """
 
 from __future__ import annotations
 
-import atexit
-import itertools
 import logging
-import os
 import random
 import threading
 import time
-import weakref
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from gradwatch.agent.records import StepBatch
-from gradwatch.agent.spool import Spool, SpoolState
-from gradwatch.agent.transport import (
+from .lifecycle import close_at_exit, reset_after_fork
+from .records import StepBatch
+from .spool import Spool, SpoolState
+from .transport import (
     RejectedError,
     RetryableError,
     RetryPolicy,
@@ -57,10 +54,8 @@ from gradwatch.agent.transport import (
 __all__ = [
     "Clock",
     "DropReason",
-    "RetryPolicy",
     "Sender",
     "SystemClock",
-    "close_at_exit",
 ]
 
 log = logging.getLogger("gradwatch.agent")
@@ -120,53 +115,6 @@ class _Status:
 
 class _ShutdownError(Exception):
     """The sender is closing: stop waiting for a retry."""
-
-
-# -- interpreter exit and fork -------------------------------------------------------------
-
-_exit_keys = itertools.count()
-_exit_calls: dict[int, weakref.WeakMethod[Callable[[], object]]] = {}
-_senders: weakref.WeakSet[Sender] = weakref.WeakSet()
-
-
-def close_at_exit(method: Callable[[], object]) -> None:
-    """Call the bound ``method`` at interpreter exit, unless its object was collected.
-
-    Holds only a weak reference, so registering never keeps an object alive.
-    Calls run in reverse order of registration (a monitor registered after its
-    sender closes first). Exceptions are logged, never raised. Thread-safe.
-    """
-    key = next(_exit_keys)
-
-    def forget(_: object) -> None:
-        _exit_calls.pop(key, None)
-
-    _exit_calls[key] = weakref.WeakMethod(method, forget)  # type: ignore[arg-type]
-
-
-def _run_exit_calls() -> None:
-    for key in sorted(_exit_calls, reverse=True):
-        reference = _exit_calls.pop(key, None)
-        method = reference() if reference is not None else None
-        if method is None:
-            continue
-        try:
-            method()
-        except Exception:
-            log.exception("gradwatch: error while closing at interpreter exit")
-
-
-def _after_fork_in_child() -> None:
-    # The parent's monitors must not set its run's status from the child at exit;
-    # each sender re-registers its own flush-and-close.
-    _exit_calls.clear()
-    for sender in list(_senders):
-        sender._reset_after_fork()
-
-
-atexit.register(_run_exit_calls)
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 # -- the sender ----------------------------------------------------------------------------
@@ -251,8 +199,8 @@ class Sender:
                 self._replay_at = self._clock.monotonic()
         self._thread: threading.Thread | None = None
         self._start_thread()
-        _senders.add(self)
         close_at_exit(self._close_at_exit)
+        reset_after_fork(self._reset_after_fork)
 
     # -- training-thread API ---------------------------------------------------------------
 

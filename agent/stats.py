@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import tensorflow as tf
 
-from gradwatch.agent.layers import LayerLayout
+from .layers import LayerLayout
 
 __all__ = [
     "GradientStats",

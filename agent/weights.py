@@ -33,8 +33,8 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from gradwatch.agent.layers import LayerLayout
-from gradwatch.agent.stats import compute_gradient_stats
+from .layers import LayerLayout
+from .stats import compute_gradient_stats
 
 __all__ = ["WeightSnapshot", "update_ratio"]
 

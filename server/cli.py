@@ -266,9 +266,9 @@ def upload(
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow is imported
     from gradwatch.agent.config import ConfigError, check_server_url
-    from gradwatch.agent.spool import UploadResult
-    from gradwatch.agent.spool import upload as upload_runs
     from gradwatch.agent.transport import HttpTransport, RetryPolicy
+    from gradwatch.agent.upload import UploadResult
+    from gradwatch.agent.upload import upload as upload_runs
 
     try:
         url = check_server_url(server)

@@ -20,11 +20,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gradwatch.agent import sender as sender_module
+from gradwatch.agent import lifecycle
+from gradwatch.agent.lifecycle import close_at_exit
 from gradwatch.agent.records import StepBatch
-from gradwatch.agent.sender import DropReason, RetryPolicy, Sender, close_at_exit
+from gradwatch.agent.sender import DropReason, Sender
 from gradwatch.agent.spool import Spool, SpoolState
-from gradwatch.agent.transport import RejectedError, RetryableError, RunInfo
+from gradwatch.agent.transport import RejectedError, RetryableError, RetryPolicy, RunInfo
 
 RUN = RunInfo(run_id="00000000-0000-4000-8000-000000000000", name="r", project="p")
 ROOT = Path(__file__).resolve().parents[2]
@@ -384,12 +385,12 @@ def test_close_at_exit_keeps_only_a_weak_reference():
     close_at_exit(owner.finish)
     keys = [
         key
-        for key, ref in sender_module._exit_calls.items()
+        for key, ref in lifecycle._exit_calls.items()
         if getattr(ref(), "__self__", None) is owner
     ]
     assert len(keys) == 1
     del owner  # the last strong reference: freed at once (no cycle)
-    assert keys[0] not in sender_module._exit_calls  # collected, and forgotten
+    assert keys[0] not in lifecycle._exit_calls  # collected, and forgotten
     assert calls == []
 
 
@@ -409,7 +410,8 @@ _SCRIPT_PRELUDE = """
     import numpy as np
     from gradwatch.agent.records import StepBatch
     from gradwatch.agent.sender import Sender
-    from gradwatch.agent.transport import JsonlTransport, RunInfo
+    from gradwatch.agent.local import JsonlTransport
+    from gradwatch.agent.transport import RunInfo
 
     def batch(step):
         return StepBatch(
@@ -549,7 +551,7 @@ def test_http_transport_classifies_failures_by_the_retry_rules():
 
 
 def test_local_summary_counts_clipped_skipped_and_nonfinite_steps(tmp_path):
-    from gradwatch.agent.transport import JsonlTransport, read_run_file
+    from gradwatch.agent.local import JsonlTransport, read_run_file
 
     batch = _batch(0, steps=4)
     batch.global_norm[:] = [1.0, np.inf, np.nan, 5.0]

@@ -1,0 +1,168 @@
+"""Every use of private Keras and TensorFlow API in the agent, in one module.
+
+Each helper names the private attribute it touches, why gradwatch needs it and
+what it relies on. All were measured on TensorFlow 2.21 / Keras 3.15 (CPU,
+graph and XLA) and are covered by ``tests/agent`` (accumulation, mixed
+precision, distribute, checkpoint); a Keras upgrade that renames one fails those
+tests here rather than somewhere in the monitor.
+
+* ``tf.__internal__.tracking.Trackable`` / ``AutoTrackable`` and
+  ``Trackable._track_trackable``: make the monitor a checkpoint dependency, so
+  ``tf.train.Checkpoint(model=model, monitor=monitor)`` saves the step counter
+  and the policy state (Keras callbacks are not trackable).
+* ``object.__setattr__`` on a Keras optimizer: keeps the monitor out of Keras'
+  tracking ``__setattr__`` (it would become an optimizer dependency).
+* ``_distributed_container`` / ``_unique_id`` of ``tf.Variable``: one identity
+  for a variable across replicas and Keras wrappers.
+* ``Optimizer._trainable_variables``: what ``apply(grads)`` without variables
+  applies to (Keras' own default).
+* ``Optimizer._clip_gradients``, ``_apply_weight_decay``,
+  ``_backend_update_step``: shadowed during one trace, so
+  ``gradient_accumulation_steps`` is measured and clipped on the averaged
+  gradient once per real update, where Keras clips it.
+* ``LossScaleOptimizer._stateful_handle_non_finite_grads`` and ``scale_loss``:
+  shadowed while training, so overflow steps the LSO skips without calling the
+  wrapper are recorded, and the unscaled loss is seen.
+
+Shadowing is done by writing to the instance ``__dict__`` (``vars(obj)``) and
+undone by removing the entry, never by patching the class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import tensorflow as tf
+
+__all__ = [
+    "AutoTrackable",
+    "Trackable",
+    "apply_accumulating",
+    "default_variables",
+    "hook_loss_scale",
+    "set_untracked",
+    "track",
+    "unhook_loss_scale",
+    "variable_key",
+]
+
+Trackable: Any = tf.__internal__.tracking.Trackable
+"""Base class of objects ``tf.train.Checkpoint`` can save (not exported by ``tf``)."""
+
+AutoTrackable: Any = tf.__internal__.tracking.AutoTrackable
+"""A trackable whose attributes (variables, modules) are its checkpoint dependencies."""
+
+Process = Callable[[list[Any], list[Any]], tuple[list[Any], Any, Any]]
+"""``(grads, variables) -> (new grads, skip tensor or None, row)``: measure and clip."""
+
+Record = Callable[[Any, list[Any]], None]
+"""``(row, variables) -> None``: write the row after the update."""
+
+_LSO_HOOKS = ("_stateful_handle_non_finite_grads", "scale_loss")
+
+
+def track(owner: Any, child: Any, name: str) -> None:
+    """Make ``child`` a checkpoint dependency of the trackable ``owner`` under ``name``."""
+    owner._track_trackable(child, name=name)
+
+
+def set_untracked(obj: Any, name: str, value: Any) -> None:
+    """Set ``obj.name`` bypassing Keras' tracking ``__setattr__`` (no dependency is made)."""
+    object.__setattr__(obj, name, value)
+
+
+def variable_key(variable: Any) -> object:
+    """Identity of a variable that is the same across replicas and wrappers."""
+    value = getattr(variable, "value", variable)  # keras.Variable → tf.Variable
+    if hasattr(value, "_distributed_container"):
+        value = value._distributed_container()
+    return getattr(value, "_unique_id", id(value))
+
+
+def default_variables(optimizer: Any) -> list[Any]:
+    """The variables ``optimizer.apply(grads)`` updates when given none (Keras' default)."""
+    return list(optimizer._trainable_variables)
+
+
+def apply_accumulating(
+    inner: Any, grads: list[Any], variables: list[Any], process: Process, record: Record
+) -> None:
+    """``inner.apply`` with ``gradient_accumulation_steps``, measured on each real update.
+
+    Keras adds each micro-batch's gradient to its accumulators and, on every
+    n-th call, averages them and clips the average inside its own ``tf.cond``.
+    This runs ``process`` and ``record`` at that same point, once per real
+    update, by shadowing three of ``inner``'s methods while this call traces
+    it: the Keras clipping (``_clip_gradients``) and the decoupled weight decay
+    (``_apply_weight_decay``) are deferred to the update
+    (``_backend_update_step``), which runs ``process`` first and skips all three
+    together when it returns a true skip tensor (the accumulators are reset and
+    ``iterations`` advances either way, as Keras does). In-graph; not
+    thread-safe (the shadowing lasts for this call).
+    """
+    clip_gradients = inner._clip_gradients
+    apply_weight_decay = inner._apply_weight_decay
+    update_step = inner._backend_update_step
+    decayed: list[Any] = []
+
+    def update_averaged(averaged: Any, trainable: Any, learning_rate: Any) -> None:
+        trainable = list(trainable)
+        new_grads, skip, row = process(list(averaged), trainable)
+        new_grads = clip_gradients(new_grads)
+
+        def update() -> tf.Tensor:
+            for decay_variables in decayed:
+                apply_weight_decay(decay_variables)
+            update_step(new_grads, trainable, learning_rate)
+            return tf.constant(True)
+
+        if skip is None:
+            update()
+        else:
+            tf.cond(skip, lambda: tf.constant(False), update)
+        record(row, trainable)
+
+    hooks: dict[str, Callable[..., Any]] = {
+        "_clip_gradients": lambda averaged: averaged,
+        "_apply_weight_decay": decayed.append,
+        "_backend_update_step": update_averaged,
+    }
+    vars(inner).update(hooks)
+    try:
+        inner.apply(grads, variables)
+    finally:
+        for name in hooks:
+            vars(inner).pop(name, None)
+
+
+def hook_loss_scale(
+    optimizer: Any, on_overflow: Callable[[], None], on_loss: Callable[[Any], None]
+) -> None:
+    """Let the monitor see what a ``LossScaleOptimizer`` keeps from the wrapper.
+
+    The LSO skips an overflow step without calling the wrapper, and scales the
+    loss without calling the inner optimizer's ``scale_loss``. Its two methods
+    are shadowed on the instance until :func:`unhook_loss_scale` (functions
+    traced meanwhile keep the hooks): ``on_overflow()`` runs in-graph on an
+    overflow step, ``on_loss(loss)`` with the unscaled loss of every step.
+    """
+    handle_non_finite = optimizer._stateful_handle_non_finite_grads
+    scale_loss = optimizer.scale_loss
+
+    def hooked_handle_non_finite() -> Any:
+        on_overflow()
+        return handle_non_finite()
+
+    def hooked_scale_loss(loss: Any) -> Any:
+        on_loss(loss)
+        return scale_loss(loss)
+
+    vars(optimizer)["_stateful_handle_non_finite_grads"] = hooked_handle_non_finite
+    vars(optimizer)["scale_loss"] = hooked_scale_loss
+
+
+def unhook_loss_scale(optimizer: Any) -> None:
+    """Undo :func:`hook_loss_scale` (no-op for an optimizer that was not hooked)."""
+    for name in _LSO_HOOKS:
+        vars(optimizer).pop(name, None)

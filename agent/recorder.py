@@ -1,0 +1,336 @@
+"""StepRecorder: a monitor's step pipeline, from the gradients in the train step to batches.
+
+In-graph, inside the train step (called by
+:class:`~gradwatch.agent.optimizer.MonitoredOptimizer`): compute the step's
+statistics, apply the clip policy, and write one row into the
+:class:`~gradwatch.agent.ring.Ring`. On the host, between steps (called by the
+monitor's callback hooks or ``on_step``): take and measure weight snapshots
+every ``stats_every`` steps, and every ``flush_every`` steps read the ring and
+submit its rows as :class:`~gradwatch.agent.records.StepBatch`\\ es.
+
+The ring holds ``flush_every + steps_per_execution`` rows: the host reads as
+soon as ``flush_every`` steps may be pending, and at most
+``steps_per_execution`` more run before the next callback, so no row is
+overwritten unread. Steps lost anyway (a custom loop that calls ``on_step``
+too rarely) are counted in :attr:`StepRecorder.lost_steps`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from . import _keras_compat as compat
+from .clip import ClipContext, ClipPolicy
+from .clip.base import state_variable
+from .config import ConfigError, MonitorConfig
+from .layers import LayerLayout, layout_of
+from .records import StepBatch
+from .ring import Ring, StepRow
+from .stats import compute_gradient_stats
+from .weights import WeightSnapshot
+
+__all__ = ["StepRecorder"]
+
+log = logging.getLogger("gradwatch.agent")
+
+
+class StepRecorder:
+    """Measures, clips and records the steps of one monitor.
+
+    Training-thread object, not thread-safe. The in-graph methods
+    (:meth:`process`, :meth:`record_row`, :meth:`record_overflow_step`,
+    :meth:`record_loss`) never sync with the host; the host methods block only
+    on reading the ring (a few KB) and on :func:`submit`, which never blocks.
+
+    Args:
+        config: The monitor's settings (``flush_every``, ``stats_every``).
+        policy: The clip policy, or ``None``.
+        submit: Where batches go (the sender's non-blocking ``submit``).
+        checkpointed: The trackable that ``tf.train.Checkpoint`` saves: the
+            step counter and the policy state are attached to it.
+    """
+
+    def __init__(
+        self,
+        config: MonitorConfig,
+        policy: ClipPolicy | None,
+        submit: Callable[[StepBatch], object],
+        checkpointed: Any,
+    ) -> None:
+        self._config = config
+        self._policy = policy
+        self._submit = submit
+        self._checkpointed = checkpointed
+        self.ring: Ring | None = None
+        self.steps_per_call = 1  # steps per host callback (steps_per_execution)
+        self.weights_in_step = False  # trace time: the step measures itself (see module doc)
+        self._var_segments: dict[object, int] = {}
+        self._variables: list[Any] = []  # as built: what an overflow step measures
+        self._snapshot: WeightSnapshot | None = None  # None: weight statistics off
+        self._until_snapshot = 0  # micro-batches until the next weight snapshot
+        self._measure_tries = 0  # host calls left to measure the step after the snapshot
+        self._measure_fn: Any = None  # the host-called measurement, for the current ring
+        self._accumulation = 1  # micro-batches per recorded step
+        self._unread_estimate = 0
+        self._read_count: int | None = None
+        self._lost_steps = 0
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """Layer names in reporting order (empty until built)."""
+        return self.ring.layout.names if self.ring is not None else ()
+
+    @property
+    def lost_steps(self) -> int:
+        """Steps overwritten in the ring before the host read them."""
+        return self._lost_steps
+
+    # -- building ------------------------------------------------------------------------
+
+    def build(self, variables: Sequence[Any], inner: keras.optimizers.Optimizer) -> None:
+        """Create the in-graph state for ``variables`` (once).
+
+        Runs eagerly even when Keras builds the optimizer during tracing (as it
+        may under a distribution strategy): variables are lifted out of the graph.
+        """
+        if self.ring is not None:
+            return
+        with tf.init_scope():
+            layout = layout_of(variables)
+            self.ring = Ring(layout, self._capacity(), self._weights_on)
+            self._var_segments = {
+                compat.variable_key(v): seg
+                for v, seg in zip(variables, layout.segment_ids, strict=True)
+            }
+            self._variables = list(variables)
+            self._accumulation = inner.gradient_accumulation_steps or 1
+            # Tracked attributes: a checkpoint restored before this point is applied now.
+            first_step = int(inner.iterations.numpy()) if inner.built else 0
+            self._checkpointed.step = state_variable(first_step, tf.int64, "step")
+            if self._policy is not None:
+                self._checkpointed.policy = self._policy.init(variables, layout)
+            self._read_count = 0
+            if self._weights_on:
+                step = int(self._checkpointed.step.numpy())
+                keys = [compat.variable_key(v) for v in variables]
+                self._snapshot = WeightSnapshot(variables, keys, step)
+                self._until_snapshot = self._config.stats_every * self._accumulation
+                self._measure_tries = self._accumulation  # custom loops: measure the first step
+
+    def ensure_capacity(self) -> bool:
+        """Grow the ring if ``steps_per_call`` needs more rows; True if it grew."""
+        ring = self.ring
+        if ring is None or ring.capacity >= self._capacity():
+            return False
+        self.collect()
+        self.ring = Ring(ring.layout, self._capacity(), self._weights_on)
+        self._measure_fn = None  # traced with the old ring
+        self._read_count = 0
+        return True
+
+    def begin_fit(self) -> bool:
+        """Host, at the start of ``fit`` (after :meth:`ensure_capacity`): snapshot the weights.
+
+        Decides whether the train step measures its weights itself (with
+        ``steps_per_execution`` > 1 there is no host call between its steps).
+
+        Returns:
+            Whether that decision changed, so the train function must be retraced.
+        """
+        in_step = self._snapshot is not None and self.steps_per_call > 1
+        changed = in_step != self.weights_in_step
+        self.weights_in_step = in_step
+        self.snapshot_weights()  # the weights may have changed since the last fit
+        return changed
+
+    # -- in-graph ------------------------------------------------------------------------
+
+    def record_loss(self, loss: Any) -> None:
+        """Record the current step's loss (in-graph; no host sync)."""
+        if self.ring is None:
+            return
+        value = tf.cast(tf.reduce_mean(loss), tf.float32)
+        replica = tf.distribute.get_replica_context()
+        if replica is not None and replica.num_replicas_in_sync > 1:
+            # Keras scales each replica's loss by 1/N; their sum is the global mean.
+            value = replica.all_reduce(tf.distribute.ReduceOp.SUM, value)
+        self.ring.add_loss(value)
+
+    def process(
+        self, grads: list[Any], variables: list[Any]
+    ) -> tuple[list[Any], tf.Tensor | None, StepRow]:
+        """In-graph: measure and clip one step. Returns (grads, skip or None, row to record)."""
+        layout = self._layout_for(variables)
+        stats = compute_gradient_stats(grads, layout)
+        skip: tf.Tensor | None = None
+        coef = tf.constant(1.0)
+        norm_after = stats.global_norm
+        step = self._checkpointed.step.read_value()
+        if self._policy is not None:
+            result = self._policy.apply(
+                grads, self._checkpointed.policy, ClipContext(stats, variables, layout, step)
+            )
+            grads, coef, skip = result.grads, result.clip_coef, result.skip
+            after = (
+                result.stats if result.stats is not None else compute_gradient_stats(grads, layout)
+            )
+            norm_after = after.global_norm
+        row = StepRow(
+            step=step,
+            layout=layout,
+            global_norm=stats.global_norm,
+            global_norm_clipped=norm_after,
+            clip_coef=coef,
+            skipped=tf.constant(False) if skip is None else skip,
+            layer_norms=stats.layer_norms,
+            layer_nonfinite=stats.layer_nonfinite,
+        )
+        return grads, skip, row
+
+    def record_row(self, row: StepRow, variables: Sequence[Any]) -> None:
+        """In-graph, after the update: write ``row`` into the ring and advance the step counter.
+
+        With ``steps_per_execution`` > 1 and weight statistics on, also measures
+        the weights of ``variables`` on the step after a snapshot.
+        """
+        state = self.ring
+        assert state is not None, "the wrapped optimizer was not built"
+        snapshot = self._snapshot if self.weights_in_step else None
+        if snapshot is None:
+            state.write(row, tf.constant(False))
+        else:
+            keys = [compat.variable_key(v) for v in variables]
+            state.write(
+                row,
+                tf.equal(row.step, snapshot.step),
+                lambda: snapshot.measure(variables, keys, row.layout),
+            )
+        self._checkpointed.step.assign_add(1)
+
+    def _measure_last_step(self) -> None:
+        """Traced into :attr:`_measure_fn`: measure the last recorded step if it is due.
+
+        Due: it is the step after the snapshot and was not measured yet.
+        """
+        state, snapshot = self.ring, self._snapshot
+        assert state is not None
+        assert snapshot is not None
+        keys = [compat.variable_key(v) for v in self._variables]
+        state.weigh_last_if(
+            snapshot.step, lambda: snapshot.measure(self._variables, keys, state.layout)
+        )
+
+    def record_overflow_step(self) -> None:
+        """In-graph: record a step the LossScaleOptimizer skipped because of overflow.
+
+        The scaled gradient overflowed, so no norm of the unscaled gradient can be
+        measured: the step is reported skipped, with NaN norms, clip coefficient 0
+        and no non-finite values (the model's own gradient was not at fault); its
+        weights are measured as on any step (unchanged: update ratio 0).
+        """
+        state = self.ring
+        if state is None:
+            return
+        layout = state.layout
+        nan = tf.constant(float("nan"), tf.float32)
+        step = self._checkpointed.step.read_value()
+        row = StepRow(
+            step=step,
+            layout=layout,
+            global_norm=nan,
+            global_norm_clipped=tf.constant(0.0),
+            clip_coef=tf.constant(0.0),
+            skipped=tf.constant(True),
+            layer_norms=tf.fill([layout.num_layers], nan),
+            layer_nonfinite=tf.zeros([layout.num_layers], tf.int32),
+        )
+        self.record_row(row, self._variables)
+
+    # -- host side -----------------------------------------------------------------------
+
+    def before_step(self) -> None:
+        """Host, before a step: snapshot the weights if one is due (``stats_every``)."""
+        if self._until_snapshot <= 0:
+            self.snapshot_weights()
+
+    def after_steps(self, steps: int) -> None:
+        """Host, after ``steps`` steps (one call): measure weights, read the ring if due."""
+        self._measure_weights()
+        self._unread_estimate += steps
+        self._until_snapshot -= steps
+        self._collect_if_due()
+
+    def collect(self) -> None:
+        """Host side: read the steps recorded since the last read and submit them."""
+        self._unread_estimate = 0
+        state = self.ring
+        if state is None or self._read_count is None:
+            return
+        read = state.read(self._read_count)
+        self._read_count = read.recorded
+        if read.lost:
+            self._lost_steps += read.lost
+            log.warning(
+                "gradwatch: %d steps were overwritten before they were read; "
+                "call on_step() after every step",
+                read.lost,
+            )
+        for batch in read.batches:
+            self._submit(batch)
+
+    def _collect_if_due(self) -> None:
+        """Read once ``flush_every`` steps may be pending (micro-batches counted by the caller)."""
+        if self._unread_estimate >= self._config.flush_every * self._accumulation:
+            self.collect()
+
+    def snapshot_weights(self) -> None:
+        """Host side: copy the weights before the next step, to measure that step.
+
+        With ``steps_per_execution`` > 1 this happens between executions, so the
+        step measured is the first of the next one. No-op when stats are off.
+        """
+        if self._snapshot is None:
+            return
+        self._snapshot.take(self._checkpointed.step)
+        self._until_snapshot = self._config.stats_every * self._accumulation
+        # The step after the snapshot is recorded within one gradient accumulation cycle.
+        self._measure_tries = 0 if self.weights_in_step else self._accumulation
+
+    def _measure_weights(self) -> None:
+        """Host side, after a step: measure it if it is the step after the snapshot.
+
+        One call of a compiled function that reads the weights and writes the
+        last ring row; a no-op there while that step has not been recorded yet.
+        """
+        snapshot = self._snapshot
+        if snapshot is None or self._measure_tries <= 0:
+            return
+        self._measure_tries -= 1
+        if self._measure_fn is None:
+            self._measure_fn = tf.function(self._measure_last_step, autograph=False)
+        with snapshot.strategy.scope():
+            self._measure_fn()
+
+    def _capacity(self) -> int:
+        return self._config.flush_every + self.steps_per_call
+
+    @property
+    def _weights_on(self) -> bool:
+        return self._config.stats_every > 0
+
+    def _layout_for(self, variables: Sequence[Any]) -> LayerLayout:
+        """The layer groups of ``variables``, in the order given."""
+        ring = self.ring
+        assert ring is not None, "the wrapped optimizer was not built"
+        try:
+            segments = tuple(self._var_segments[compat.variable_key(v)] for v in variables)
+        except KeyError:
+            raise ConfigError(
+                "variables: apply() got a variable the optimizer was not built with"
+            ) from None
+        return LayerLayout(ring.layout.names, segments)
