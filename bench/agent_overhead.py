@@ -15,7 +15,7 @@ the best of the repeats are kept, the best being robust to other load on a share
 
 (b), (c) and (f) use the monitor's default ``stats_every``.
 
-    python bench/agent_overhead.py [--steps 30] [--repeats 5] [--jit]
+    python -m bench.agent_overhead [--steps 30] [--repeats 5] [--jit]
 
 Model: an MLP of 50 Dense(350) layers (100 variables, 6.1M parameters), batch 256, CPU.
 """

@@ -15,7 +15,7 @@ with a full in-memory queue.
    objects and NumPy arrays), for the default caps (1000 batches, 64 MiB) and with the
    byte cap lifted (what 1000 batches would cost).
 
-    python bench/delivery.py [--steps 400] [--repeats 3] [--flush-every 10]
+    python -m bench.delivery [--steps 400] [--repeats 3] [--flush-every 10]
 
 Model: an MLP of 12 Dense(256) layers (24 variables, 0.8M parameters), batch 64, CPU.
 """
@@ -29,7 +29,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import tracemalloc
 from pathlib import Path
@@ -42,9 +41,9 @@ import keras
 import numpy as np
 
 from gradwatch.agent import GradientMonitor
-from gradwatch.agent.records import StepBatch
 from gradwatch.agent.sender import Sender
 from gradwatch.agent.transport import RunInfo
+from tests.fakes import BlockingTransport, step_batch
 
 WIDTH, DEPTH, BATCH = 256, 12, 64
 
@@ -179,49 +178,20 @@ def step_time(steps: int, repeats: int, flush_every: int, retry_deadline: float)
     print(f"  dropped: {monitor.dropped_batches or 'none'}")
 
 
-class _NeverAnswers:
-    def __init__(self) -> None:
-        self.release = threading.Event()
-
-    def create_run(self, run: RunInfo) -> None:
-        self.release.wait()
-
-    def send_batch(self, run_id: str, batch: dict[str, Any]) -> None:
-        self.release.wait()
-
-    def set_status(self, run_id: str, status: str) -> None:
-        self.release.wait()
-
-    def close(self) -> None:
-        self.release.set()
-
-
-def _batch(first: int, steps: int, layers: int) -> StepBatch:
-    return StepBatch(
-        layers=tuple(f"model/layer_{i}" for i in range(layers)),
-        step=np.arange(first, first + steps, dtype=np.int64),
-        loss=np.zeros(steps, np.float32),
-        loss_known=np.ones(steps, bool),
-        global_norm=np.ones(steps, np.float32),
-        global_norm_clipped=np.ones(steps, np.float32),
-        clip_coef=np.ones(steps, np.float32),
-        skipped=np.zeros(steps, bool),
-        grad_norm=np.ones((steps, layers), np.float32),
-        nonfinite=np.zeros((steps, layers), np.int64),
-    )
-
-
 def queue_memory(flush_every: int) -> None:
     print(f"memory with a full in-memory queue (batches of {flush_every} steps):")
     for layers in (50, 500):
+        layer_names = [f"model/layer_{i}" for i in range(layers)]
         for queue_max_bytes, label in ((64 * 2**20, "default caps"), (2**62, "no byte cap")):
-            transport = _NeverAnswers()
+            transport = BlockingTransport()
             run = RunInfo("00000000-0000-4000-8000-00000000be00", "bench", "bench")
             tracemalloc.start()
             base = tracemalloc.get_traced_memory()[0]
             sender = Sender(transport, run, queue_max_bytes=queue_max_bytes)
             held = 0
-            while sender.submit(_batch(held * flush_every, flush_every, layers)):
+            while sender.submit(
+                step_batch(held * flush_every, flush_every, layer_names, loss_known=True)
+            ):
                 held += 1
             current, peak = tracemalloc.get_traced_memory()
             tracemalloc.stop()

@@ -11,7 +11,7 @@
    onset to the first explosion trigger, min / median / max over seeds, and the growth of the
    norm by then (float32 overflows at 3.4e38).
 
-    python bench/detect.py [--layers 500] [--steps 50] [--batches 200] [--quick]
+    python -m bench.detect [--layers 500] [--steps 50] [--batches 200] [--quick]
 """
 
 from __future__ import annotations
@@ -20,19 +20,19 @@ import argparse
 import math
 import statistics
 import time
-from collections.abc import Callable
 
 import numpy as np
 
-from gradwatch.server.detect import (
+from gradwatch.server.detect.rules import (
     DetectorConfig,
     DetectorState,
     Rule,
     StepColumns,
     detect,
 )
+from tests.fakes import NormGenerator, ar1_norms
 
-Generator = Callable[[np.random.Generator, int, int], np.ndarray]
+Generator = NormGenerator
 
 
 def columns(first: int, norms: np.ndarray) -> StepColumns:
@@ -61,29 +61,15 @@ def drift(sigma: float, factor: float) -> Generator:
     return make
 
 
-def ar1(phi: float, sigma: float) -> Generator:
-    """AR(1) log-norm with marginal standard deviation ``sigma``, started stationary."""
-
-    def make(rng: np.random.Generator, steps: int, width: int) -> np.ndarray:
-        noise = rng.standard_normal((steps, width)) * sigma * math.sqrt(1 - phi * phi)
-        x = np.empty((steps, width))
-        x[0] = sigma * rng.standard_normal(width)
-        for t in range(1, steps):
-            x[t] = phi * x[t - 1] + noise[t]
-        return np.exp(x)
-
-    return make
-
-
 SCENARIOS: dict[str, Generator] = {
     "lognormal σ0.3": lognormal(0.3),
     "lognormal σ0.5": lognormal(0.5),
     "lognormal σ1.0": lognormal(1.0),
     "drift ×10 up, σ0.3": drift(0.3, 10.0),
     "drift ×100 down, σ0.3": drift(0.3, 0.01),
-    "AR(1) φ0.9 σ1.0": ar1(0.9, 1.0),
-    "AR(1) φ0.99 σ0.3": ar1(0.99, 0.3),
-    "AR(1) φ0.99 σ0.5": ar1(0.99, 0.5),
+    "AR(1) φ0.9 σ1.0": ar1_norms(0.9, 1.0),
+    "AR(1) φ0.99 σ0.3": ar1_norms(0.99, 0.3),
+    "AR(1) φ0.99 σ0.5": ar1_norms(0.99, 0.5),
 }
 
 

@@ -20,7 +20,7 @@ is given):
 
 PostgreSQL runs with its default durability (fsync on) in a throwaway cluster on 127.0.0.1.
 
-    python bench/ingest.py [--batches 40] [--layers 500] [--steps 50] [--query-steps 1000000]
+    python -m bench.ingest [--batches 40] [--layers 500] [--steps 50] [--query-steps 1000000]
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import argparse
 import gzip
 import json
 import shutil
-import sqlite3
 import statistics
 import sys
 import tempfile
@@ -46,14 +45,15 @@ import numpy as np
 from sqlalchemy import insert, text
 from sqlalchemy.orm import Session
 
-from gradwatch.server import repository
 from gradwatch.server.config import Settings
-from gradwatch.server.db import Database, create_db_engine, upgrade_database
 from gradwatch.server.embedded import EmbeddedServer
-from gradwatch.server.ingest import IngestOptions, ingest_batches, prepare_batch
-from gradwatch.server.models import Block
-from gradwatch.server.run import create_run
+from gradwatch.server.ingest.batch import IngestOptions, ingest_batches, prepare_batch
+from gradwatch.server.query.run import create_run
 from gradwatch.server.schemas import RunCreate, StepBatch
+from gradwatch.server.store import repository
+from gradwatch.server.store.db import Database, create_db_engine, upgrade_database
+from gradwatch.server.store.models import Block
+from tests.fakes import sqlite_file_bytes
 
 _LIMITS = IngestOptions(max_steps=100_000, max_layers=10_000)
 _TABLES = ("runs", "series", "blocks", "batches", "dropped_batches")
@@ -248,15 +248,7 @@ def _query(url: str, run_id: str, layer: str, repeats: int) -> tuple[float, floa
 
 def _size_bytes(url: str) -> int:
     if url.startswith("sqlite"):
-        path = url.removeprefix("sqlite:///")
-        connection = sqlite3.connect(path)
-        try:
-            connection.execute("VACUUM")
-            page_size = connection.execute("PRAGMA page_size").fetchone()[0]
-            pages = connection.execute("PRAGMA page_count").fetchone()[0]
-        finally:
-            connection.close()
-        return int(page_size * pages)
+        return sqlite_file_bytes(url.removeprefix("sqlite:///"))
     engine = create_db_engine(url)
     try:
         with engine.connect() as connection:

@@ -9,7 +9,7 @@ size and the number of series. Target: median ≤ 50 ms for 200 runs × 100 laye
 
 PostgreSQL runs too when its binaries are installed (a throwaway cluster on 127.0.0.1).
 
-    python bench/scrape.py [--runs 200] [--layers 100] [--scrapes 30] [--backends sqlite,postgresql]
+    python -m bench.scrape [--runs 200] [--layers 100] [--scrapes 30] [--backends sqlite,postgresql]
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ from ingest import postgres_databases  # bench/ingest.py, beside this script
 from prometheus_client.parser import text_string_to_metric_families
 
 from gradwatch.server.config import Settings
-from gradwatch.server.db import Database, create_db_engine, upgrade_database
 from gradwatch.server.embedded import EmbeddedServer
-from gradwatch.server.ingest import IngestOptions, ingest_batches
-from gradwatch.server.run import create_run
+from gradwatch.server.ingest.batch import IngestOptions, ingest_batches
+from gradwatch.server.query.run import create_run
 from gradwatch.server.schemas import RunCreate, StepBatch
+from gradwatch.server.store.db import Database, create_db_engine, upgrade_database
 
 _OPTIONS = IngestOptions(max_steps=100_000, max_layers=10_000)
 

@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize(
     "command",
     [
-        ["ruff", "check", "agent", "server", "tests", "bench"],
-        ["ruff", "format", "--check", "agent", "server", "tests", "bench"],
+        ["ruff", "check", "agent", "server", "wire", "tests", "bench"],
+        ["ruff", "format", "--check", "agent", "server", "wire", "tests", "bench"],
     ],
     ids=["ruff-check", "ruff-format"],
 )
@@ -29,7 +29,17 @@ def test_ruff_is_clean(command):
 
 def test_mypy_strict_is_clean():
     result = subprocess.run(
-        [sys.executable, "-m", "mypy", "-p", "gradwatch.agent", "-p", "gradwatch.server"],
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "-p",
+            "gradwatch.agent",
+            "-p",
+            "gradwatch.server",
+            "-p",
+            "gradwatch.wire",
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
