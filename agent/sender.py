@@ -11,7 +11,8 @@ and delivers them through a :class:`~gradwatch.agent.transport.Transport`:
 * Past the deadline the batch goes to the :class:`~gradwatch.agent.spool.Spool`
   (when there is one), and so does every later batch while the spool holds
   anything, so step order is kept. The thread replays the spool, oldest step
-  first, one attempt at a time with backoff, until it is empty.
+  first, one attempt at a time with backoff, until it is empty (that half is
+  :class:`~gradwatch.agent.backlog.SpoolBacklog`).
 * A rejection (other 4xx) is never retried: the server's message is logged once
   per status code and the batch is counted as ``rejected``.
 * At :meth:`Sender.close` whatever was not delivered before the timeout is
@@ -36,12 +37,13 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
+from .backlog import DropReason, SpoolBacklog, Status
+from .clock import Clock, SystemClock
 from .lifecycle import close_at_exit, reset_after_fork
 from .records import StepBatch
-from .spool import Spool, SpoolState
+from .spool import Spool
 from .transport import (
     RejectedError,
     RetryableError,
@@ -52,65 +54,14 @@ from .transport import (
 )
 
 __all__ = [
-    "Clock",
     "DropReason",
     "Sender",
-    "SystemClock",
 ]
 
 log = logging.getLogger("gradwatch.agent")
 
 _JOIN_GRACE_SECONDS = 0.1
 """How long ``close`` waits for the thread to stop once the flush timeout has passed."""
-
-
-class DropReason:
-    """Why a batch was not delivered (the ``reason`` label of drop counters)."""
-
-    QUEUE_FULL = "queue_full"
-    """The in-memory queue was full when the training thread submitted it."""
-    SERVER_UNAVAILABLE = "server_unavailable"
-    """Retried until the deadline, and there is no spool to keep it."""
-    REJECTED = "rejected"
-    """The server refused it (4xx other than 429); retrying cannot help."""
-    SHUTDOWN = "shutdown"
-    """Still queued when the sender closed, and there is no spool to keep it."""
-    SPOOL_FULL = "spool_full"
-    """Deleted from the spool, oldest first, to keep it under its size cap."""
-    SPOOL_ERROR = "spool_error"
-    """Could not be written to, or read back from, the spool."""
-
-
-class Clock(Protocol):
-    """Time for the sender thread: its retry deadlines, backoff and replay schedule."""
-
-    def monotonic(self) -> float:
-        """Seconds on a monotonic clock."""
-        ...
-
-    def wait(self, condition: threading.Condition, timeout_seconds: float | None) -> None:
-        """Wait on ``condition`` (held by the caller) until notified or the timeout passes.
-
-        ``None`` waits until notified. May return early (callers re-check).
-        """
-        ...
-
-
-class SystemClock:
-    """The real clock: ``time.monotonic`` and ``Condition.wait``."""
-
-    def monotonic(self) -> float:
-        """Seconds on ``time.monotonic``."""
-        return time.monotonic()
-
-    def wait(self, condition: threading.Condition, timeout_seconds: float | None) -> None:
-        """Block on ``condition`` up to ``timeout_seconds``."""
-        condition.wait(timeout_seconds)
-
-
-@dataclass(frozen=True, slots=True)
-class _Status:
-    status: str
 
 
 class _ShutdownError(Exception):
@@ -120,7 +71,7 @@ class _ShutdownError(Exception):
 # -- the sender ----------------------------------------------------------------------------
 
 
-class Sender:
+class Sender(SpoolBacklog):
     """Delivers a run's batches from a daemon thread, spooling to disk while the server is away.
 
     Thread-safe: every method may be called from any thread. ``submit``,
@@ -163,7 +114,7 @@ class Sender:
         self._rng = rng or random.Random()
         self._spool = spool
         self._exit_timeout_seconds = exit_timeout_seconds
-        self._items: deque[StepBatch | _Status] = deque()
+        self._items: deque[StepBatch | Status] = deque()
         self._queued_batches = 0
         self._queued_bytes = 0
         self._cond = threading.Condition()
@@ -238,7 +189,7 @@ class Sender:
         """
         with self._cond:
             if not self._closing:
-                self._items.append(_Status(status))
+                self._items.append(Status(status))
                 self._start_thread()
                 self._cond.notify_all()
 
@@ -393,7 +344,7 @@ class Sender:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                item: StepBatch | _Status | None = None
+                item: StepBatch | Status | None = None
                 while True:
                     if self._items:
                         item = self._items.popleft()
@@ -430,10 +381,10 @@ class Sender:
                     self._in_flight = None
                     self._cond.notify_all()
 
-    def _handle(self, item: StepBatch | _Status) -> None:
+    def _handle(self, item: StepBatch | Status) -> None:
         with self._cond:
             backlog = self._backlog_locked()
-        if isinstance(item, _Status):
+        if isinstance(item, Status):
             if backlog:
                 self._spool_status(item.status)
                 return
@@ -462,69 +413,6 @@ class Sender:
             self._to_spool(wire, DropReason.SHUTDOWN)
             return
         self._delivered(len(item))
-
-    def _replay_one(self) -> None:
-        """One attempt at the oldest spooled batch, or at the pending status when none is left."""
-        spool = self._spool
-        assert spool is not None
-        found = spool.peek()
-        try:
-            self._ensure_run()
-            if found is None:
-                with self._cond:
-                    status = self._pending_status
-                if status is not None:
-                    self._transport.set_status(self._run.run_id, status)
-                with self._cond:
-                    if self._pending_status == status:
-                        self._pending_status = None
-                    self._end_backlog_locked()
-                self._save_state()
-                return
-            entry, wire = found
-            if wire is None:
-                log.error("gradwatch: unreadable spool file %s deleted", entry.filename)
-                spool.remove(entry)
-                self._count(DropReason.SPOOL_ERROR)
-                self._schedule_replay(0.0)
-                return
-            self._send(wire)
-        except RetryableError as exc:
-            log.debug("gradwatch: server still unavailable: %s", exc)
-            self._schedule_replay(exc.retry_after_seconds)
-            return
-        except RejectedError as exc:
-            self._log_rejection(exc)
-            if found is None:  # the status was rejected: nothing more to do
-                with self._cond:
-                    self._pending_status = None
-                    self._end_backlog_locked()
-                return
-            spool.remove(found[0])
-            self._count(DropReason.REJECTED)
-            self._schedule_replay(0.0)
-            return
-        spool.remove(entry)
-        self._delivered(len(wire["step"]))
-        with self._cond:
-            self._replay_attempt = 0
-        self._schedule_replay(0.0)
-
-    def _end_backlog_locked(self) -> None:
-        spool = self._spool
-        if (spool is None or not len(spool)) and self._pending_status is None:
-            self._replay_at = None
-            self._replay_attempt = 0
-
-    def _schedule_replay(self, wait_seconds: float | None) -> None:
-        """Set the next replay attempt: now + ``wait_seconds``, or + backoff when ``None``."""
-        with self._cond:
-            if wait_seconds is None:
-                wait_seconds = self._retry.backoff_seconds(self._replay_attempt, self._rng)
-                self._replay_attempt += 1
-            self._replay_at = self._clock.monotonic() + wait_seconds
-            if wait_seconds == 0.0:
-                self._end_backlog_locked()
 
     def _ensure_run(self) -> None:
         if not self._run_created:
@@ -576,100 +464,6 @@ class Sender:
             self._logged_rejections.add(exc.status_code)
         if first:
             log.error("gradwatch: the server rejected a request; not retrying: %s", exc)
-
-    # -- spool -----------------------------------------------------------------------------
-
-    def _to_spool(self, wire: dict[str, Any], reason_without_spool: str) -> None:
-        """Write a batch to the spool and start (or continue) replaying; count it if impossible."""
-        spool = self._spool
-        if spool is None:
-            self._count(reason_without_spool)
-            return
-        try:
-            if not self._state_saved:
-                self._save_state()  # run info first, so a leftover spool can always be uploaded
-            evicted = spool.put(wire)
-        except OSError as exc:
-            self._spool_failed(exc)
-            self._count(DropReason.SPOOL_ERROR)
-            return
-        with self._cond:
-            self._spooled_total += 1
-            if evicted:
-                self._dropped[DropReason.SPOOL_FULL] += len(evicted)
-            if self._replay_at is None:
-                self._replay_at = self._clock.monotonic() + self._retry.backoff_seconds(
-                    self._replay_attempt, self._rng
-                )
-                self._replay_attempt += 1
-        if evicted:
-            log.warning(
-                "gradwatch: spool over its cap of %d bytes; deleted the %d oldest batches",
-                spool.max_bytes,
-                len(evicted),
-            )
-            self._save_state()
-
-    def _spool_status(self, status: str) -> None:
-        with self._cond:
-            if self._spool is None:
-                return
-            self._pending_status = status
-            if self._replay_at is None:
-                self._replay_at = self._clock.monotonic()
-        self._save_state()
-
-    def _save_state(self) -> None:
-        spool = self._spool
-        if spool is None:
-            return
-        with self._cond:
-            state = SpoolState(self._run, self._pending_status, dict(self._dropped))
-        try:
-            spool.save_state(state)
-        except OSError as exc:
-            self._spool_failed(exc)
-        else:
-            self._state_saved = True
-
-    def _spool_failed(self, exc: OSError) -> None:
-        if not self._spool_error_logged:
-            self._spool_error_logged = True
-            log.error("gradwatch: cannot write to the spool, batches will be lost: %s", exc)
-
-    def _keep_undelivered(self, items: list[StepBatch | _Status]) -> None:
-        """At close: spool what is left (or count it as ``shutdown``)."""
-        for item in items:
-            if isinstance(item, _Status):
-                self._spool_status(item.status)
-            else:
-                try:
-                    wire = item.to_wire()
-                except Exception:
-                    log.exception("gradwatch: could not encode a batch at close")
-                    self._count(DropReason.SHUTDOWN)
-                    continue
-                self._to_spool(wire, DropReason.SHUTDOWN)
-
-    def _finish_spool(self) -> None:
-        spool = self._spool
-        if spool is None:
-            return
-        with self._cond:
-            empty = not len(spool) and self._pending_status is None
-        if empty:
-            spool.discard_if_empty()
-            return
-        self._save_state()
-        log.warning(
-            "gradwatch: %d batches of run %s were not delivered and wait in %s; a monitor with "
-            "run_id=%r sends them, or run: gradwatch upload %s --server URL",
-            len(spool),
-            self._run.run_id,
-            spool.directory,
-            self._run.run_id,
-            spool.directory,
-        )
 
     # -- process events --------------------------------------------------------------------
 

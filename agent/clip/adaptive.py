@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import tensorflow as tf
 
@@ -34,9 +34,9 @@ from .base import (
     check_threshold,
     is_real,
     may_update,
+    new_state,
     norm_ratio,
     scale_grad,
-    state_variable,
     write_if,
 )
 
@@ -84,15 +84,14 @@ class _Agc(DescribedPolicy):
     clipping: float
     eps: float
 
-    @property
-    def name(self) -> str:
-        return "agc"
+    name: ClassVar[str] = "agc"
 
     def init(self, variables: Sequence[Any], layout: LayerLayout) -> PolicyState:
-        state = PolicyState(name="agc")
-        state.clipping = state_variable(self.clipping, tf.float32, "clipping")
-        state.eps = state_variable(self.eps, tf.float32, "eps")
-        return state
+        return new_state(
+            self.name,
+            clipping=(self.clipping, tf.float32),
+            eps=(self.eps, tf.float32),
+        )
 
     def apply(self, grads: list[Any], state: PolicyState, context: ClipContext) -> ClipResult:
         clipping = state.clipping.read_value()
@@ -166,17 +165,16 @@ class _AutoClip(DescribedPolicy):
     history: int
     warmup_steps: int
 
-    @property
-    def name(self) -> str:
-        return "autoclip"
+    name: ClassVar[str] = "autoclip"
 
     def init(self, variables: Sequence[Any], layout: LayerLayout) -> PolicyState:
-        state = PolicyState(name="autoclip")
-        state.percentile = state_variable(self.percentile, tf.float64, "percentile")
-        state.warmup_steps = state_variable(self.warmup_steps, tf.int64, "warmup_steps")
-        state.norms = state_variable(tf.zeros([self.history]), tf.float32, "norms")
-        state.count = state_variable(0, tf.int64, "count")
-        return state
+        return new_state(
+            self.name,
+            percentile=(self.percentile, tf.float64),
+            warmup_steps=(self.warmup_steps, tf.int64),
+            norms=(tf.zeros([self.history]), tf.float32),
+            count=(0, tf.int64),
+        )
 
     def apply(self, grads: list[Any], state: PolicyState, context: ClipContext) -> ClipResult:
         norm = context.stats.global_norm
@@ -250,20 +248,19 @@ class _ZClip(DescribedPolicy):
     warmup_steps: int
     eps: float
 
-    @property
-    def name(self) -> str:
-        return "zclip"
+    name: ClassVar[str] = "zclip"
 
     def init(self, variables: Sequence[Any], layout: LayerLayout) -> PolicyState:
-        state = PolicyState(name="zclip")
-        state.alpha = state_variable(self.alpha, tf.float32, "alpha")
-        state.z_threshold = state_variable(self.z_threshold, tf.float32, "z_threshold")
-        state.eps = state_variable(self.eps, tf.float32, "eps")
-        state.warmup_steps = state_variable(self.warmup_steps, tf.int64, "warmup_steps")
-        state.mean = state_variable(0.0, tf.float32, "mean")
-        state.var = state_variable(0.0, tf.float32, "var")
-        state.count = state_variable(0, tf.int64, "count")
-        return state
+        return new_state(
+            self.name,
+            alpha=(self.alpha, tf.float32),
+            z_threshold=(self.z_threshold, tf.float32),
+            eps=(self.eps, tf.float32),
+            warmup_steps=(self.warmup_steps, tf.int64),
+            mean=(0.0, tf.float32),
+            var=(0.0, tf.float32),
+            count=(0, tf.int64),
+        )
 
     def apply(self, grads: list[Any], state: PolicyState, context: ClipContext) -> ClipResult:
         norm = context.stats.global_norm

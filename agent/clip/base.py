@@ -53,6 +53,19 @@ def state_variable(initial_value: Any, dtype: tf.DType, name: str) -> tf.Variabl
     )
 
 
+def new_state(name: str, **variables: tuple[Any, tf.DType]) -> PolicyState:
+    """A :class:`PolicyState` named ``name`` with one :func:`state_variable` per keyword.
+
+    Each keyword is ``attribute=(initial_value, dtype)``; the variable is named
+    after its attribute. Call only from ``ClipPolicy.init`` (see
+    :func:`state_variable`).
+    """
+    state = PolicyState(name=name)
+    for attribute, (initial_value, dtype) in variables.items():
+        setattr(state, attribute, state_variable(initial_value, dtype, attribute))
+    return state
+
+
 @dataclass(frozen=True, slots=True)
 class ClipContext:
     """What a policy may read about the current step (tensors are float32).

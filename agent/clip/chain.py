@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import tensorflow as tf
 
@@ -30,9 +30,7 @@ from .base import (
 class _Chain(DescribedPolicy):
     policies: tuple[ClipPolicy, ...] = field(metadata={DESCRIBE: describe_policies})
 
-    @property
-    def name(self) -> str:
-        return "chain"
+    name: ClassVar[str] = "chain"
 
     def init(self, variables: Sequence[Any], layout: LayerLayout) -> PolicyState:
         state = PolicyState(name="chain")

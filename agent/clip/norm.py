@@ -10,7 +10,7 @@ import fnmatch
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import tensorflow as tf
 
@@ -29,6 +29,7 @@ from .base import (
     DescribedPolicy,
     PolicyState,
     check_threshold,
+    new_state,
     norm_ratio,
     scale_grad,
     state_variable,
@@ -79,14 +80,13 @@ log = logging.getLogger("gradwatch.agent")
 class _ByValue(DescribedPolicy):
     limit: float
 
-    @property
-    def name(self) -> str:
-        return "by_value"
+    name: ClassVar[str] = "by_value"
 
     def init(self, variables: Sequence[Any], layout: LayerLayout) -> PolicyState:
-        state = PolicyState(name="by_value")
-        state.limit = state_variable(self.limit, tf.float32, "limit")
-        return state
+        return new_state(
+            self.name,
+            limit=(self.limit, tf.float32),
+        )
 
     def apply(self, grads: list[Any], state: PolicyState, context: ClipContext) -> ClipResult:
         limit = state.limit.read_value()
@@ -125,14 +125,13 @@ def by_value(limit: float) -> ClipPolicy:
 class _ByNorm(DescribedPolicy):
     max_norm: float
 
-    @property
-    def name(self) -> str:
-        return "by_norm"
+    name: ClassVar[str] = "by_norm"
 
     def init(self, variables: Sequence[Any], layout: LayerLayout) -> PolicyState:
-        state = PolicyState(name="by_norm")
-        state.max_norm = state_variable(self.max_norm, tf.float32, "max_norm")
-        return state
+        return new_state(
+            self.name,
+            max_norm=(self.max_norm, tf.float32),
+        )
 
     def apply(self, grads: list[Any], state: PolicyState, context: ClipContext) -> ClipResult:
         stats = context.stats
@@ -176,14 +175,13 @@ def by_norm(max_norm: float) -> ClipPolicy:
 class _GlobalNorm(DescribedPolicy):
     max_norm: float
 
-    @property
-    def name(self) -> str:
-        return "global_norm"
+    name: ClassVar[str] = "global_norm"
 
     def init(self, variables: Sequence[Any], layout: LayerLayout) -> PolicyState:
-        state = PolicyState(name="global_norm")
-        state.max_norm = state_variable(self.max_norm, tf.float32, "max_norm")
-        return state
+        return new_state(
+            self.name,
+            max_norm=(self.max_norm, tf.float32),
+        )
 
     def apply(self, grads: list[Any], state: PolicyState, context: ClipContext) -> ClipResult:
         norm = context.stats.global_norm
@@ -225,9 +223,7 @@ class _LayerNorm(DescribedPolicy):
     max_norm: float
     overrides: tuple[tuple[str, float], ...] = field(metadata={DESCRIBE: dict})
 
-    @property
-    def name(self) -> str:
-        return "layer_norm"
+    name: ClassVar[str] = "layer_norm"
 
     def limit_for(self, layer: str) -> float:
         """The limit of ``layer``: the first matching override, else ``max_norm``."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import tensorflow as tf
 
@@ -27,6 +27,7 @@ from .base import (
     check_threshold,
     keep_grad,
     may_update,
+    new_state,
     state_variable,
     write_if,
 )
@@ -43,9 +44,7 @@ _SPIKE_STD_FLOOR = 1e-3
 class _SkipNonfinite(DescribedPolicy):
     max_consecutive: int | None
 
-    @property
-    def name(self) -> str:
-        return "skip_nonfinite"
+    name: ClassVar[str] = "skip_nonfinite"
 
     def init(self, variables: Sequence[Any], layout: LayerLayout) -> PolicyState:
         state = PolicyState(name="skip_nonfinite")
@@ -113,17 +112,16 @@ class _SkipSpike(DescribedPolicy):
     window: int
     min_history: int
 
-    @property
-    def name(self) -> str:
-        return "skip_spike"
+    name: ClassVar[str] = "skip_spike"
 
     def init(self, variables: Sequence[Any], layout: LayerLayout) -> PolicyState:
-        state = PolicyState(name="skip_spike")
-        state.sigma = state_variable(self.sigma, tf.float32, "sigma")
-        state.min_history = state_variable(self.min_history, tf.int64, "min_history")
-        state.norms = state_variable(tf.zeros([self.window]), tf.float32, "norms")
-        state.count = state_variable(0, tf.int64, "count")
-        return state
+        return new_state(
+            self.name,
+            sigma=(self.sigma, tf.float32),
+            min_history=(self.min_history, tf.int64),
+            norms=(tf.zeros([self.window]), tf.float32),
+            count=(0, tf.int64),
+        )
 
     def apply(self, grads: list[Any], state: PolicyState, context: ClipContext) -> ClipResult:
         norm = context.stats.global_norm

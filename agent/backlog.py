@@ -1,0 +1,255 @@
+"""SpoolBacklog: the sender's on-disk backlog, spooling what it cannot deliver and replaying it.
+
+A batch the sender cannot deliver before the retry deadline (or at close) goes
+to the :class:`~gradwatch.agent.spool.Spool`, and so does every later batch
+while the spool holds anything, so step order is kept. The sender thread then
+replays the spool, oldest step first, one attempt at a time with backoff,
+until it is empty; a status change waits behind the spooled batches
+(``pending_status``, kept in the spool's state file with the drop counts).
+
+:class:`SpoolBacklog` is the half of :class:`~gradwatch.agent.sender.Sender`
+that does this; it shares the sender's lock and counters and runs on the
+sender thread (and in ``close``). Never imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from .clock import Clock
+from .records import StepBatch
+from .spool import Spool, SpoolState
+from .transport import RejectedError, RetryableError, RetryPolicy, RunInfo, Transport
+
+__all__ = ["DropReason", "SpoolBacklog", "Status"]
+
+log = logging.getLogger("gradwatch.agent")
+
+
+class DropReason:
+    """Why a batch was not delivered (the ``reason`` label of drop counters)."""
+
+    QUEUE_FULL = "queue_full"
+    """The in-memory queue was full when the training thread submitted it."""
+    SERVER_UNAVAILABLE = "server_unavailable"
+    """Retried until the deadline, and there is no spool to keep it."""
+    REJECTED = "rejected"
+    """The server refused it (4xx other than 429); retrying cannot help."""
+    SHUTDOWN = "shutdown"
+    """Still queued when the sender closed, and there is no spool to keep it."""
+    SPOOL_FULL = "spool_full"
+    """Deleted from the spool, oldest first, to keep it under its size cap."""
+    SPOOL_ERROR = "spool_error"
+    """Could not be written to, or read back from, the spool."""
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """A queued run status change (``running``/``finished``/``failed``)."""
+
+    status: str
+
+
+class SpoolBacklog:
+    """Mixin of :class:`~gradwatch.agent.sender.Sender`: spool undelivered items, replay them.
+
+    Uses the sender's lock (``_cond``) for the shared counters and the replay
+    schedule; file I/O happens outside it. Sender-thread methods, except
+    :meth:`_keep_undelivered` and :meth:`_finish_spool`, which ``close`` calls
+    once the thread has stopped. They block on local disk I/O and, when
+    replaying, on one network request.
+    """
+
+    _cond: threading.Condition
+    _spool: Spool | None
+    _run: RunInfo
+    _transport: Transport
+    _retry: RetryPolicy
+    _rng: random.Random
+    _clock: Clock
+    _dropped: Counter[str]
+    _pending_status: str | None
+    _replay_at: float | None
+    _replay_attempt: int
+    _spooled_total: int
+    _state_saved: bool
+    _spool_error_logged: bool
+
+    def _ensure_run(self) -> None:
+        raise NotImplementedError
+
+    def _send(self, wire: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _delivered(self, steps: int) -> None:
+        raise NotImplementedError
+
+    def _count(self, reason: str, n: int = 1) -> None:
+        raise NotImplementedError
+
+    def _log_rejection(self, exc: RejectedError) -> None:
+        raise NotImplementedError
+
+    # -- replay ----------------------------------------------------------------------------
+
+    def _replay_one(self) -> None:
+        """One attempt at the oldest spooled batch, or at the pending status when none is left."""
+        spool = self._spool
+        assert spool is not None
+        found = spool.peek()
+        try:
+            self._ensure_run()
+            if found is None:
+                with self._cond:
+                    status = self._pending_status
+                if status is not None:
+                    self._transport.set_status(self._run.run_id, status)
+                with self._cond:
+                    if self._pending_status == status:
+                        self._pending_status = None
+                    self._end_backlog_locked()
+                self._save_state()
+                return
+            entry, wire = found
+            if wire is None:
+                log.error("gradwatch: unreadable spool file %s deleted", entry.filename)
+                spool.remove(entry)
+                self._count(DropReason.SPOOL_ERROR)
+                self._schedule_replay(0.0)
+                return
+            self._send(wire)
+        except RetryableError as exc:
+            log.debug("gradwatch: server still unavailable: %s", exc)
+            self._schedule_replay(exc.retry_after_seconds)
+            return
+        except RejectedError as exc:
+            self._log_rejection(exc)
+            if found is None:  # the status was rejected: nothing more to do
+                with self._cond:
+                    self._pending_status = None
+                    self._end_backlog_locked()
+                return
+            spool.remove(found[0])
+            self._count(DropReason.REJECTED)
+            self._schedule_replay(0.0)
+            return
+        spool.remove(entry)
+        self._delivered(len(wire["step"]))
+        with self._cond:
+            self._replay_attempt = 0
+        self._schedule_replay(0.0)
+
+    def _end_backlog_locked(self) -> None:
+        spool = self._spool
+        if (spool is None or not len(spool)) and self._pending_status is None:
+            self._replay_at = None
+            self._replay_attempt = 0
+
+    def _schedule_replay(self, wait_seconds: float | None) -> None:
+        """Set the next replay attempt: now + ``wait_seconds``, or + backoff when ``None``."""
+        with self._cond:
+            if wait_seconds is None:
+                wait_seconds = self._retry.backoff_seconds(self._replay_attempt, self._rng)
+                self._replay_attempt += 1
+            self._replay_at = self._clock.monotonic() + wait_seconds
+            if wait_seconds == 0.0:
+                self._end_backlog_locked()
+
+    # -- spooling -----------------------------------------------------------------------------
+
+    def _to_spool(self, wire: dict[str, Any], reason_without_spool: str) -> None:
+        """Write a batch to the spool and start (or continue) replaying; count it if impossible."""
+        spool = self._spool
+        if spool is None:
+            self._count(reason_without_spool)
+            return
+        try:
+            if not self._state_saved:
+                self._save_state()  # run info first, so a leftover spool can always be uploaded
+            evicted = spool.put(wire)
+        except OSError as exc:
+            self._spool_failed(exc)
+            self._count(DropReason.SPOOL_ERROR)
+            return
+        with self._cond:
+            self._spooled_total += 1
+            if evicted:
+                self._dropped[DropReason.SPOOL_FULL] += len(evicted)
+            if self._replay_at is None:
+                self._replay_at = self._clock.monotonic() + self._retry.backoff_seconds(
+                    self._replay_attempt, self._rng
+                )
+                self._replay_attempt += 1
+        if evicted:
+            log.warning(
+                "gradwatch: spool over its cap of %d bytes; deleted the %d oldest batches",
+                spool.max_bytes,
+                len(evicted),
+            )
+            self._save_state()
+
+    def _spool_status(self, status: str) -> None:
+        with self._cond:
+            if self._spool is None:
+                return
+            self._pending_status = status
+            if self._replay_at is None:
+                self._replay_at = self._clock.monotonic()
+        self._save_state()
+
+    def _save_state(self) -> None:
+        spool = self._spool
+        if spool is None:
+            return
+        with self._cond:
+            state = SpoolState(self._run, self._pending_status, dict(self._dropped))
+        try:
+            spool.save_state(state)
+        except OSError as exc:
+            self._spool_failed(exc)
+        else:
+            self._state_saved = True
+
+    def _spool_failed(self, exc: OSError) -> None:
+        if not self._spool_error_logged:
+            self._spool_error_logged = True
+            log.error("gradwatch: cannot write to the spool, batches will be lost: %s", exc)
+
+    def _keep_undelivered(self, items: list[StepBatch | Status]) -> None:
+        """At close: spool what is left (or count it as ``shutdown``)."""
+        for item in items:
+            if isinstance(item, Status):
+                self._spool_status(item.status)
+            else:
+                try:
+                    wire = item.to_wire()
+                except Exception:
+                    log.exception("gradwatch: could not encode a batch at close")
+                    self._count(DropReason.SHUTDOWN)
+                    continue
+                self._to_spool(wire, DropReason.SHUTDOWN)
+
+    def _finish_spool(self) -> None:
+        spool = self._spool
+        if spool is None:
+            return
+        with self._cond:
+            empty = not len(spool) and self._pending_status is None
+        if empty:
+            spool.discard_if_empty()
+            return
+        self._save_state()
+        log.warning(
+            "gradwatch: %d batches of run %s were not delivered and wait in %s; a monitor with "
+            "run_id=%r sends them, or run: gradwatch upload %s --server URL",
+            len(spool),
+            self._run.run_id,
+            spool.directory,
+            self._run.run_id,
+            spool.directory,
+        )
