@@ -9,12 +9,12 @@ from importlib.metadata import PackageNotFoundError, version
 from anyio import to_thread
 from fastapi import FastAPI
 
-from gradwatch.server.api import batches, events, health, projects, runs, series
-from gradwatch.server.auth import Authenticator, RateLimiter
-from gradwatch.server.config import Settings
-from gradwatch.server.db import Database, create_db_engine, upgrade_database
-from gradwatch.server.errors import install_error_handlers
-from gradwatch.server.metrics import RunStateCollector, ServerMetrics
+from .api import batches, events, health, projects, runs, series
+from .auth import Authenticator, RateLimiter
+from .config import Settings
+from .errors import install_error_handlers
+from .export.prometheus import RunStateCollector, ServerMetrics
+from .store.db import Database, create_db_engine, upgrade_database
 
 __all__ = ["create_app"]
 

@@ -29,12 +29,12 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from gradwatch.server.errors import (
+from .errors import (
     AuthenticationError,
     PermissionDeniedError,
     RateLimitedError,
 )
-from gradwatch.server.models import ApiToken
+from .store.models import ApiToken
 
 __all__ = [
     "OPEN_ACCESS",

@@ -15,8 +15,8 @@ from types import TracebackType
 
 import uvicorn
 
-from gradwatch.server.app import create_app
-from gradwatch.server.config import Settings
+from .app import create_app
+from .config import Settings
 
 __all__ = ["EmbeddedServer"]
 

@@ -25,9 +25,6 @@ from pydantic import (
 )
 from pydantic_core import CoreSchema, core_schema
 
-from gradwatch.server.detect import Rule, Severity
-from gradwatch.server.metric import Metric
-from gradwatch.server.models import RunStatus
 from gradwatch.wire import (
     LAYER_FIELDS,
     MAX_COUNT,
@@ -38,6 +35,10 @@ from gradwatch.wire import (
     decode_float,
     encode_float,
 )
+
+from .detect.rules import Rule, Severity
+from .store.metric import Metric
+from .store.models import RunStatus
 
 __all__ = [
     "NO_NUL_PATTERN",

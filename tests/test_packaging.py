@@ -43,7 +43,10 @@ def test_wheel_contains_every_module_and_migration(wheel):
         f"gradwatch/server/{p.relative_to(ROOT / 'server')}"
         for p in (ROOT / "server").rglob("*.py")
     }
-    expected |= {"gradwatch/server/alembic.ini", "gradwatch/server/migrations/script.py.mako"}
+    expected |= {
+        "gradwatch/server/store/alembic.ini",
+        "gradwatch/server/store/migrations/script.py.mako",
+    }
     assert expected <= names, sorted(expected - names)
     assert not any(n.startswith("gradwatch/__init__") for n in names)  # namespace package
 

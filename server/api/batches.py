@@ -7,10 +7,10 @@ from uuid import UUID
 
 from fastapi import APIRouter
 
-from gradwatch.server.api.deps import IngestRunAccess, MetricsDep, SettingsDep, WriteSessionDep
-from gradwatch.server.api.route import IngestRoute
-from gradwatch.server.ingest import IngestOptions, ingest_batch
-from gradwatch.server.schemas import BatchAck, ErrorOut, StepBatch
+from ..ingest.batch import IngestOptions, ingest_batch
+from ..schemas import BatchAck, ErrorOut, StepBatch
+from .deps import IngestRunAccess, MetricsDep, SettingsDep, WriteSessionDep
+from .route import IngestRoute
 
 __all__ = ["router"]
 

@@ -17,11 +17,11 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from gradwatch.server import repository
-from gradwatch.server.auth import Authenticator, Principal, TokenScope
-from gradwatch.server.config import Settings
-from gradwatch.server.db import Database
-from gradwatch.server.metrics import ServerMetrics
+from ..auth import Authenticator, Principal, TokenScope
+from ..config import Settings
+from ..export.prometheus import ServerMetrics
+from ..store import repository
+from ..store.db import Database
 
 __all__ = [
     "DatabaseDep",

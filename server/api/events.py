@@ -7,11 +7,11 @@ from uuid import UUID
 
 from fastapi import APIRouter, Query
 
-from gradwatch.server import events
-from gradwatch.server.api.deps import ReadRunAccess, ReadSessionDep
-from gradwatch.server.detect import Rule, Severity
-from gradwatch.server.repository import EventFilter
-from gradwatch.server.schemas import NO_NUL_PATTERN, ErrorOut, EventList, RunHealthOut
+from ..detect import service as events
+from ..detect.rules import Rule, Severity
+from ..schemas import NO_NUL_PATTERN, ErrorOut, EventList, RunHealthOut
+from ..store.repository import EventFilter
+from .deps import ReadRunAccess, ReadSessionDep
 
 __all__ = ["router"]
 

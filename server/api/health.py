@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from prometheus_client.exposition import choose_encoder
 
-from gradwatch.server.api.deps import DatabaseDep, MetricsDep
-from gradwatch.server.db import check_database
-from gradwatch.server.schemas import HealthOut
+from ..schemas import HealthOut
+from ..store.db import check_database
+from .deps import DatabaseDep, MetricsDep
 
 __all__ = ["router"]
 

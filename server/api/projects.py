@@ -7,11 +7,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path
 
-from gradwatch.server import events
-from gradwatch.server.api.deps import IngestAccess, ReadAccess, ReadSessionDep, WriteSessionDep
-from gradwatch.server.api.route import DecodedBodyRoute
-from gradwatch.server.detect import DetectorConfig
-from gradwatch.server.schemas import PROJECT_PATTERN, ErrorOut
+from ..detect import service as events
+from ..detect.rules import DetectorConfig
+from ..schemas import PROJECT_PATTERN, ErrorOut
+from .deps import IngestAccess, ReadAccess, ReadSessionDep, WriteSessionDep
+from .route import DecodedBodyRoute
 
 __all__ = ["router"]
 

@@ -19,14 +19,14 @@ from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 
-from gradwatch.server.api.deps import get_metrics, get_settings
-from gradwatch.server.errors import (
+from ..errors import (
     VALIDATION_ERROR_CODE,
     GradwatchError,
     MalformedBodyError,
     PayloadTooLargeError,
     UnsupportedEncodingError,
 )
+from .deps import get_metrics, get_settings
 
 __all__ = ["DecodedBodyRoute", "IngestRoute"]
 

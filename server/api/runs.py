@@ -8,18 +8,8 @@ from uuid import UUID
 
 from fastapi import APIRouter, Query, Response, status
 
-from gradwatch.server import run
-from gradwatch.server.api.deps import (
-    IngestAccess,
-    IngestRunAccess,
-    ReadAccess,
-    ReadRunAccess,
-    ReadSessionDep,
-    WriteSessionDep,
-)
-from gradwatch.server.api.route import DecodedBodyRoute
-from gradwatch.server.models import RunStatus
-from gradwatch.server.schemas import (
+from ..query import run
+from ..schemas import (
     NO_NUL_PATTERN,
     PROJECT_PATTERN,
     ErrorOut,
@@ -29,6 +19,16 @@ from gradwatch.server.schemas import (
     RunOut,
     RunPatch,
 )
+from ..store.models import RunStatus
+from .deps import (
+    IngestAccess,
+    IngestRunAccess,
+    ReadAccess,
+    ReadRunAccess,
+    ReadSessionDep,
+    WriteSessionDep,
+)
+from .route import DecodedBodyRoute
 
 __all__ = ["router"]
 

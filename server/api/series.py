@@ -7,10 +7,10 @@ from uuid import UUID
 
 from fastapi import APIRouter, Query, Response
 
-from gradwatch.server.api.deps import ReadRunAccess, ReadSessionDep
-from gradwatch.server.metric import Metric
-from gradwatch.server.schemas import NO_NUL_PATTERN, ErrorOut, SeriesOut
-from gradwatch.server.series import MAX_POINTS, read_series
+from ..query.series import MAX_POINTS, read_series
+from ..schemas import NO_NUL_PATTERN, ErrorOut, SeriesOut
+from ..store.metric import Metric
+from .deps import ReadRunAccess, ReadSessionDep
 
 __all__ = ["router"]
 

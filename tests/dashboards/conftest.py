@@ -103,7 +103,7 @@ def demo_stack(
 ) -> Iterator[DemoStack]:
     """The server + Prometheus (if installed) + the demo's two runs, once per session."""
     pytest.importorskip("keras", reason="the demo trains Keras models: pip install -e '.[all]'")
-    from gradwatch.server.demo import run_demo
+    from gradwatch.server.cli.demo import run_demo
 
     server = gradwatch_server
     prometheus = None

@@ -9,7 +9,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gradwatch.server.demo import run_demo
+from gradwatch.server.cli.demo import run_demo
 
 pytestmark = pytest.mark.e2e
 

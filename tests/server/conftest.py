@@ -23,7 +23,7 @@ from fastapi.testclient import TestClient
 
 from gradwatch.server.app import create_app
 from gradwatch.server.config import Settings
-from gradwatch.server.db import upgrade_database
+from gradwatch.server.store.db import upgrade_database
 from tests.server.postgres import REQUIRE_ENV, PostgresCluster, find_postgres_bin
 
 _TEMPLATE = "gw_template"

@@ -7,12 +7,12 @@ from importlib.resources import as_file, files
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 
-from gradwatch.server.db import create_db_engine
+from gradwatch.server.store.db import create_db_engine
 
 
 def head_revision() -> str:
     """The newest alembic revision shipped with the server."""
-    with as_file(files("gradwatch.server") / "alembic.ini") as ini:
+    with as_file(files("gradwatch.server.store") / "alembic.ini") as ini:
         head = ScriptDirectory.from_config(Config(str(ini))).get_current_head()
     assert head is not None
     return head

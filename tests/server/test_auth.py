@@ -23,9 +23,9 @@ from gradwatch.server.auth import (
     revoke_token,
 )
 from gradwatch.server.config import Settings
-from gradwatch.server.db import Database, create_db_engine
 from gradwatch.server.embedded import EmbeddedServer
 from gradwatch.server.errors import RateLimitedError
+from gradwatch.server.store.db import Database, create_db_engine
 from tests.server.wire import make_batch
 
 

@@ -12,13 +12,13 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from gradwatch.server import run as runs
 from gradwatch.server.app import create_app
 from gradwatch.server.config import Settings
-from gradwatch.server.db import Database, create_db_engine
 from gradwatch.server.errors import BatchConflictError
-from gradwatch.server.ingest import IngestOptions, ingest_batches
+from gradwatch.server.ingest.batch import IngestOptions, ingest_batches
+from gradwatch.server.query import run as runs
 from gradwatch.server.schemas import RunCreate, StepBatch
+from gradwatch.server.store.db import Database, create_db_engine
 from tests.server.wire import create_run, decode_float, get_series, make_batch, post_batch
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from gradwatch.server.block import StoredBlock, decode_blocks, encode_blocks
-from gradwatch.server.metric import MetricKind
+from gradwatch.server.store.block import StoredBlock, decode_blocks, encode_blocks
+from gradwatch.server.store.metric import MetricKind
 
 
 def _stored(blocks, j):

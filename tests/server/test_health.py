@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gradwatch.server.db import Database, create_db_engine
+from gradwatch.server.store.db import Database, create_db_engine
 
 
 def test_health_reports_ok(client):

@@ -14,8 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gradwatch.server.app import create_app
 from gradwatch.server.config import Settings
-from gradwatch.server.db import Database, create_db_engine
-from gradwatch.server.metrics import RunStateCollector
+from gradwatch.server.export.prometheus import RunStateCollector
+from gradwatch.server.store.db import Database, create_db_engine
 from tests.server.wire import create_run, make_batch, post_batch
 
 

@@ -10,8 +10,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
-from gradwatch.server.db import create_db_engine, upgrade_database
-from gradwatch.server.models import Base
+from gradwatch.server.store.db import create_db_engine, upgrade_database
+from gradwatch.server.store.models import Base
 from tests.server.schema import head_revision, stored_revisions
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gradwatch.server.db import create_db_engine
+from gradwatch.server.store.db import create_db_engine
 from tests.server.conftest import skip_or_fail_without_postgres
 from tests.server.postgres import REQUIRE_ENV
 

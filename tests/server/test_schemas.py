@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from gradwatch.server.metric import METRICS, Scope
 from gradwatch.server.schemas import StepBatch
+from gradwatch.server.store.metric import METRICS, Scope
 
 
 def test_schemas_step_batch_carries_every_registered_metric():

@@ -7,8 +7,8 @@ import uuid
 import numpy as np
 import pytest
 
-from gradwatch.server import repository
-from gradwatch.server.series import bucket_series
+from gradwatch.server.query.series import bucket_series
+from gradwatch.server.store import repository
 from tests.server.wire import (
     create_run,
     decode_float,

@@ -167,7 +167,7 @@ def upgrade_database(url: str | Engine) -> None:
     try:
         with (
             writer.begin() as connection,
-            as_file(files("gradwatch.server") / "alembic.ini") as ini,
+            as_file(files("gradwatch.server.store") / "alembic.ini") as ini,
         ):
             if connection.dialect.name == "postgresql":
                 connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCK_KEY})

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 if TYPE_CHECKING:
-    from gradwatch.server.db import Database
+    from ..store.db import Database
 
 __all__ = ["app", "main"]
 
@@ -52,10 +52,10 @@ def server(
     """
     import uvicorn
 
-    from gradwatch.server.app import create_app
-    from gradwatch.server.auth import InsecureBindError, has_active_tokens, require_auth_for_bind
-    from gradwatch.server.config import Settings
-    from gradwatch.server.db import Database, create_db_engine, upgrade_database
+    from ..app import create_app
+    from ..auth import InsecureBindError, has_active_tokens, require_auth_for_bind
+    from ..config import Settings
+    from ..store.db import Database, create_db_engine, upgrade_database
 
     overrides: dict[str, object] = {}
     if database_url is not None:
@@ -91,8 +91,8 @@ def db_upgrade(
     ] = None,
 ) -> None:
     """Create or upgrade the database schema to the newest migration, then exit."""
-    from gradwatch.server.config import Settings
-    from gradwatch.server.db import upgrade_database
+    from ..config import Settings
+    from ..store.db import upgrade_database
 
     url = database_url or Settings().database_url
     upgrade_database(url)
@@ -116,8 +116,8 @@ def token_create(
     ] = None,
 ) -> None:
     """Create a token and print it once (only its hash is stored)."""
-    from gradwatch.server.auth import TokenScope, create_token
-    from gradwatch.server.schemas import PROJECT_PATTERN
+    from ..auth import TokenScope, create_token
+    from ..schemas import PROJECT_PATTERN
 
     try:
         scopes = [TokenScope(item) for item in scope]
@@ -148,7 +148,7 @@ def token_list(
     from rich.console import Console
     from rich.table import Table
 
-    from gradwatch.server.auth import list_tokens
+    from ..auth import list_tokens
 
     with _database(database_url) as database, database.read_session() as session:
         tokens = list_tokens(session)
@@ -174,7 +174,7 @@ def token_revoke(
     ] = None,
 ) -> None:
     """Revoke a token; requests with it get 401 from then on."""
-    from gradwatch.server.auth import revoke_token
+    from ..auth import revoke_token
 
     with _database(database_url) as database, database.write_session() as session:
         revoked = revoke_token(session, key, datetime.now(UTC))
@@ -187,8 +187,8 @@ def token_revoke(
 @contextmanager
 def _database(database_url: str | None) -> Iterator[Database]:
     """Open the database (schema upgraded first) for a CLI command; disposed on exit."""
-    from gradwatch.server.config import Settings
-    from gradwatch.server.db import Database, create_db_engine, upgrade_database
+    from ..config import Settings
+    from ..store.db import Database, create_db_engine, upgrade_database
 
     engine = create_db_engine(database_url or Settings().database_url)
     try:
@@ -229,7 +229,7 @@ def demo(
         raise typer.BadParameter(
             "the demo needs TensorFlow: pip install 'gradwatch[all]'", param_hint="demo"
         ) from None
-    from gradwatch.server.demo import run_demo
+    from .demo import run_demo
 
     run_demo(server=server, database_url=database_url, epochs=epochs, keep_serving=keep_serving)
 

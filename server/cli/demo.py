@@ -159,8 +159,8 @@ def run_demo(
     if server is None:
         import tempfile
 
-        from gradwatch.server.config import Settings
-        from gradwatch.server.embedded import EmbeddedServer
+        from ..config import Settings
+        from ..embedded import EmbeddedServer
 
         if database_url is None:
             database_url = f"sqlite:///{tempfile.mkdtemp(prefix='gradwatch-demo-')}/demo.db"

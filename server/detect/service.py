@@ -19,9 +19,14 @@ from typing import Literal
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
-from gradwatch.server import repository
-from gradwatch.server.cursor import decode_cursor, encode_cursor
-from gradwatch.server.detect import (
+from ..errors import RunNotFoundError
+from ..query.cursor import decode_cursor, encode_cursor
+from ..query.summary import last_value, max_value
+from ..schemas import EventList, EventOut, LayerHealthOut, RunHealthOut
+from ..store import repository
+from ..store.models import Event, Run, RunStatus
+from ..store.repository import EventFilter, LayerStats
+from .rules import (
     Detection,
     DetectorConfig,
     DetectorState,
@@ -30,11 +35,6 @@ from gradwatch.server.detect import (
     StepColumns,
     detect,
 )
-from gradwatch.server.errors import RunNotFoundError
-from gradwatch.server.models import Event, Run, RunStatus
-from gradwatch.server.repository import EventFilter, LayerStats
-from gradwatch.server.schemas import EventList, EventOut, LayerHealthOut, RunHealthOut
-from gradwatch.server.summary import last_value, max_value
 
 __all__ = [
     "detect_batch",

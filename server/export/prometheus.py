@@ -25,11 +25,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from gradwatch.server import repository
-from gradwatch.server.config import Settings
-from gradwatch.server.db import Database
-from gradwatch.server.detect import Rule, Severity
-from gradwatch.server.errors import (
+from ..config import Settings
+from ..detect.rules import Rule, Severity
+from ..errors import (
     VALIDATION_ERROR_CODE,
     AuthenticationError,
     BatchConflictError,
@@ -41,7 +39,9 @@ from gradwatch.server.errors import (
     RunNotFoundError,
     UnsupportedEncodingError,
 )
-from gradwatch.server.schemas import decode_float
+from ..schemas import decode_float
+from ..store import repository
+from ..store.db import Database
 
 __all__ = ["RunStateCollector", "ServerMetrics"]
 

@@ -10,7 +10,7 @@ import binascii
 import json
 from collections.abc import Sequence
 
-from gradwatch.server.errors import InvalidQueryError
+from ..errors import InvalidQueryError
 
 __all__ = ["decode_cursor", "encode_cursor"]
 

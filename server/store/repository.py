@@ -30,10 +30,10 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, aliased
 
-from gradwatch.server.block import BlockSummaries, StoredBlock
-from gradwatch.server.detect import Severity
-from gradwatch.server.metric import LAYER_ORDER_METRIC, Metric
-from gradwatch.server.models import (
+from ..detect.rules import Severity
+from .block import BlockSummaries, StoredBlock
+from .metric import LAYER_ORDER_METRIC, Metric
+from .models import (
     AgentDrop,
     Batch,
     Block,

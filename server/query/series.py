@@ -21,12 +21,12 @@ import numpy as np
 from numpy.typing import NDArray
 from sqlalchemy.orm import Session
 
-from gradwatch.server import repository
-from gradwatch.server.block import BlockSummaries, StoredBlock, decode_blocks
-from gradwatch.server.errors import InvalidQueryError, LayerNotFoundError, RunNotFoundError
-from gradwatch.server.metric import METRICS, Metric, MetricKind, Scope
-from gradwatch.server.repository import RUN_LEVEL
-from gradwatch.server.schemas import BucketedSeriesOut, RawSeriesOut
+from ..errors import InvalidQueryError, LayerNotFoundError, RunNotFoundError
+from ..schemas import BucketedSeriesOut, RawSeriesOut
+from ..store import repository
+from ..store.block import BlockSummaries, StoredBlock, decode_blocks
+from ..store.metric import METRICS, Metric, MetricKind, Scope
+from ..store.repository import RUN_LEVEL
 
 __all__ = ["MAX_POINTS", "Buckets", "aggregate_buckets", "bucket_series", "read_series"]
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy.engine import Connection
 
-from gradwatch.server.db import create_db_engine
-from gradwatch.server.models import Base
+from gradwatch.server.store.db import create_db_engine
+from gradwatch.server.store.models import Base
 
 
 def _migrate(connection: Connection) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from gradwatch.server.metric import MetricKind
+from .metric import MetricKind
 
 __all__ = ["BlockSet", "BlockSummaries", "StoredBlock", "decode_blocks", "encode_blocks"]
 

@@ -12,14 +12,14 @@ from datetime import datetime
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from gradwatch.server import repository
-from gradwatch.server.cursor import decode_cursor, encode_cursor
-from gradwatch.server.errors import InvalidQueryError, RunNotFoundError
-from gradwatch.server.metric import Metric
-from gradwatch.server.models import Run, RunStatus
-from gradwatch.server.repository import SeriesState
-from gradwatch.server.schemas import LayerOut, LayersOut, RunCreate, RunList, RunOut
-from gradwatch.server.summary import last_value, max_value
+from ..errors import InvalidQueryError, RunNotFoundError
+from ..schemas import LayerOut, LayersOut, RunCreate, RunList, RunOut
+from ..store import repository
+from ..store.metric import Metric
+from ..store.models import Run, RunStatus
+from ..store.repository import SeriesState
+from .cursor import decode_cursor, encode_cursor
+from .summary import last_value, max_value
 
 __all__ = ["create_run", "get_run", "list_layers", "list_runs", "set_run_status"]
 

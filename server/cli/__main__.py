@@ -1,0 +1,5 @@
+"""``python -m gradwatch.server.cli``: the ``gradwatch`` console script."""
+
+from . import main
+
+main()

@@ -1,0 +1,1 @@
+"""Gradient-health detection: detector configuration, state codec, rules and event service."""

@@ -1,0 +1,1 @@
+"""Prometheus exposition: the run-state collector and the server self-metrics."""

@@ -1,0 +1,1 @@
+"""Ingestion of agent batches: batch to rows, idempotency, the COPY fast path."""

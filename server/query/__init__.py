@@ -1,0 +1,1 @@
+"""Read side of the REST API: runs, series, health and events, cursors."""
