@@ -35,7 +35,7 @@ class Delivery:
     printer: SummaryPrinter | None
 
 
-def check_token(token: str | None) -> str | None:
+def _check_token(token: str | None) -> str | None:
     """The token to send: the argument, else ``$GRADWATCH_TOKEN``; never logged.
 
     Raises:
@@ -82,7 +82,7 @@ def build_delivery(
             transport = local
         else:
             transport = HttpTransport(
-                config.server, config.request_timeout_seconds, token=check_token(token)
+                config.server, config.request_timeout_seconds, token=_check_token(token)
             )
     run = RunInfo(run_id=config.run_id, name=config.run, project=config.project, config=run_config)
     sender = Sender(
