@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from gradwatch.server.detect.rules import (
+from gradwatch.server.detect import (
     DetectorConfig,
     DetectorState,
     Rule,

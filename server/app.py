@@ -10,9 +10,9 @@ from anyio import to_thread
 from fastapi import FastAPI
 
 from .api import batches, events, health, projects, runs, series
+from .api.errors import install_error_handlers
 from .auth import Authenticator, RateLimiter
 from .config import Settings
-from .errors import install_error_handlers
 from .export.prometheus import RunStateCollector, ServerMetrics
 from .store.db import Database, create_db_engine, upgrade_database
 

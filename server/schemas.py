@@ -36,7 +36,7 @@ from gradwatch.wire import (
     encode_float,
 )
 
-from .detect.rules import Rule, Severity
+from .detect import Rule, Severity
 from .store.metric import Metric
 from .store.models import RunStatus
 
@@ -59,6 +59,7 @@ __all__ = [
     "RunList",
     "RunOut",
     "RunPatch",
+    "RunStatus",
     "SeriesOut",
     "StepBatch",
     "WireFloat",

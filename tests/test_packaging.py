@@ -58,7 +58,7 @@ def test_wheel_imports_and_migrates_without_the_source_tree(wheel, tmp_path):
     # dependencies still come from site-packages.
     code = (
         "import sys; sys.path[:0] = [sys.argv[1]]; sys.path.append(sys.argv[2]);"
-        "import gradwatch.server.app as app, gradwatch.server.db as db;"
+        "import gradwatch.server.app as app, gradwatch.server.store.db as db;"
         "assert app.__file__.startswith(sys.argv[1]), app.__file__;"
         "db.upgrade_database('sqlite:///' + sys.argv[3]);"
         "import gradwatch.agent as agent; assert agent.__file__.startswith(sys.argv[1])"

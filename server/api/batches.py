@@ -8,8 +8,9 @@ from uuid import UUID
 from fastapi import APIRouter
 
 from ..ingest.batch import IngestOptions, ingest_batch
-from ..schemas import BatchAck, ErrorOut, StepBatch
+from ..schemas import BatchAck, StepBatch
 from .deps import IngestRunAccess, MetricsDep, SettingsDep, WriteSessionDep
+from .responses import RUN_NOT_FOUND, error
 from .route import IngestRoute
 
 __all__ = ["router"]
@@ -20,14 +21,11 @@ router = APIRouter(prefix="/api/v1/runs", tags=["batches"], route_class=IngestRo
 @router.post(
     "/{run_id}/batches",
     responses={
-        400: {"model": ErrorOut, "description": "The body does not decode (broken gzip)."},
-        401: {"model": ErrorOut, "description": "A token is required, or it is not valid."},
-        403: {"model": ErrorOut, "description": "The token lacks the scope or the project."},
-        429: {"model": ErrorOut, "description": "Rate limit; retry after Retry-After seconds."},
-        404: {"model": ErrorOut, "description": "No run has this id."},
-        409: {"model": ErrorOut, "description": "Overlaps stored steps without being a resend."},
-        413: {"model": ErrorOut, "description": "Body too large, on the wire or decoded."},
-        415: {"model": ErrorOut, "description": "Content-Encoding other than gzip/identity."},
+        400: error("The body does not decode (broken gzip)."),
+        **RUN_NOT_FOUND,
+        409: error("Overlaps stored steps without being a resend."),
+        413: error("Body too large, on the wire or decoded."),
+        415: error("Content-Encoding other than gzip/identity."),
     },
 )
 def post_batch(

@@ -2,31 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 from uuid import UUID
 
 from fastapi import APIRouter, Query
 
+from gradwatch.wire import MAX_STEP
+
+from ..detect import Rule, Severity
 from ..detect import service as events
-from ..detect.rules import Rule, Severity
-from ..schemas import NO_NUL_PATTERN, ErrorOut, EventList, RunHealthOut
+from ..schemas import NO_NUL_PATTERN, EventList, RunHealthOut
 from ..store.repository import EventFilter
 from .deps import ReadRunAccess, ReadSessionDep
+from .responses import RUN_NOT_FOUND
 
 __all__ = ["router"]
 
 router = APIRouter(prefix="/api/v1/runs", tags=["events"])
 
-_MAX_STEP = 2**63 - 1
-_RESPONSES: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorOut, "description": "A token is required, or it is not valid."},
-    403: {"model": ErrorOut, "description": "The token lacks the scope or the project."},
-    404: {"model": ErrorOut, "description": "No run has this id."},
-    429: {"model": ErrorOut, "description": "Rate limit; retry after Retry-After seconds."},
-}
 
-
-@router.get("/{run_id}/events", responses=_RESPONSES)
+@router.get("/{run_id}/events", responses=RUN_NOT_FOUND)
 def list_events(
     run_id: UUID,
     session: ReadSessionDep,
@@ -44,10 +39,10 @@ def list_events(
         ),
     ] = None,
     start: Annotated[
-        int | None, Query(ge=0, le=_MAX_STEP, description="Only events reaching this step.")
+        int | None, Query(ge=0, le=MAX_STEP, description="Only events reaching this step.")
     ] = None,
     end: Annotated[
-        int | None, Query(ge=0, le=_MAX_STEP, description="Only events starting by this step.")
+        int | None, Query(ge=0, le=MAX_STEP, description="Only events starting by this step.")
     ] = None,
     cursor: Annotated[str | None, Query(description="next_cursor of the previous page.")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
@@ -63,14 +58,14 @@ def list_events(
     return events.list_events(session, str(run_id), where, cursor, limit)
 
 
-@router.get("/{run_id}/health", responses=_RESPONSES)
+@router.get("/{run_id}/health", responses=RUN_NOT_FOUND)
 def get_health(
     run_id: UUID,
     session: ReadSessionDep,
     _principal: ReadRunAccess,
     recent_steps: Annotated[
         int,
-        Query(ge=1, le=_MAX_STEP, description="Steps back from the last one the verdict covers."),
+        Query(ge=1, le=MAX_STEP, description="Steps back from the last one the verdict covers."),
     ] = 1000,
     worst: Annotated[int, Query(ge=0, le=100, description="Most layers listed.")] = 5,
 ) -> RunHealthOut:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Path
 
+from ..detect import DetectorConfig
 from ..detect import service as events
-from ..detect.rules import DetectorConfig
-from ..schemas import PROJECT_PATTERN, ErrorOut
+from ..schemas import PROJECT_PATTERN
 from .deps import IngestAccess, ReadAccess, ReadSessionDep, WriteSessionDep
+from .responses import AUTH
 from .route import DecodedBodyRoute
 
 __all__ = ["router"]
@@ -18,14 +19,9 @@ __all__ = ["router"]
 router = APIRouter(prefix="/api/v1/projects", tags=["projects"], route_class=DecodedBodyRoute)
 
 _Project = Annotated[str, Path(pattern=PROJECT_PATTERN)]
-_RESPONSES: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorOut, "description": "A token is required, or it is not valid."},
-    403: {"model": ErrorOut, "description": "The token lacks the scope or the project."},
-    429: {"model": ErrorOut, "description": "Rate limit; retry after Retry-After seconds."},
-}
 
 
-@router.get("/{project}/detectors", responses=_RESPONSES)
+@router.get("/{project}/detectors", responses=AUTH)
 def get_detectors(
     project: _Project, session: ReadSessionDep, principal: ReadAccess
 ) -> DetectorConfig:
@@ -34,7 +30,7 @@ def get_detectors(
     return events.get_detector_config(session, project)
 
 
-@router.put("/{project}/detectors", responses=_RESPONSES)
+@router.put("/{project}/detectors", responses=AUTH)
 def put_detectors(
     project: _Project, body: DetectorConfig, session: WriteSessionDep, principal: IngestAccess
 ) -> DetectorConfig:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated
 from uuid import UUID
 
 from fastapi import APIRouter, Query, Response, status
@@ -12,14 +12,13 @@ from ..query import run
 from ..schemas import (
     NO_NUL_PATTERN,
     PROJECT_PATTERN,
-    ErrorOut,
     LayersOut,
     RunCreate,
     RunList,
     RunOut,
     RunPatch,
+    RunStatus,
 )
-from ..store.models import RunStatus
 from .deps import (
     IngestAccess,
     IngestRunAccess,
@@ -28,28 +27,19 @@ from .deps import (
     ReadSessionDep,
     WriteSessionDep,
 )
+from .responses import AUTH, RUN_NOT_FOUND
 from .route import DecodedBodyRoute
 
 __all__ = ["router"]
 
 router = APIRouter(prefix="/api/v1/runs", tags=["runs"], route_class=DecodedBodyRoute)
 
-_AUTH: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorOut, "description": "A token is required, or it is not valid."},
-    403: {"model": ErrorOut, "description": "The token lacks the scope or the project."},
-    429: {"model": ErrorOut, "description": "Rate limit; retry after Retry-After seconds."},
-}
-_NOT_FOUND: dict[int | str, dict[str, Any]] = {
-    **_AUTH,
-    404: {"model": ErrorOut, "description": "No run has this id."},
-}
-
 
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
     responses={
-        **_AUTH,
+        **AUTH,
         200: {"model": RunOut, "description": "The run already existed (unchanged)."},
     },
 )
@@ -65,7 +55,7 @@ def create_run(
     return out
 
 
-@router.get("", responses=_AUTH)
+@router.get("", responses=AUTH)
 def list_runs(
     session: ReadSessionDep,
     principal: ReadAccess,
@@ -91,13 +81,13 @@ def list_runs(
     )
 
 
-@router.get("/{run_id}", responses=_NOT_FOUND)
+@router.get("/{run_id}", responses=RUN_NOT_FOUND)
 def get_run(run_id: UUID, session: ReadSessionDep, _principal: ReadRunAccess) -> RunOut:
     """Return one run with its totals."""
     return run.get_run(session, str(run_id))
 
 
-@router.patch("/{run_id}", responses=_NOT_FOUND)
+@router.patch("/{run_id}", responses=RUN_NOT_FOUND)
 def patch_run(
     run_id: UUID, body: RunPatch, session: WriteSessionDep, _principal: IngestRunAccess
 ) -> RunOut:
@@ -105,7 +95,7 @@ def patch_run(
     return run.set_run_status(session, str(run_id), body.status, datetime.now(UTC))
 
 
-@router.get("/{run_id}/layers", responses=_NOT_FOUND)
+@router.get("/{run_id}/layers", responses=RUN_NOT_FOUND)
 def list_layers(run_id: UUID, session: ReadSessionDep, _principal: ReadRunAccess) -> LayersOut:
     """List a run's layers in layer order with latest and largest gradient norm."""
     return run.list_layers(session, str(run_id))

@@ -7,27 +7,23 @@ from uuid import UUID
 
 from fastapi import APIRouter, Query, Response
 
+from gradwatch.wire import MAX_STEP
+
 from ..query.series import MAX_POINTS, read_series
-from ..schemas import NO_NUL_PATTERN, ErrorOut, SeriesOut
+from ..schemas import NO_NUL_PATTERN, SeriesOut
 from ..store.metric import Metric
 from .deps import ReadRunAccess, ReadSessionDep
+from .responses import AUTH, error
 
 __all__ = ["router"]
 
 router = APIRouter(prefix="/api/v1/runs", tags=["series"])
 
-_MAX_STEP = 2**63 - 1
-
 
 @router.get(
     "/{run_id}/series",
     response_model=SeriesOut,
-    responses={
-        401: {"model": ErrorOut, "description": "A token is required, or it is not valid."},
-        403: {"model": ErrorOut, "description": "The token lacks the scope or the project."},
-        404: {"model": ErrorOut, "description": "No such run or layer."},
-        429: {"model": ErrorOut, "description": "Rate limit; retry after Retry-After seconds."},
-    },
+    responses={**AUTH, 404: error("No such run or layer.")},
 )
 def get_series(
     run_id: UUID,
@@ -40,8 +36,8 @@ def get_series(
             description="Required for per-layer metrics.", max_length=1024, pattern=NO_NUL_PATTERN
         ),
     ] = None,
-    start: Annotated[int | None, Query(ge=0, le=_MAX_STEP, description="First step.")] = None,
-    end: Annotated[int | None, Query(ge=0, le=_MAX_STEP, description="Last step.")] = None,
+    start: Annotated[int | None, Query(ge=0, le=MAX_STEP, description="First step.")] = None,
+    end: Annotated[int | None, Query(ge=0, le=MAX_STEP, description="Last step.")] = None,
     max_points: Annotated[
         int,
         Query(ge=1, le=MAX_POINTS, description="Most values or buckets in the reply."),

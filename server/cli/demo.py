@@ -14,14 +14,15 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
+import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-__all__ = ["DemoRun", "run_demo"]
+__all__ = ["DemoRun", "demo", "run_demo"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,3 +196,36 @@ def run_demo(
         if embedded is not None:
             embedded.stop()
     return runs
+
+
+def demo(
+    server: Annotated[
+        str | None, typer.Option(help="Stream to this server instead of an embedded one.")
+    ] = None,
+    database_url: Annotated[
+        str | None, typer.Option(help="Database of the embedded server (default: a temp file).")
+    ] = None,
+    epochs: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Epochs per run (64 steps each). The exploding run explodes after 80% of its "
+            "steps; the server's detectors learn a baseline over 200 steps first, so explosion "
+            "events need at least 4 epochs.",
+        ),
+    ] = 5,
+    keep_serving: Annotated[
+        bool, typer.Option(help="Keep the embedded server up after the runs, until Ctrl-C.")
+    ] = False,
+) -> None:
+    """Train a stable and an exploding Keras run and stream both to a server."""
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow is imported
+    try:
+        import keras  # noqa: F401
+    except ImportError:
+        raise typer.BadParameter(
+            "the demo needs TensorFlow: pip install 'gradwatch[all]'", param_hint="demo"
+        ) from None
+    run_demo(server=server, database_url=database_url, epochs=epochs, keep_serving=keep_serving)

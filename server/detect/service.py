@@ -26,15 +26,10 @@ from ..schemas import EventList, EventOut, LayerHealthOut, RunHealthOut
 from ..store import repository
 from ..store.models import Event, Run, RunStatus
 from ..store.repository import EventFilter, LayerStats
-from .rules import (
-    Detection,
-    DetectorConfig,
-    DetectorState,
-    Rule,
-    Severity,
-    StepColumns,
-    detect,
-)
+from .config import DetectorConfig
+from .detector import detect
+from .event import Detection, Rule, Severity, StepColumns
+from .state import DetectorState
 
 __all__ = [
     "detect_batch",

@@ -26,7 +26,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector
 
 from ..config import Settings
-from ..detect.rules import Rule, Severity
+from ..detect import Rule, Severity
 from ..errors import (
     VALIDATION_ERROR_CODE,
     AuthenticationError,

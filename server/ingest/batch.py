@@ -27,15 +27,15 @@ import numpy as np
 from numpy.typing import NDArray
 from sqlalchemy.orm import Session
 
+from ..detect import StepColumns
 from ..detect import service as events
-from ..detect.rules import StepColumns
 from ..errors import BatchConflictError, InvalidBatchError, RunNotFoundError
 from ..schemas import BatchAck, StepBatch, encode_float
 from ..store import repository
 from ..store.block import BlockSet, decode_blocks, encode_blocks
 from ..store.metric import METRICS, Metric, MetricKind, MetricSpec, Scope
-from ..store.models import Run
-from ..store.repository import RUN_LEVEL, BatchRecord, SeriesKey, SeriesState
+from ..store.models import RUN_LEVEL, Run
+from ..store.repository import BatchRecord, SeriesKey, SeriesState
 
 __all__ = ["IngestOptions", "PreparedBatch", "ingest_batch", "ingest_batches", "prepare_batch"]
 

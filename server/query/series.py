@@ -26,7 +26,7 @@ from ..schemas import BucketedSeriesOut, RawSeriesOut
 from ..store import repository
 from ..store.block import BlockSummaries, StoredBlock, decode_blocks
 from ..store.metric import METRICS, Metric, MetricKind, Scope
-from ..store.repository import RUN_LEVEL
+from ..store.models import RUN_LEVEL
 
 __all__ = ["MAX_POINTS", "Buckets", "aggregate_buckets", "bucket_series", "read_series"]
 

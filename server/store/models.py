@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 from sqlalchemy import (
     JSON,
@@ -62,6 +62,10 @@ _NAMING_CONVENTION = {
 
 _SERIES_ID = BigInteger().with_variant(Integer(), "sqlite")
 """64-bit ids; plain INTEGER on SQLite so the column aliases the rowid and autoincrements."""
+
+
+RUN_LEVEL: Final = ""
+"""Layer name of the run-level series (global norm, loss, clip rate) in every table."""
 
 
 class RunStatus(enum.StrEnum):

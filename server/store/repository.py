@@ -30,10 +30,10 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, aliased
 
-from ..detect.rules import Severity
 from .block import BlockSummaries, StoredBlock
 from .metric import LAYER_ORDER_METRIC, Metric
 from .models import (
+    RUN_LEVEL,
     AgentDrop,
     Batch,
     Block,
@@ -92,8 +92,9 @@ __all__ = [
     "upsert_agent_drops",
 ]
 
-RUN_LEVEL = ""
-"""The ``series.layer`` value of run-level metrics."""
+_CRITICAL = "critical"
+_WARNING = "warning"
+"""Stored spellings of the two severities (``Event.severity``)."""
 
 SeriesKey = tuple[str, str]
 """(metric, layer) of a series within one run; ``layer`` is ``""`` for run-level metrics."""
@@ -874,9 +875,10 @@ def summarise_event_layers(
 ) -> list[tuple[str, int, int, str]]:
     """Return the layers with the most detections: (layer, detections, events, worst severity).
 
-    Run-level events (``layer == ''``) are left out. Ordered by detections, most first.
+    Run-level events (``layer == ''``) are left out. Ordered by detections, most first. The
+    severity is the stored spelling (``"critical"`` or ``"warning"``).
     """
-    critical = func.max(case((Event.severity == Severity.CRITICAL.value, 1), else_=0))
+    critical = func.max(case((Event.severity == _CRITICAL, 1), else_=0))
     detections = func.sum(Event.count)
     statement = (
         select(Event.layer, detections, func.count(), critical)
@@ -886,6 +888,6 @@ def summarise_event_layers(
         .limit(limit)
     )
     return [
-        (layer, int(total), int(events), (Severity.CRITICAL if worst else Severity.WARNING).value)
+        (layer, int(total), int(events), _CRITICAL if worst else _WARNING)
         for layer, total, events, worst in session.execute(statement)
     ]

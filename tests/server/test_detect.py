@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from gradwatch.server.detect.rules import (
+from gradwatch.server.detect import (
     Detection,
     DetectorConfig,
     DetectorState,
