@@ -50,7 +50,7 @@ from gradwatch.server.embedded import EmbeddedServer
 from gradwatch.server.ingest.batch import IngestOptions, ingest_batches, prepare_batch
 from gradwatch.server.query.run import create_run
 from gradwatch.server.schemas import RunCreate, StepBatch
-from gradwatch.server.store import repository
+from gradwatch.server.store import series as series_store
 from gradwatch.server.store.db import Database, create_db_engine, upgrade_database
 from gradwatch.server.store.models import Block
 from tests.fakes import sqlite_file_bytes
@@ -295,7 +295,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.postgres_insert == "executemany":
-        repository._copy_rows = _insert_rows  # type: ignore[assignment]
+        series_store._copy_rows = _insert_rows  # type: ignore[assignment]
 
     rng = np.random.default_rng(0)
     layers = [f"model/block_{i}/dense" for i in range(args.layers)]

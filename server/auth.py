@@ -26,7 +26,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from .errors import (
@@ -34,7 +33,7 @@ from .errors import (
     PermissionDeniedError,
     RateLimitedError,
 )
-from .store.models import ApiToken
+from .store import tokens as token_store
 
 __all__ = [
     "OPEN_ACCESS",
@@ -156,23 +155,21 @@ def create_token(
     key = secrets.token_hex(_KEY_BYTES)
     token = f"{_PREFIX}_{key}_{secrets.token_urlsafe(_SECRET_BYTES)}"
     with session.begin():
-        session.add(
-            ApiToken(
-                key=key,
-                token_hash=hash_token(token),
-                project=project,
-                scopes=_format_scopes(scope_set),
-                name=name,
-                created_at=now,
-                revoked_at=None,
-            )
+        token_store.insert_token(
+            session,
+            key=key,
+            token_hash=hash_token(token),
+            project=project,
+            scopes=_format_scopes(scope_set),
+            name=name,
+            now=now,
         )
     return NewToken(key=key, token=token, project=project, scopes=scope_set)
 
 
 def list_tokens(session: Session) -> list[TokenInfo]:
     """Return every token (revoked ones too), oldest first. Blocks on the database."""
-    rows = session.scalars(select(ApiToken).order_by(ApiToken.created_at, ApiToken.key))
+    rows = token_store.list_tokens(session)
     return [
         TokenInfo(
             key=row.key,
@@ -189,17 +186,12 @@ def list_tokens(session: Session) -> list[TokenInfo]:
 def revoke_token(session: Session, key: str, now: datetime) -> bool:
     """Revoke a token by key (committed here); return False if no valid token has it."""
     with session.begin():
-        row = session.get(ApiToken, key, with_for_update=True)
-        if row is None or row.revoked_at is not None:
-            return False
-        row.revoked_at = now
-        return True
+        return token_store.revoke_token(session, key, now)
 
 
 def has_active_tokens(session: Session) -> bool:
     """Whether any token that is not revoked exists (one indexed query)."""
-    statement = select(ApiToken.key).where(ApiToken.revoked_at.is_(None)).limit(1)
-    return session.execute(statement).first() is not None
+    return token_store.has_active_tokens(session)
 
 
 class RateLimiter:
@@ -308,7 +300,7 @@ class Authenticator:
         invalid = AuthenticationError("Authorization: unknown, malformed or revoked token")
         if len(parts) < 3 or parts[0] != _PREFIX or len(parts[1]) != 2 * _KEY_BYTES:
             raise invalid
-        row = session.get(ApiToken, parts[1])
+        row = token_store.get_token(session, parts[1])
         expected = "0" * 64 if row is None else row.token_hash
         matches = hmac.compare_digest(expected, hash_token(token))
         if row is None or not matches or row.revoked_at is not None:

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from ..auth import Authenticator, Principal, TokenScope
 from ..config import Settings
 from ..export.prometheus import ServerMetrics
-from ..store import repository
+from ..store import runs as run_store
 from ..store.db import Database
 
 __all__ = [
@@ -123,7 +123,7 @@ def _authorize_run(scope: TokenScope) -> Callable[..., Principal]:
     ) -> Principal:
         if principal.project is not None:
             with database.read_session() as session:
-                project = repository.get_run_project(session, str(run_id))
+                project = run_store.get_run_project(session, str(run_id))
             if project is not None:
                 principal.check_project(project)
         return principal

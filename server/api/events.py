@@ -12,7 +12,7 @@ from gradwatch.wire import MAX_STEP
 from ..detect import Rule, Severity
 from ..detect import service as events
 from ..schemas import NO_NUL_PATTERN, EventList, RunHealthOut
-from ..store.repository import EventFilter
+from ..store.events import EventFilter
 from .deps import ReadRunAccess, ReadSessionDep
 from .responses import RUN_NOT_FOUND
 

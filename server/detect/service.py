@@ -23,9 +23,12 @@ from ..errors import RunNotFoundError
 from ..query.cursor import decode_cursor, encode_cursor
 from ..query.summary import last_value, max_value
 from ..schemas import EventList, EventOut, LayerHealthOut, RunHealthOut
-from ..store import repository
+from ..store import events as event_store
+from ..store import runs as run_store
+from ..store import series as series_store
+from ..store.events import EventFilter
 from ..store.models import Event, Run, RunStatus
-from ..store.repository import EventFilter, LayerStats
+from ..store.series import LayerStats
 from .config import DetectorConfig
 from .detector import detect
 from .event import Detection, Rule, Severity, StepColumns
@@ -45,7 +48,7 @@ _ENDPOINT = "GET /api/v1/runs/{run_id}/events"
 
 def get_detector_config(session: Session, project: str) -> DetectorConfig:
     """Return a project's detector thresholds: the stored ones, or the defaults."""
-    stored = repository.get_project_detectors(session, project)
+    stored = event_store.get_project_detectors(session, project)
     if stored is None:
         return DetectorConfig()
     try:
@@ -62,7 +65,7 @@ def set_detector_config(
     """Store a project's thresholds in one transaction (committed here); they apply from the
     next ingested batch on, and detector state (baselines) is kept."""
     with session.begin():
-        repository.put_project_detectors(session, project, config.model_dump(mode="json"), now)
+        event_store.put_project_detectors(session, project, config.model_dump(mode="json"), now)
     return config
 
 
@@ -74,16 +77,16 @@ def detect_batch(session: Session, run: Run, columns: StepColumns, now: datetime
     config = get_detector_config(session, run.project)
     result = detect(_load_state(session, run.id), columns, config)
     _store_events(session, run.id, result.events, now)
-    repository.add_detector_counts(
+    event_store.add_detector_counts(
         session,
         run.id,
         {(rule.value, severity.value): n for (rule, severity), n in result.triggers.items() if n},
     )
-    repository.put_detector_state(session, run.id, result.state.to_bytes(), now)
+    event_store.put_detector_state(session, run.id, result.state.to_bytes(), now)
 
 
 def _load_state(session: Session, run_id: str) -> DetectorState | None:
-    raw = repository.get_detector_state(session, run_id)
+    raw = event_store.get_detector_state(session, run_id)
     if raw is None:
         return None
     try:
@@ -98,7 +101,7 @@ def _load_state(session: Session, run_id: str) -> DetectorState | None:
 def _store_events(
     session: Session, run_id: str, detections: list[Detection], now: datetime
 ) -> None:
-    open_events = repository.get_latest_events(
+    open_events = event_store.get_latest_events(
         session, run_id, [(d.rule.value, d.layer) for d in detections if d.continues]
     )
     for detection in detections:
@@ -153,10 +156,10 @@ def list_events(
         RunNotFoundError: No run has this id.
         InvalidQueryError: ``cursor`` was not produced by this function.
     """
-    if repository.get_run(session, run_id) is None:
+    if run_store.get_run(session, run_id) is None:
         raise RunNotFoundError(run_id)
     after = None if cursor is None else _decode_cursor(cursor)
-    rows = repository.list_events(session, run_id, where, after, limit + 1)
+    rows = event_store.list_events(session, run_id, where, after, limit + 1)
     page = rows[:limit]
     next_cursor = encode_cursor([page[-1].first_step, page[-1].id]) if len(rows) > limit else None
     return EventList(run_id=run_id, events=[_event_out(e) for e in page], next_cursor=next_cursor)
@@ -171,15 +174,15 @@ def get_run_health(session: Session, run_id: str, recent_steps: int, worst: int)
     Raises:
         RunNotFoundError: No run has this id.
     """
-    run = repository.get_run(session, run_id)
+    run = run_store.get_run(session, run_id)
     if run is None:
         raise RunNotFoundError(run_id)
-    counts = repository.get_detector_counts(session, run_id)
-    latest = repository.list_events(session, run_id, EventFilter(), None, 1)
-    layers = {stats.name: stats for stats in repository.list_layer_stats(session, run_id)}
+    counts = event_store.get_detector_counts(session, run_id)
+    latest = event_store.list_events(session, run_id, EventFilter(), None, 1)
+    layers = {stats.name: stats for stats in series_store.list_layer_stats(session, run_id)}
     worst_layers = [
         _layer_health(layer, detections, events, severity, layers.get(layer))
-        for layer, detections, events, severity in repository.summarise_event_layers(
+        for layer, detections, events, severity in event_store.summarise_event_layers(
             session, run_id, worst
         )
     ]
@@ -205,7 +208,7 @@ def _verdict(session: Session, run: Run, recent_steps: int) -> Severity | Litera
     start = max(run.last_step - recent_steps + 1, 0)
     for severity in sorted(Severity, reverse=True):
         where = EventFilter(severities=[severity.value], start=start)
-        if repository.list_events(session, run.id, where, None, 1):
+        if event_store.list_events(session, run.id, where, None, 1):
             return severity
     return "healthy"
 

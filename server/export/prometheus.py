@@ -40,7 +40,7 @@ from ..errors import (
     UnsupportedEncodingError,
 )
 from ..schemas import decode_float
-from ..store import repository
+from ..store import scrape as scrape_store
 from ..store.db import Database
 
 __all__ = ["RunStateCollector", "ServerMetrics"]
@@ -158,9 +158,9 @@ class RunStateCollector(Collector):
             "ingested_since": moment - timedelta(seconds=settings.inactive_run_seconds),
         }
         with self._database.read_session() as session:
-            runs = repository.scrape_runs(session, **window)
-            drops = repository.scrape_agent_drops(session, **window)
-            detections = repository.scrape_detector_counts(session, **window)
+            runs = scrape_store.scrape_runs(session, **window)
+            drops = scrape_store.scrape_agent_drops(session, **window)
+            detections = scrape_store.scrape_detector_counts(session, **window)
         families = _Families()
         for run in runs:
             families.add_run(run)
@@ -258,7 +258,7 @@ class _Families:
             labels=[*run, "reason"],
         )
 
-    def add_run(self, run: repository.RunScrape) -> None:
+    def add_run(self, run: scrape_store.RunScrape) -> None:
         """Add the run-level samples of one run."""
         labels = [run.run_id]
         self.run_info.add_metric([run.run_id, run.project, run.name, run.status], 1)
@@ -280,7 +280,7 @@ class _Families:
         if run.loss_last_step is not None:
             self.loss.add_metric(labels, _value(run.loss_last))
 
-    def add_layers(self, run: repository.RunScrape, k: int) -> None:
+    def add_layers(self, run: scrape_store.RunScrape, k: int) -> None:
         """Add the norms of the run's top-``k`` layers and the truncation flag."""
         if run.top_layers is None:
             return

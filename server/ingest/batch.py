@@ -31,11 +31,13 @@ from ..detect import StepColumns
 from ..detect import service as events
 from ..errors import BatchConflictError, InvalidBatchError, RunNotFoundError
 from ..schemas import BatchAck, StepBatch, encode_float
-from ..store import repository
+from ..store import runs as run_store
+from ..store import series as series_store
 from ..store.block import BlockSet, decode_blocks, encode_blocks
 from ..store.metric import METRICS, Metric, MetricKind, MetricSpec, Scope
 from ..store.models import RUN_LEVEL, Run
-from ..store.repository import BatchRecord, SeriesKey, SeriesState
+from ..store.runs import BatchRecord
+from ..store.series import SeriesKey, SeriesState
 
 __all__ = ["IngestOptions", "PreparedBatch", "ingest_batch", "ingest_batches", "prepare_batch"]
 
@@ -220,10 +222,10 @@ def _store(
     now: datetime,
 ) -> BatchAck:
     record = prepared.record
-    run = repository.get_run(session, run_id, for_update=True)
+    run = run_store.get_run(session, run_id, for_update=True)
     if run is None:
         raise RunNotFoundError(run_id)
-    stored = repository.get_batch(session, run_id, record.batch_id)
+    stored = run_store.get_batch(session, run_id, record.batch_id)
     if stored is not None:
         if (stored.first_step, stored.last_step, stored.n_steps) != (
             record.first_step,
@@ -236,7 +238,7 @@ def _store(
                 f"has steps {record.first_step}..{record.last_step} ({record.n_steps} steps)"
             )
         return _acknowledge(run_id, prepared, duplicate=True)
-    overlapping = repository.find_overlapping_batches(
+    overlapping = run_store.find_overlapping_batches(
         session, run_id, record.first_step, record.last_step
     )
     if overlapping:
@@ -249,7 +251,7 @@ def _store(
             "and the batch is not a resend of stored steps; send only new steps"
         )
     _check_totals(run, prepared.totals)
-    repository.insert_batch(session, run_id, record, now)
+    run_store.insert_batch(session, run_id, record, now)
     _store_blocks(session, run_id, prepared)
     if run.last_step is None or record.last_step > run.last_step:
         run.top_layers = _top_layers(prepared.columns, options.top_k_layers)
@@ -257,7 +259,7 @@ def _store(
     _fold_norm_window(run, prepared.global_norm_max, now, options.norm_window_seconds)
     events.detect_batch(session, run, prepared.columns, now)
     if dropped_batches:
-        repository.upsert_agent_drops(session, run_id, dropped_batches, record.last_step)
+        run_store.upsert_agent_drops(session, run_id, dropped_batches, record.last_step)
     return _acknowledge(run_id, prepared, duplicate=False)
 
 
@@ -353,10 +355,10 @@ def _total(arrays: _Arrays, n: int) -> _RunTotals:
 def _are_stored(session: Session, run_id: str, steps: NDArray[np.int64]) -> bool:
     """Whether every step is stored already (read from the run's ``global_norm`` blocks,
     which hold every step of every stored batch)."""
-    series_id = repository.find_series_id(session, run_id, Metric.GLOBAL_NORM, RUN_LEVEL)
+    series_id = series_store.find_series_id(session, run_id, Metric.GLOBAL_NORM, RUN_LEVEL)
     if series_id is None:
         return False
-    blocks = repository.fetch_blocks(session, series_id, int(steps[0]), int(steps[-1]))
+    blocks = series_store.fetch_blocks(session, series_id, int(steps[0]), int(steps[-1]))
     stored_steps, _ = decode_blocks(blocks, METRICS[Metric.GLOBAL_NORM].kind)
     return bool(np.isin(steps, stored_steps).all())
 
@@ -381,7 +383,7 @@ class _BlockSummary:
 
 
 def _store_blocks(session: Session, run_id: str, prepared: PreparedBatch) -> None:
-    states = repository.get_series_states(session, run_id)
+    states = series_store.get_series_states(session, run_id)
     missing: list[SeriesKey] = [
         (item.metric.value, layer)
         for item in prepared.metrics
@@ -389,8 +391,8 @@ def _store_blocks(session: Session, run_id: str, prepared: PreparedBatch) -> Non
         if count > 0 and (item.metric.value, layer) not in states
     ]
     if missing:
-        repository.insert_series(session, run_id, missing)
-        states = repository.get_series_states(session, run_id)
+        series_store.insert_series(session, run_id, missing)
+        states = series_store.get_series_states(session, run_id)
     rows: list[dict[str, object]] = []
     updated: list[SeriesState] = []
     for item in prepared.metrics:
@@ -425,8 +427,8 @@ def _store_blocks(session: Session, run_id: str, prepared: PreparedBatch) -> Non
                 }
             )
             updated.append(_merge_state(state, summary))
-    repository.insert_blocks(session, rows)
-    repository.update_series_states(session, updated)
+    series_store.insert_blocks(session, rows)
+    series_store.update_series_states(session, updated)
 
 
 def _null_if_nan(value: float) -> float | None:

@@ -14,10 +14,11 @@ from sqlalchemy.orm import Session
 
 from ..errors import InvalidQueryError, RunNotFoundError
 from ..schemas import LayerOut, LayersOut, RunCreate, RunList, RunOut
-from ..store import repository
+from ..store import runs as run_store
+from ..store import series as series_store
 from ..store.metric import Metric
 from ..store.models import Run, RunStatus
-from ..store.repository import SeriesState
+from ..store.series import SeriesState
 from .cursor import decode_cursor, encode_cursor
 from .summary import last_value, max_value
 
@@ -38,7 +39,7 @@ def create_run(session: Session, request: RunCreate, now: datetime) -> tuple[Run
     run_id = str(request.run_id)
     try:
         with session.begin():
-            existing = repository.get_run(session, run_id, for_update=True)
+            existing = run_store.get_run(session, run_id, for_update=True)
             if existing is not None:
                 return _summarise(session, [existing])[0], False
             run = Run(
@@ -73,7 +74,7 @@ def set_run_status(session: Session, run_id: str, status: RunStatus, now: dateti
         RunNotFoundError: No run has this id.
     """
     with session.begin():
-        run = repository.get_run(session, run_id, for_update=True)
+        run = run_store.get_run(session, run_id, for_update=True)
         if run is None:
             raise RunNotFoundError(run_id)
         if run.status != status.value:
@@ -89,7 +90,7 @@ def get_run(session: Session, run_id: str) -> RunOut:
     Raises:
         RunNotFoundError: No run has this id.
     """
-    run = repository.get_run(session, run_id)
+    run = run_store.get_run(session, run_id)
     if run is None:
         raise RunNotFoundError(run_id)
     return _summarise(session, [run])[0]
@@ -109,7 +110,7 @@ def list_runs(
     Raises:
         InvalidQueryError: ``cursor`` was not produced by this function.
     """
-    runs = repository.list_runs(
+    runs = run_store.list_runs(
         session,
         project=project,
         status=status,
@@ -128,7 +129,7 @@ def list_layers(session: Session, run_id: str) -> LayersOut:
     Raises:
         RunNotFoundError: No run has this id.
     """
-    if repository.get_run(session, run_id) is None:
+    if run_store.get_run(session, run_id) is None:
         raise RunNotFoundError(run_id)
     return LayersOut(
         run_id=run_id,
@@ -140,7 +141,7 @@ def list_layers(session: Session, run_id: str) -> LayersOut:
                 max_grad_norm=max_value(stats.count, stats.vmax),
                 nonfinite_values=stats.nonfinite_values,
             )
-            for index, stats in enumerate(repository.list_layer_stats(session, run_id))
+            for index, stats in enumerate(series_store.list_layer_stats(session, run_id))
         ],
     )
 
@@ -150,9 +151,9 @@ def _summarise(session: Session, runs: Sequence[Run]) -> list[RunOut]:
     if not runs:
         return []
     run_ids = [run.id for run in runs]
-    layers = repository.count_layers(session, run_ids)
-    global_norms = repository.get_run_series_states(session, run_ids, Metric.GLOBAL_NORM)
-    drops = repository.get_agent_drops(session, run_ids)
+    layers = run_store.count_layers(session, run_ids)
+    global_norms = series_store.get_run_series_states(session, run_ids, Metric.GLOBAL_NORM)
+    drops = run_store.get_agent_drops(session, run_ids)
     return [
         RunOut(
             run_id=run.id,

@@ -1,7 +1,7 @@
 """Series queries: stored values of one metric of a run or layer, raw or bucketed.
 
 Downsampling aggregates block summaries in SQL: the blocks that lie inside one bucket are
-folded per bucket by the database (``repository.bucket_inner_blocks``: count, min of
+folded per bucket by the database (``series_store.bucket_inner_blocks``: count, min of
 ``vmin``, max of ``vmax``, ``vlast`` of the last block), so at most one row per bucket reaches
 Python. Only blocks cut by a bucket edge or by ``start``/``end`` are fetched with their packed
 values and decoded. A 2000-bucket query over 10⁶ steps stored in 50-step blocks thus reads no
@@ -23,7 +23,8 @@ from sqlalchemy.orm import Session
 
 from ..errors import InvalidQueryError, LayerNotFoundError, RunNotFoundError
 from ..schemas import BucketedSeriesOut, RawSeriesOut
-from ..store import repository
+from ..store import runs as run_store
+from ..store import series as series_store
 from ..store.block import BlockSummaries, StoredBlock, decode_blocks
 from ..store.metric import METRICS, Metric, MetricKind, Scope
 from ..store.models import RUN_LEVEL
@@ -190,10 +191,14 @@ def read_series(
         raise InvalidQueryError(f"start: {start} is after end {end}")
     if not 1 <= max_points <= MAX_POINTS:
         raise InvalidQueryError(f"max_points: {max_points} is not in 1..{MAX_POINTS}")
-    if repository.get_run(session, run_id) is None:
+    if run_store.get_run(session, run_id) is None:
         raise RunNotFoundError(run_id)
-    series_id = repository.find_series_id(session, run_id, metric, layer or RUN_LEVEL)
-    if series_id is None and layer is not None and not repository.has_layer(session, run_id, layer):
+    series_id = series_store.find_series_id(session, run_id, metric, layer or RUN_LEVEL)
+    if (
+        series_id is None
+        and layer is not None
+        and not series_store.has_layer(session, run_id, layer)
+    ):
         raise LayerNotFoundError(run_id, layer)
 
     def raw_out(
@@ -215,19 +220,21 @@ def read_series(
     if raw:
         steps, values, next_start = _read_page(session, series_id, spec.kind, lo, hi, max_points)
         return raw_out(steps, values, next_start)
-    inner_count, inner_first, inner_last = repository.count_inner_blocks(session, series_id, lo, hi)
+    inner_count, inner_first, inner_last = series_store.count_inner_blocks(
+        session, series_id, lo, hi
+    )
     cut_steps, cut_values = _decode_inside(
-        repository.fetch_cut_blocks(session, series_id, lo, hi), spec.kind, lo, hi
+        series_store.fetch_cut_blocks(session, series_id, lo, hi), spec.kind, lo, hi
     )
     if inner_count + len(cut_steps) <= max_points:
-        stored = repository.fetch_blocks(session, series_id, start, end)
+        stored = series_store.fetch_blocks(session, series_id, start, end)
         return raw_out(*_decode_inside(stored, spec.kind, lo, hi))
     first = min(inner_first if inner_count else _NO_STEP, _first_or_none(cut_steps))
     last = max(inner_last if inner_count else -1, _last_or_none(cut_steps))
     width = _width(first, last, max_points)
-    whole = repository.bucket_inner_blocks(session, series_id, lo, hi, first, width)
+    whole = series_store.bucket_inner_blocks(session, series_id, lo, hi, first, width)
     split_steps, split_values = _decode_inside(
-        repository.fetch_split_blocks(session, series_id, lo, hi, first, width), spec.kind, lo, hi
+        series_store.fetch_split_blocks(session, series_id, lo, hi, first, width), spec.kind, lo, hi
     )
     pieces = _Pieces.concatenate(
         [
@@ -275,14 +282,14 @@ def _read_page(
     Reads at most ``limit + 2`` block summaries and only the blobs of the blocks needed.
     """
     end = None if hi == _NO_STEP else hi
-    summaries = repository.fetch_block_summaries(session, series_id, lo, end, limit=limit + 2)
+    summaries = series_store.fetch_block_summaries(session, series_id, lo, end, limit=limit + 2)
     if not len(summaries):
         return np.zeros(0, dtype=np.int64), np.zeros(0), None
     # Values before lo in the first block do not count; every block holds at least one value.
     needed = limit + 1 + (int(summaries.count[0]) if summaries.first_step[0] < lo else 0)
     enough = np.flatnonzero(np.cumsum(summaries.count) >= needed)
     last_block = int(enough[0]) if len(enough) else len(summaries) - 1
-    blocks = repository.fetch_blocks(
+    blocks = series_store.fetch_blocks(
         session, series_id, int(summaries.first_step[0]), int(summaries.first_step[last_block])
     )
     steps, values = _decode_inside(blocks, kind, lo, hi)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from gradwatch.server.query.series import bucket_series
-from gradwatch.server.store import repository
+from gradwatch.server.store import series as series_store
 from tests.server.wire import (
     create_run,
     decode_float,
@@ -217,14 +217,14 @@ def test_series_whole_blocks_are_read_from_summaries(client, monkeypatch):
     _ingest_steps(client, run_id, list(range(1000)), norms, batch_size=10)
     decoded: list[int] = []
     for name in ("fetch_cut_blocks", "fetch_split_blocks", "fetch_blocks"):
-        original = getattr(repository, name)
+        original = getattr(series_store, name)
 
         def recording(*args, _original=original, **kwargs):
             blocks = _original(*args, **kwargs)
             decoded.extend(block.first_step for block in blocks)
             return blocks
 
-        monkeypatch.setattr(repository, name, recording)
+        monkeypatch.setattr(series_store, name, recording)
 
     aligned = get_series(client, run_id, "global_norm", max_points=100)
     assert decoded == []

@@ -1,0 +1,158 @@
+"""SQL of the Prometheus scrape: a constant number of queries, whatever the number of runs.
+
+Every function takes an open :class:`~sqlalchemy.orm.Session`, runs a few statements in its
+current transaction (beginning one if needed) and never commits: the caller owns the
+transaction. Calls block on the database. A session belongs to one thread at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    ColumnElement,
+    and_,
+    func,
+    or_,
+    select,
+)
+from sqlalchemy.orm import Session, aliased
+
+from .metric import Metric
+from .models import (
+    RUN_LEVEL,
+    AgentDrop,
+    DetectorCount,
+    Run,
+    RunStatus,
+    Series,
+)
+
+__all__ = [
+    "RunScrape",
+    "scrape_agent_drops",
+    "scrape_detector_counts",
+    "scrape_runs",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class RunScrape:
+    """What the Prometheus collector exports for one run."""
+
+    run_id: str
+    project: str
+    name: str
+    status: str
+    last_step: int | None
+    last_ingest_at: datetime | None
+    clipped_steps: int
+    skipped_steps: int
+    nonfinite_values: int
+    num_steps: int
+    norm_window_max: float | None
+    norm_window_previous_max: float | None
+    global_norm_last_step: int | None
+    global_norm_last: float | None
+    """Global norm at ``global_norm_last_step``; NULL means NaN."""
+    clipped_norm_last_step: int | None
+    clipped_norm_last: float | None
+    """Global norm after clipping at ``clipped_norm_last_step``; NULL means NaN."""
+    loss_last_step: int | None
+    loss_last: float | None
+    """Loss at ``loss_last_step``; NULL means NaN."""
+    top_layers: dict[str, Any] | None
+    """See ``Run.top_layers``."""
+
+
+# Prometheus scrape (a constant number of queries, whatever the number of runs) --------------
+
+
+def _exported(finished_since: datetime, ingested_since: datetime) -> ColumnElement[bool]:
+    """Runs still exported: running ones that ingested (or were created) recently, and
+    finished or failed ones within their grace period."""
+    return or_(
+        and_(
+            Run.status == RunStatus.RUNNING.value,
+            func.coalesce(Run.last_ingest_at, Run.created_at) >= ingested_since,
+        ),
+        Run.updated_at >= finished_since,
+    )
+
+
+def scrape_runs(
+    session: Session, *, finished_since: datetime, ingested_since: datetime
+) -> list[RunScrape]:
+    """Return the exported columns of every exported run (see ``_exported``), with its last
+    global norm (before and after clipping) and loss.
+
+    One query: ``runs`` left-joined three times to ``series`` on the full unique key, so each
+    run costs three index probes.
+    """
+    global_norm = aliased(Series)
+    clipped = aliased(Series)
+    loss = aliased(Series)
+
+    def run_level(series: type[Series], metric: Metric) -> ColumnElement[bool]:
+        return and_(
+            series.run_id == Run.id, series.metric == metric.value, series.layer == RUN_LEVEL
+        )
+
+    statement = (
+        select(
+            Run.id,
+            Run.project,
+            Run.name,
+            Run.status,
+            Run.last_step,
+            Run.last_ingest_at,
+            Run.clipped_steps,
+            Run.skipped_steps,
+            Run.nonfinite_values,
+            Run.num_steps,
+            Run.norm_window_max,
+            Run.norm_window_previous_max,
+            global_norm.last_step,
+            global_norm.vlast,
+            clipped.last_step,
+            clipped.vlast,
+            loss.last_step,
+            loss.vlast,
+            Run.top_layers,
+        )
+        .outerjoin(global_norm, run_level(global_norm, Metric.GLOBAL_NORM))
+        .outerjoin(clipped, run_level(clipped, Metric.GLOBAL_NORM_CLIPPED))
+        .outerjoin(loss, run_level(loss, Metric.LOSS))
+        .where(_exported(finished_since, ingested_since))
+        .order_by(Run.created_at, Run.id)
+    )
+    return [RunScrape(*tuple(row)) for row in session.execute(statement)]
+
+
+def scrape_agent_drops(
+    session: Session, *, finished_since: datetime, ingested_since: datetime
+) -> list[tuple[str, str, int]]:
+    """Return (run_id, reason, count) for every agent drop count of an exported run."""
+    statement = (
+        select(AgentDrop.run_id, AgentDrop.reason, AgentDrop.count)
+        .join(Run, Run.id == AgentDrop.run_id)
+        .where(_exported(finished_since, ingested_since))
+        .order_by(AgentDrop.run_id, AgentDrop.reason)
+    )
+    return [(run_id, reason, count) for run_id, reason, count in session.execute(statement)]
+
+
+def scrape_detector_counts(
+    session: Session, *, finished_since: datetime, ingested_since: datetime
+) -> list[tuple[str, str, str, int]]:
+    """Return (run_id, rule, severity, count) for every detection count of an exported run."""
+    statement = (
+        select(
+            DetectorCount.run_id, DetectorCount.rule, DetectorCount.severity, DetectorCount.count
+        )
+        .join(Run, Run.id == DetectorCount.run_id)
+        .where(_exported(finished_since, ingested_since))
+    )
+    return [tuple(row) for row in session.execute(statement)]  # type: ignore[misc]

@@ -1,0 +1,444 @@
+"""SQL of the series aggregate: per-series running state, packed blocks and bucket queries.
+
+Every function takes an open :class:`~sqlalchemy.orm.Session`, runs a few statements in its
+current transaction (beginning one if needed) and never commits: the caller owns the
+transaction. Calls block on the database. A session belongs to one thread at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import numpy as np
+from sqlalchemy import (
+    ColumnElement,
+    Table,
+    and_,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Session, aliased
+
+from .block import BlockSummaries, StoredBlock
+from .metric import LAYER_ORDER_METRIC, Metric
+from .models import RUN_LEVEL, Block, Series
+
+__all__ = [
+    "LayerStats",
+    "SeriesKey",
+    "SeriesState",
+    "bucket_inner_blocks",
+    "count_inner_blocks",
+    "fetch_block_summaries",
+    "fetch_blocks",
+    "fetch_cut_blocks",
+    "fetch_split_blocks",
+    "find_series_id",
+    "get_run_series_states",
+    "get_series_states",
+    "has_layer",
+    "insert_blocks",
+    "insert_series",
+    "list_layer_stats",
+    "update_series_states",
+]
+
+
+SeriesKey = tuple[str, str]
+"""(metric, layer) of a series within one run; ``layer`` is ``""`` for run-level metrics."""
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesState:
+    """A series' id and running summary (see ``models.Series`` for the NULL conventions)."""
+
+    id: int
+    count: int
+    nan_count: int
+    vmin: float | None
+    vmax: float | None
+    vsum: float | None
+    last_step: int | None
+    vlast: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class LayerStats:
+    """Summary of a layer's ``grad_norm`` series plus its non-finite value total."""
+
+    name: str
+    count: int
+    last_step: int | None
+    vlast: float | None
+    vmax: float | None
+    nonfinite_values: int
+
+
+_BLOCKS = cast(Table, Block.__table__)
+
+_STATE_COLUMNS = (
+    Series.id,
+    Series.count,
+    Series.nan_count,
+    Series.vmin,
+    Series.vmax,
+    Series.vsum,
+    Series.last_step,
+    Series.vlast,
+)
+
+
+# Series -------------------------------------------------------------------------------------
+
+
+def _to_state(columns: Sequence[Any]) -> SeriesState:
+    """Build a state from the values of ``_STATE_COLUMNS``, in order."""
+    return SeriesState(*columns)
+
+
+def get_series_states(session: Session, run_id: str) -> dict[SeriesKey, SeriesState]:
+    """Return every series of a run with its running summary, keyed by (metric, layer)."""
+    statement = select(Series.metric, Series.layer, *_STATE_COLUMNS).where(Series.run_id == run_id)
+    rows = session.connection().execute(statement)  # Core rows: no ORM processing per row
+    return {(row[0], row[1]): _to_state(row[2:]) for row in rows}
+
+
+def insert_series(session: Session, run_id: str, keys: Sequence[SeriesKey]) -> None:
+    """Create empty series, in the order given (their ids increase in that order)."""
+    if keys:
+        session.execute(
+            insert(Series),
+            [
+                {"run_id": run_id, "metric": metric, "layer": layer, "count": 0, "nan_count": 0}
+                for metric, layer in keys
+            ],
+        )
+
+
+def update_series_states(session: Session, states: Sequence[SeriesState]) -> None:
+    """Write new running summaries, by primary key.
+
+    PostgreSQL: one ``UPDATE ... FROM unnest(<arrays>)`` statement for all series (an
+    executemany of a thousand UPDATEs costs about ten times more there). SQLite: an
+    executemany, which runs in-process and is cheap.
+    """
+    if not states:
+        return
+    if session.connection().dialect.name == "postgresql":
+        columns = {name: [getattr(state, name) for state in states] for name in _STATE_FIELDS}
+        session.execute(_UPDATE_SERIES_FROM_ARRAYS, columns)
+        return
+    session.execute(
+        update(Series),
+        [{name: getattr(state, name) for name in _STATE_FIELDS} for state in states],
+    )
+
+
+_STATE_FIELDS = ("id", "count", "nan_count", "vmin", "vmax", "vsum", "last_step", "vlast")
+_STATE_SQL_TYPES = ("bigint", "bigint", "bigint", "float8", "float8", "float8", "bigint", "float8")
+_UPDATE_SERIES_FROM_ARRAYS = text(
+    "UPDATE series SET "
+    + ", ".join(f"{name} = v.{name}" for name in _STATE_FIELDS[1:])
+    + " FROM unnest("
+    + ", ".join(
+        f"CAST(:{name} AS {kind}[])"
+        for name, kind in zip(_STATE_FIELDS, _STATE_SQL_TYPES, strict=True)
+    )
+    + ") AS v("
+    + ", ".join(_STATE_FIELDS)
+    + ") WHERE series.id = v.id"
+)
+
+
+def find_series_id(session: Session, run_id: str, metric: Metric, layer: str) -> int | None:
+    """Return the id of a series, or None if nothing was ever stored for it."""
+    statement = select(Series.id).where(
+        Series.run_id == run_id, Series.metric == metric.value, Series.layer == layer
+    )
+    return session.execute(statement).scalar_one_or_none()
+
+
+def has_layer(session: Session, run_id: str, layer: str) -> bool:
+    """Return whether the run has a layer with this name."""
+    return find_series_id(session, run_id, LAYER_ORDER_METRIC, layer) is not None
+
+
+def list_layer_stats(session: Session, run_id: str) -> list[LayerStats]:
+    """Return the layers of a run in layer order (``grad_norm`` series id order)."""
+    grad = (
+        select(Series.layer, Series.count, Series.last_step, Series.vlast, Series.vmax)
+        .where(Series.run_id == run_id, Series.metric == LAYER_ORDER_METRIC.value)
+        .order_by(Series.id)
+    )
+    nonfinite = select(Series.layer, Series.vsum).where(
+        Series.run_id == run_id, Series.metric == Metric.NONFINITE.value
+    )
+    totals = {
+        layer: 0 if vsum is None or math.isnan(vsum) else int(vsum)
+        for layer, vsum in session.execute(nonfinite)
+    }
+    return [
+        LayerStats(name, count, last_step, vlast, vmax, totals.get(name, 0))
+        for name, count, last_step, vlast, vmax in session.execute(grad)
+    ]
+
+
+# Blocks -------------------------------------------------------------------------------------
+
+_BLOCK_COLUMNS = (
+    Block.first_step,
+    Block.last_step,
+    Block.count,
+    Block.vmin,
+    Block.steps,
+    Block.values,
+)
+
+
+def insert_blocks(session: Session, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Insert block rows; keys are ``blocks`` column names.
+
+    On PostgreSQL with psycopg 3 this is one binary ``COPY ... FROM STDIN`` on the session's
+    own connection (inside its transaction); elsewhere a Core executemany (one multi-row
+    ``INSERT`` per few hundred rows). Both are all-or-nothing with the transaction.
+    """
+    if not rows:
+        return
+    connection = session.connection()
+    if connection.dialect.name == "postgresql" and connection.dialect.driver == "psycopg":
+        _copy_rows(connection, _BLOCKS, rows)
+    else:
+        session.execute(insert(_BLOCKS), list(rows))
+
+
+def _copy_rows(connection: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Binary ``COPY`` of rows into ``table`` through psycopg 3 (column types from the model)."""
+    dialect = connection.dialect
+    quote = dialect.identifier_preparer.quote
+    names = [column.name for column in table.columns]
+    types = [column.type.compile(dialect=dialect).lower() for column in table.columns]
+    statement = (
+        f"COPY {quote(table.name)} ({', '.join(quote(name) for name in names)}) "
+        "FROM STDIN (FORMAT BINARY)"
+    )
+    driver = connection.connection.driver_connection
+    assert driver is not None
+    with driver.cursor() as cursor, cursor.copy(statement) as copy:
+        copy.set_types(types)
+        for row in rows:
+            copy.write_row([row[name] for name in names])
+
+
+def _in_range(series_id: int, start: int | None, end: int | None) -> list[ColumnElement[bool]]:
+    """Conditions selecting the blocks of a series that may hold steps in ``start..end``.
+
+    The lower bound uses the last block starting at or before ``start`` (blocks of a series
+    never overlap), so the scan is one primary-key range.
+    """
+    conditions = [Block.series_id == series_id]
+    if start is not None:
+        floor = (
+            select(func.max(Block.first_step))
+            .where(Block.series_id == series_id, Block.first_step <= start)
+            .scalar_subquery()
+        )
+        conditions.append(Block.first_step >= func.coalesce(floor, start))
+    if end is not None:
+        conditions.append(Block.first_step <= end)
+    return conditions
+
+
+def fetch_blocks(
+    session: Session, series_id: int, start: int | None, end: int | None
+) -> list[StoredBlock]:
+    """Return the blocks of a series that may hold steps in ``start..end``, by first step."""
+    statement = (
+        select(*_BLOCK_COLUMNS).where(*_in_range(series_id, start, end)).order_by(Block.first_step)
+    )
+    return [StoredBlock(*row) for row in session.execute(statement)]
+
+
+_SUMMARY_COLUMNS = (
+    Block.first_step,
+    Block.last_step,
+    Block.count,
+    Block.nan_count,
+    Block.vmin,
+    Block.vmax,
+    Block.vlast,
+)
+
+
+def fetch_block_summaries(
+    session: Session,
+    series_id: int,
+    start: int | None,
+    end: int | None,
+    *,
+    limit: int | None = None,
+) -> BlockSummaries:
+    """Return the summary columns (no blobs) of the blocks that may hold ``start..end``.
+
+    Args:
+        limit: Return at most this many blocks (the first ones).
+    """
+    statement = (
+        select(*_SUMMARY_COLUMNS)
+        .where(*_in_range(series_id, start, end))
+        .order_by(Block.first_step)
+    )
+    if limit is not None:
+        statement = statement.limit(limit)
+    # Core execution on the session's connection: ORM row processing costs ~4 µs per row.
+    return _summaries_of(session.connection().execute(statement).all())
+
+
+def _summaries_of(rows: Sequence[Any]) -> BlockSummaries:
+    """Columns (first, last, count, nan_count, vmin, vmax, vlast) of rows → arrays."""
+    columns: list[tuple[Any, ...]] = list(zip(*rows, strict=True)) if rows else [()] * 7
+    first_step, last_step, count, nan_count = (
+        np.array(column, dtype=np.int64) for column in columns[:4]
+    )
+    # None (SQL NULL) becomes NaN in a float array.
+    vmin, vmax, vlast = (np.array(column, dtype=np.float64) for column in columns[4:])
+    return BlockSummaries(first_step, last_step, count, nan_count, vmin, vmax, vlast)
+
+
+def count_inner_blocks(session: Session, series_id: int, lo: int, hi: int) -> tuple[int, int, int]:
+    """Return (values, first step, last step) of the blocks lying wholly inside ``lo..hi``.
+
+    One aggregate over a primary-key range, no blobs read into Python. The steps are
+    meaningless when the count is 0.
+    """
+    statement = select(
+        func.coalesce(func.sum(Block.count), 0),
+        func.coalesce(func.min(Block.first_step), 0),
+        func.coalesce(func.max(Block.last_step), 0),
+    ).where(*_inside(series_id, lo, hi))
+    count, first, last = session.connection().execute(statement).one()
+    return int(count), int(first), int(last)
+
+
+def fetch_cut_blocks(session: Session, series_id: int, lo: int, hi: int) -> list[StoredBlock]:
+    """Return the (at most two) blocks holding steps on both sides of ``lo`` or of ``hi``.
+
+    Blocks never overlap, so only the last block starting before ``lo`` and the last block
+    starting at or before ``hi`` can be cut; two primary-key probes.
+    """
+
+    def last_start(condition: ColumnElement[bool]) -> Any:
+        return (
+            select(func.max(Block.first_step))
+            .where(Block.series_id == series_id, condition)
+            .scalar_subquery()
+        )
+
+    statement = (
+        select(*_BLOCK_COLUMNS)
+        .where(
+            Block.series_id == series_id,
+            Block.first_step.in_(
+                [last_start(Block.first_step < lo), last_start(Block.first_step <= hi)]
+            ),
+            or_(
+                and_(Block.first_step < lo, Block.last_step >= lo),
+                and_(Block.first_step <= hi, Block.last_step > hi),
+            ),
+        )
+        .order_by(Block.first_step)
+    )
+    return [StoredBlock(*row) for row in session.execute(statement)]
+
+
+def _inside(series_id: int, lo: int, hi: int) -> list[ColumnElement[bool]]:
+    """Blocks wholly inside ``lo..hi`` (``first_step <= hi`` keeps the scan a key range)."""
+    return [
+        Block.series_id == series_id,
+        Block.first_step >= lo,
+        Block.first_step <= hi,
+        Block.last_step <= hi,
+    ]
+
+
+def bucket_inner_blocks(
+    session: Session, series_id: int, lo: int, hi: int, origin: int, width: int
+) -> BlockSummaries:
+    """Aggregate, in SQL, the blocks inside ``lo..hi`` that fit in one bucket, per bucket.
+
+    Bucket ``b`` holds steps ``origin + b·width .. origin + (b+1)·width - 1``. Each row
+    returned is one bucket: first and last step, summed counts, min of ``vmin``, max of
+    ``vmax`` (SQL's min/max skip NULL, i.e. all-NaN blocks) and the ``vlast`` of its last
+    block (found by primary key). At most one row per bucket reaches Python.
+    """
+    first_bucket = (Block.first_step - origin) // width
+    last_bucket = (Block.last_step - origin) // width
+    grouped = (
+        select(
+            first_bucket.label("bucket"),
+            func.min(Block.first_step).label("first_step"),
+            func.max(Block.first_step).label("last_first_step"),
+            func.max(Block.last_step).label("last_step"),
+            func.sum(Block.count).label("count"),
+            func.sum(Block.nan_count).label("nan_count"),
+            func.min(Block.vmin).label("vmin"),
+            func.max(Block.vmax).label("vmax"),
+        )
+        .where(*_inside(series_id, lo, hi), first_bucket == last_bucket)
+        .group_by(first_bucket)
+        .subquery()
+    )
+    last_block = aliased(Block)
+    statement = (
+        select(
+            grouped.c.first_step,
+            grouped.c.last_step,
+            grouped.c.count,
+            grouped.c.nan_count,
+            grouped.c.vmin,
+            grouped.c.vmax,
+            last_block.vlast,
+        )
+        .join(
+            last_block,
+            and_(
+                last_block.series_id == series_id,
+                last_block.first_step == grouped.c.last_first_step,
+            ),
+        )
+        .order_by(grouped.c.first_step)
+    )
+    return _summaries_of(session.connection().execute(statement).all())
+
+
+def fetch_split_blocks(
+    session: Session, series_id: int, lo: int, hi: int, origin: int, width: int
+) -> list[StoredBlock]:
+    """Return the blocks inside ``lo..hi`` that cross a bucket edge (see
+    :func:`bucket_inner_blocks`), with their packed values, by first step."""
+    statement = (
+        select(*_BLOCK_COLUMNS)
+        .where(
+            *_inside(series_id, lo, hi),
+            (Block.first_step - origin) // width != (Block.last_step - origin) // width,
+        )
+        .order_by(Block.first_step)
+    )
+    return [StoredBlock(*row) for row in session.execute(statement)]
+
+
+def get_run_series_states(
+    session: Session, run_ids: Sequence[str], metric: Metric
+) -> dict[str, SeriesState]:
+    """Return the run-level series ``metric`` of each run that has it."""
+    statement = select(Series.run_id, *_STATE_COLUMNS).where(
+        Series.run_id.in_(run_ids), Series.metric == metric.value, Series.layer == RUN_LEVEL
+    )
+    return {row[0]: _to_state(row[1:]) for row in session.execute(statement)}
