@@ -1,1 +1,1 @@
-"""HTTP routers: thin layers over the repository and ingest modules."""
+"""HTTP routers: thin layers over the ingest, query and detect services; no SQL here."""

@@ -1,8 +1,6 @@
 """SQL of detection: events, per-run detector state and counts, project detector configs.
 
-Every function takes an open :class:`~sqlalchemy.orm.Session`, runs a few statements in its
-current transaction (beginning one if needed) and never commits: the caller owns the
-transaction. Calls block on the database. A session belongs to one thread at a time.
+Session contract as in :mod:`gradwatch.server.store` (caller owns the transaction; blocks).
 """
 
 from __future__ import annotations

@@ -18,7 +18,6 @@ __all__ = [
     "MetricKind",
     "MetricSpec",
     "Scope",
-    "metrics_of",
 ]
 
 
@@ -88,11 +87,3 @@ METRICS: Mapping[Metric, MetricSpec] = MappingProxyType(
 
 LAYER_ORDER_METRIC = Metric.GRAD_NORM
 """The per-layer metric whose series creation order defines the layer order of a run."""
-
-
-def metrics_of(scope: Scope) -> tuple[MetricSpec, ...]:
-    """Return the specs of all metrics with the given scope, in registry order.
-
-    Pure; thread-safe; does not block.
-    """
-    return tuple(spec for spec in METRICS.values() if spec.scope is scope)

@@ -1,8 +1,6 @@
 """SQL of the API-token aggregate: insert, list, look up and revoke ``api_tokens`` rows.
 
-Every function takes an open :class:`~sqlalchemy.orm.Session` and runs in its current
-transaction (beginning one if needed) without committing: the caller owns the transaction.
-Calls block on the database. A session belongs to one thread at a time.
+Session contract as in :mod:`gradwatch.server.store` (caller owns the transaction; blocks).
 """
 
 from __future__ import annotations
