@@ -38,7 +38,11 @@ def wheel(tmp_path_factory) -> Path:
 
 def test_wheel_contains_every_module_and_migration(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    expected = {f"gradwatch/agent/{p.name}" for p in (ROOT / "agent").glob("*.py")}
+    expected = {
+        f"gradwatch/{folder}/{p.relative_to(ROOT / folder)}"
+        for folder in ("agent", "wire")
+        for p in (ROOT / folder).rglob("*.py")
+    }
     expected |= {
         f"gradwatch/server/{p.relative_to(ROOT / 'server')}"
         for p in (ROOT / "server").rglob("*.py")
