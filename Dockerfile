@@ -11,10 +11,11 @@
 FROM python:3.11-slim AS build
 WORKDIR /src
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
-# Only what the wheel needs: the metadata, the README it embeds and the two packages.
+# Only what the wheel needs: the metadata, the README it embeds and the three packages.
 COPY pyproject.toml README.md ./
 COPY agent ./agent
 COPY server ./server
+COPY wire ./wire
 RUN pip wheel --wheel-dir /wheels ".[server,postgres]"
 
 FROM python:3.11-slim

@@ -24,10 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import tracemalloc
@@ -36,7 +33,6 @@ from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import httpx
 import keras
 import numpy as np
 
@@ -44,59 +40,9 @@ from gradwatch.agent import GradientMonitor
 from gradwatch.agent.sender import Sender
 from gradwatch.agent.transport import RunInfo
 from tests.fakes import BlockingTransport, step_batch
+from tests.server_process import ServerProcess
 
 WIDTH, DEPTH, BATCH = 256, 12, 64
-
-
-class _Server:
-    """``gradwatch server`` subprocess on a fixed port and SQLite file."""
-
-    def __init__(self, directory: Path) -> None:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = int(sock.getsockname()[1])
-        self.database = directory / "bench.db"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gradwatch.server.cli",
-                "server",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--database-url",
-                f"sqlite:///{self.database}",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for _ in range(600):
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            try:
-                self.process.wait(timeout=0.05)
-                raise RuntimeError("the server exited")
-            except subprocess.TimeoutExpired:
-                pass
-        raise TimeoutError("the server did not start")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait()
-            self.process = None
 
 
 class _StepTimer(keras.callbacks.Callback):  # type: ignore[misc]
@@ -132,7 +78,7 @@ def step_time(steps: int, repeats: int, flush_every: int, retry_deadline: float)
     x = rng.normal(size=(steps * BATCH, WIDTH)).astype("float32")
     y = rng.normal(size=(steps * BATCH, 1)).astype("float32")
     with tempfile.TemporaryDirectory() as directory:
-        server = _Server(Path(directory))
+        server = ServerProcess(Path(directory) / "bench.db")
         server.start()
         monitor = GradientMonitor(
             run="bench-delivery",

@@ -36,8 +36,9 @@ from .base import (
     may_update,
     new_state,
     norm_ratio,
+    norm_window,
+    push_norm,
     scale_grad,
-    write_if,
 )
 
 
@@ -85,13 +86,6 @@ class _Agc(DescribedPolicy):
     eps: float
 
     name: ClassVar[str] = "agc"
-
-    def init(self, variables: Sequence[Any], layout: LayerLayout) -> PolicyState:
-        return new_state(
-            self.name,
-            clipping=(self.clipping, tf.float32),
-            eps=(self.eps, tf.float32),
-        )
 
     def apply(self, grads: list[Any], state: PolicyState, context: ClipContext) -> ClipResult:
         clipping = state.clipping.read_value()
@@ -172,8 +166,7 @@ class _AutoClip(DescribedPolicy):
             self.name,
             percentile=(self.percentile, tf.float64),
             warmup_steps=(self.warmup_steps, tf.int64),
-            norms=(tf.zeros([self.history]), tf.float32),
-            count=(0, tf.int64),
+            **norm_window(self.history),
         )
 
     def apply(self, grads: list[Any], state: PolicyState, context: ClipContext) -> ClipResult:
@@ -192,8 +185,7 @@ class _AutoClip(DescribedPolicy):
         clip = tf.logical_and(active, norm > threshold)
         coef = tf.where(finite, tf.where(clip, tf.math.divide_no_nan(threshold, norm), 1.0), 0.0)
         commit = may_update(context, finite)
-        write_if(state.norms, tf.math.floormod(count, self.history), norm, commit)
-        state.count.assign_add(tf.cast(commit, tf.int64))
+        push_norm(state, norm, commit)
         return ClipResult(
             grads=[scale_grad(g, coef, finite) for g in grads],
             clip_coef=coef,

@@ -161,6 +161,17 @@ class DescribedPolicy:
         """Short name of the policy (unique within a chain)."""
         raise NotImplementedError
 
+    def init(self, variables: Sequence[Any], layout: LayerLayout) -> PolicyState:
+        """State of a fixed-threshold policy: one float32 variable per field, named after it.
+
+        Thresholds live in variables so they can change between steps without a retrace.
+        Policies with more state (windows, EMAs, counters) override this.
+        """
+        fields = dataclasses.fields(cast(Any, self))
+        return new_state(
+            self.name, **{item.name: (getattr(self, item.name), tf.float32) for item in fields}
+        )
+
     def describe(self) -> dict[str, Any]:
         """JSON-able description sent with the run's configuration (non-blocking)."""
         described: dict[str, Any] = {"policy": self.name}
@@ -220,6 +231,21 @@ def write_if(buffer: tf.Variable, index: tf.Tensor, value: tf.Tensor, commit: tf
     old = buffer.read_value()
     new = tf.where(commit, value, tf.gather(old, index))
     buffer.assign(tf.tensor_scatter_nd_update(old, tf.reshape(index, [1, 1]), new[tf.newaxis]))
+
+
+def norm_window(size: int) -> dict[str, tuple[Any, tf.DType]]:
+    """:func:`new_state` entries of a ring of the last ``size`` norms: ``norms`` and ``count``.
+
+    ``count`` is the number of norms ever pushed; slot ``count % size`` is the next to write.
+    """
+    return {"norms": (tf.zeros([size]), tf.float32), "count": (0, tf.int64)}
+
+
+def push_norm(state: PolicyState, value: tf.Tensor, commit: tf.Tensor) -> None:
+    """Append ``value`` to the state's :func:`norm_window` if ``commit`` (mirrored-safe)."""
+    size = state.norms.shape[0]
+    write_if(state.norms, tf.math.floormod(state.count.read_value(), size), value, commit)
+    state.count.assign_add(tf.cast(commit, tf.int64))
 
 
 # -- validation -------------------------------------------------------------------------------

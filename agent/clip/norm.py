@@ -29,7 +29,6 @@ from .base import (
     DescribedPolicy,
     PolicyState,
     check_threshold,
-    new_state,
     norm_ratio,
     scale_grad,
     state_variable,
@@ -82,12 +81,6 @@ class _ByValue(DescribedPolicy):
 
     name: ClassVar[str] = "by_value"
 
-    def init(self, variables: Sequence[Any], layout: LayerLayout) -> PolicyState:
-        return new_state(
-            self.name,
-            limit=(self.limit, tf.float32),
-        )
-
     def apply(self, grads: list[Any], state: PolicyState, context: ClipContext) -> ClipResult:
         limit = state.limit.read_value()
         new_grads = [_clip_value(g, limit) for g in grads]
@@ -126,12 +119,6 @@ class _ByNorm(DescribedPolicy):
     max_norm: float
 
     name: ClassVar[str] = "by_norm"
-
-    def init(self, variables: Sequence[Any], layout: LayerLayout) -> PolicyState:
-        return new_state(
-            self.name,
-            max_norm=(self.max_norm, tf.float32),
-        )
 
     def apply(self, grads: list[Any], state: PolicyState, context: ClipContext) -> ClipResult:
         stats = context.stats
@@ -176,12 +163,6 @@ class _GlobalNorm(DescribedPolicy):
     max_norm: float
 
     name: ClassVar[str] = "global_norm"
-
-    def init(self, variables: Sequence[Any], layout: LayerLayout) -> PolicyState:
-        return new_state(
-            self.name,
-            max_norm=(self.max_norm, tf.float32),
-        )
 
     def apply(self, grads: list[Any], state: PolicyState, context: ClipContext) -> ClipResult:
         norm = context.stats.global_norm

@@ -28,9 +28,22 @@ from .base import (
     keep_grad,
     may_update,
     new_state,
+    norm_window,
+    push_norm,
     state_variable,
-    write_if,
 )
+
+
+def _skip_result(grads: list[Any], skip: tf.Tensor, context: ClipContext) -> ClipResult:
+    """Zero gradients, coefficient 0 and the ``skip`` flag when skipping; else unchanged."""
+    coef = tf.where(skip, 0.0, 1.0)
+    return ClipResult(
+        grads=[keep_grad(g, tf.logical_not(skip)) for g in grads],
+        clip_coef=coef,
+        skip=skip,
+        stats=scale_stats(context.stats, coef),
+    )
+
 
 # skip_spike: floor on the window's standard deviation, relative to its mean. An exactly
 # constant window (σ = 0) would otherwise call any float-rounding increase a spike.
@@ -65,13 +78,7 @@ class _SkipNonfinite(DescribedPolicy):
         state.consecutive.assign(tf.where(commit, consecutive, old))
         bad = tf.logical_and(commit, tf.logical_not(finite))
         state.total.assign_add(tf.cast(bad, tf.int64))
-        coef = tf.where(skip, 0.0, 1.0)
-        return ClipResult(
-            grads=[keep_grad(g, tf.logical_not(skip)) for g in grads],
-            clip_coef=coef,
-            skip=skip,
-            stats=scale_stats(context.stats, coef),
-        )
+        return _skip_result(grads, skip, context)
 
 
 def skip_nonfinite(max_consecutive: int | None = None) -> ClipPolicy:
@@ -119,8 +126,7 @@ class _SkipSpike(DescribedPolicy):
             self.name,
             sigma=(self.sigma, tf.float32),
             min_history=(self.min_history, tf.int64),
-            norms=(tf.zeros([self.window]), tf.float32),
-            count=(0, tf.int64),
+            **norm_window(self.window),
         )
 
     def apply(self, grads: list[Any], state: PolicyState, context: ClipContext) -> ClipResult:
@@ -151,15 +157,8 @@ class _SkipSpike(DescribedPolicy):
         # `window` steps instead of being skipped for ever.
         entry = tf.where(spike, mean + bound, norm)
         commit = may_update(context, tf.logical_and(finite, tf.math.is_finite(entry)))
-        write_if(state.norms, tf.math.floormod(count, self.window), entry, commit)
-        state.count.assign_add(tf.cast(commit, tf.int64))
-        coef = tf.where(skip, 0.0, 1.0)
-        return ClipResult(
-            grads=[keep_grad(g, tf.logical_not(skip)) for g in grads],
-            clip_coef=coef,
-            skip=skip,
-            stats=scale_stats(context.stats, coef),
-        )
+        push_norm(state, entry, commit)
+        return _skip_result(grads, skip, context)
 
 
 def skip_spike(sigma: float = 6.0, window: int = 128, min_history: int = 64) -> ClipPolicy:

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query
 from gradwatch.wire import MAX_STEP
 
 from ..detect import Rule, Severity
-from ..detect import service as events
+from ..query import health
 from ..schemas import NO_NUL_PATTERN, EventList, RunHealthOut
 from ..store.events import EventFilter
 from .deps import ReadRunAccess, ReadSessionDep
@@ -55,7 +55,7 @@ def list_events(
         start=start,
         end=end,
     )
-    return events.list_events(session, str(run_id), where, cursor, limit)
+    return health.list_events(session, str(run_id), where, cursor, limit)
 
 
 @router.get("/{run_id}/health", responses=RUN_NOT_FOUND)
@@ -70,4 +70,4 @@ def get_health(
     worst: Annotated[int, Query(ge=0, le=100, description="Most layers listed.")] = 5,
 ) -> RunHealthOut:
     """Summarise a run's gradient health: verdict, detections by rule, worst layers, last event."""
-    return events.get_run_health(session, str(run_id), recent_steps, worst)
+    return health.get_run_health(session, str(run_id), recent_steps, worst)

@@ -22,28 +22,13 @@ import pytest
 
 from gradwatch.agent import lifecycle
 from gradwatch.agent.lifecycle import close_at_exit
-from gradwatch.agent.records import StepBatch
 from gradwatch.agent.sender import DropReason, Sender
 from gradwatch.agent.spool import Spool, SpoolState
 from gradwatch.agent.transport import RejectedError, RetryableError, RetryPolicy, RunInfo
+from tests.fakes import step_batch
 
 RUN = RunInfo(run_id="00000000-0000-4000-8000-000000000000", name="r", project="p")
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _batch(first_step: int = 0, steps: int = 1) -> StepBatch:
-    return StepBatch(
-        layers=("a",),
-        step=np.arange(first_step, first_step + steps, dtype=np.int64),
-        loss=np.zeros(steps, np.float32),
-        loss_known=np.zeros(steps, bool),
-        global_norm=np.ones(steps, np.float32),
-        global_norm_clipped=np.ones(steps, np.float32),
-        clip_coef=np.ones(steps, np.float32),
-        skipped=np.zeros(steps, bool),
-        grad_norm=np.ones((steps, 1), np.float32),
-        nonfinite=np.zeros((steps, 1), np.int64),
-    )
 
 
 class FakeClock:
@@ -146,8 +131,8 @@ def _spool(tmp_path: Path, max_bytes: int = 2**30) -> Spool:
 def test_sender_creates_run_then_sends_batches_then_status_in_order(make_sender):
     transport = ScriptedTransport()
     sender = make_sender(transport)
-    assert sender.submit(_batch(0))
-    assert sender.submit(_batch(1))
+    assert sender.submit(step_batch(0))
+    assert sender.submit(step_batch(1))
     sender.set_status("finished")
     assert sender.close(timeout_seconds=5)
     assert transport.calls == ["create_run", "send_batch", "send_batch", "status:finished"]
@@ -158,7 +143,7 @@ def test_sender_creates_run_then_sends_batches_then_status_in_order(make_sender)
 def test_sender_retries_transient_errors_until_delivered(make_sender):
     transport = ScriptedTransport([RetryableError("refused"), RetryableError("503")])
     sender = make_sender(transport)
-    sender.submit(_batch())
+    sender.submit(step_batch())
     assert sender.close(timeout_seconds=5)
     assert transport.calls == ["create_run", "create_run", "create_run", "send_batch"]
     assert sender.dropped_batches == {}
@@ -169,7 +154,7 @@ def test_sender_honours_retry_after(make_sender, clock):
         [RetryableError("429", retry_after_seconds=7.0), RetryableError("503", 2.5)]
     )
     sender = make_sender(transport)
-    sender.submit(_batch())
+    sender.submit(step_batch())
     assert sender.flush(timeout_seconds=5)
     assert clock.waits == [7.0, 2.5]
     assert transport.call_times == [0.0, 7.0, 9.5, 9.5]
@@ -179,7 +164,7 @@ def test_sender_backs_off_exponentially_with_full_jitter(make_sender, clock):
     policy = RetryPolicy(initial_backoff_seconds=1.0, max_backoff_seconds=4.0, deadline_seconds=1e6)
     transport = ScriptedTransport([RetryableError("503")] * 6)
     sender = make_sender(transport, retry=policy, rng=random.Random(42))
-    sender.submit(_batch())
+    sender.submit(step_batch())
     assert sender.flush(timeout_seconds=5)
     expected_rng = random.Random(42)
     expected = [policy.backoff_seconds(attempt, expected_rng) for attempt in range(6)]
@@ -191,12 +176,12 @@ def test_sender_backs_off_exponentially_with_full_jitter(make_sender, clock):
 def test_sender_never_retries_a_rejection_logs_it_once_and_counts_it(make_sender, caplog):
     transport = ScriptedTransport()
     sender = make_sender(transport)
-    sender.submit(_batch(0))
+    sender.submit(step_batch(0))
     assert sender.flush(5)
     transport.errors += [RejectedError("422 bad field", 422), RejectedError("422 again", 422)]
     with caplog.at_level(logging.ERROR, logger="gradwatch.agent"):
         for step in (1, 2, 3):
-            sender.submit(_batch(step))
+            sender.submit(step_batch(step))
         assert sender.close(timeout_seconds=5)
     assert transport.calls.count("send_batch") == 4
     assert sender.dropped_batches == {DropReason.REJECTED: 2}
@@ -212,7 +197,7 @@ def test_sender_gives_up_at_deadline_and_counts_server_unavailable_without_spool
 ):
     transport = ScriptedTransport([RetryableError("down")] * 1000)
     sender = make_sender(transport, retry=RetryPolicy(1.0, 1.0, deadline_seconds=3.0))
-    sender.submit(_batch())
+    sender.submit(step_batch())
     assert sender.flush(5)
     assert sender.dropped_batches == {DropReason.SERVER_UNAVAILABLE: 1}
     assert clock.now <= 3.0
@@ -223,7 +208,7 @@ def test_sender_submit_never_blocks_and_drops_when_queue_full(make_sender):
     transport = ScriptedTransport()
     transport.gate.clear()  # the transport hangs
     sender = make_sender(transport, queue_size=2)
-    results = [sender.submit(_batch(i)) for i in range(5)]
+    results = [sender.submit(step_batch(i)) for i in range(5)]
     # One batch may already be in the hands of the (blocked) thread.
     assert results[:2] == [True, True]
     assert results.count(False) >= 2
@@ -235,11 +220,11 @@ def test_sender_submit_never_blocks_and_drops_when_queue_full(make_sender):
 def test_sender_submit_drops_when_queue_bytes_exceeded(make_sender):
     transport = ScriptedTransport()
     transport.gate.clear()
-    one = _batch(0, steps=10).nbytes
+    one = step_batch(0, steps=10).nbytes
     sender = make_sender(transport, queue_max_bytes=2 * one)
-    assert sender.submit(_batch(0, steps=10))
+    assert sender.submit(step_batch(0, steps=10))
     assert sender.wait_for(lambda: sender.queued_batches == 0, timeout_seconds=10)  # in flight
-    results = [sender.submit(_batch(10 * i, steps=10)) for i in (1, 2, 3)]
+    results = [sender.submit(step_batch(10 * i, steps=10)) for i in (1, 2, 3)]
     assert results == [True, True, False]
     assert sender.dropped_batches == {DropReason.QUEUE_FULL: 1}
     transport.gate.set()
@@ -259,7 +244,7 @@ def test_sender_spools_past_the_deadline_and_replays_in_step_order(make_sender, 
     spool = _spool(tmp_path)
     sender = make_sender(transport, spool=spool, retry=RetryPolicy(1.0, 4.0, 3.0))
     for step in range(5):
-        assert sender.submit(_batch(step))
+        assert sender.submit(step_batch(step))
     _outage(transport, 40)
     transport.gate.set()
     assert sender.flush(timeout_seconds=10)
@@ -277,8 +262,8 @@ def test_sender_sends_a_status_set_during_an_outage_after_the_spooled_batches(
     transport = ScriptedTransport()
     transport.gate.clear()
     sender = make_sender(transport, spool=_spool(tmp_path), retry=RetryPolicy(1.0, 4.0, 3.0))
-    sender.submit(_batch(0))
-    sender.submit(_batch(1))
+    sender.submit(step_batch(0))
+    sender.submit(step_batch(1))
     sender.set_status("finished")
     _outage(transport, 30)
     transport.gate.set()
@@ -290,14 +275,14 @@ def test_sender_sends_a_status_set_during_an_outage_after_the_spooled_batches(
 
 def test_sender_drops_the_oldest_batches_over_the_spool_cap_and_reports_them(make_sender, tmp_path):
     probe = Spool(tmp_path / "probe", RUN.run_id, 2**30)
-    probe.put(_batch(0).to_wire())
+    probe.put(step_batch(0).to_wire())
     cap = int(2.5 * probe.size_bytes)  # room for two batches
     transport = ScriptedTransport()
     transport.gate.clear()
     spool = _spool(tmp_path, max_bytes=cap)
     sender = make_sender(transport, spool=spool, retry=RetryPolicy(1.0, 4.0, 3.0))
     for step in range(6):
-        sender.submit(_batch(step))
+        sender.submit(step_batch(step))
     _outage(transport, 40)
     transport.gate.set()
     assert sender.flush(timeout_seconds=10)
@@ -313,7 +298,7 @@ def test_sender_close_spools_what_was_not_delivered_and_a_new_sender_sends_it(
     hung.gate.clear()  # the server never answers
     sender = make_sender(hung, spool=_spool(tmp_path))
     for step in range(3):
-        sender.submit(_batch(step))
+        sender.submit(step_batch(step))
     sender.set_status("finished")
     assert not sender.close(timeout_seconds=0.05)
     spool = _spool(tmp_path)
@@ -326,7 +311,7 @@ def test_sender_close_spools_what_was_not_delivered_and_a_new_sender_sends_it(
     # "Restart": a new sender for the same run sends what is left, then new batches.
     transport = ScriptedTransport()
     restarted = make_sender(transport, spool=_spool(tmp_path))
-    restarted.submit(_batch(3))
+    restarted.submit(step_batch(3))
     assert restarted.flush(timeout_seconds=10)
     assert transport.steps() == [0, 1, 2, 3]
     assert "status:finished" in transport.calls
@@ -336,10 +321,10 @@ def test_sender_close_spools_what_was_not_delivered_and_a_new_sender_sends_it(
 def test_sender_continues_the_drop_counts_of_a_leftover_spool(make_sender, tmp_path):
     leftover = _spool(tmp_path)
     leftover.save_state(SpoolState(RUN, None, {DropReason.SPOOL_FULL: 3}))
-    leftover.put(_batch(10).to_wire())
+    leftover.put(step_batch(10).to_wire())
     transport = ScriptedTransport()
     sender = make_sender(transport, spool=_spool(tmp_path))
-    sender.submit(_batch(11))
+    sender.submit(step_batch(11))
     assert sender.flush(timeout_seconds=10)
     assert transport.steps() == [10, 11]
     assert [b["dropped_batches"] for b in transport.batches] == [{DropReason.SPOOL_FULL: 3}] * 2
@@ -348,7 +333,7 @@ def test_sender_continues_the_drop_counts_of_a_leftover_spool(make_sender, tmp_p
 def test_sender_deletes_and_counts_an_unreadable_spool_file(make_sender, tmp_path):
     leftover = _spool(tmp_path)
     leftover.save_state(SpoolState(RUN))
-    leftover.put(_batch(1).to_wire())
+    leftover.put(step_batch(1).to_wire())
     bad = leftover.directory / f"{0:020d}-{'0' * 8}-0000-4000-8000-{'0' * 12}.json.gz"
     bad.write_bytes(b"not gzip")
     transport = ScriptedTransport()
@@ -363,7 +348,7 @@ def test_sender_flush_is_false_while_the_server_is_down(make_sender, tmp_path):
     transport = ScriptedTransport()
     transport.down = True
     sender = make_sender(transport, spool=_spool(tmp_path), retry=RetryPolicy(1.0, 1.0, 2.0))
-    sender.submit(_batch(0))
+    sender.submit(step_batch(0))
     assert sender.wait_for(lambda: sender.spooled_batches == 1, timeout_seconds=10)
     assert not sender.flush(timeout_seconds=0.01)
     transport.down = False
@@ -407,20 +392,10 @@ def _run_script(script: str, *args: str) -> subprocess.CompletedProcess[str]:
 _SCRIPT_PRELUDE = """
     import os, sys
     from pathlib import Path
-    import numpy as np
-    from gradwatch.agent.records import StepBatch
     from gradwatch.agent.sender import Sender
     from gradwatch.agent.local import JsonlTransport
     from gradwatch.agent.transport import RunInfo
-
-    def batch(step):
-        return StepBatch(
-            layers=("a",), step=np.array([step]), loss=np.zeros(1, np.float32),
-            loss_known=np.zeros(1, bool), global_norm=np.ones(1, np.float32),
-            global_norm_clipped=np.ones(1, np.float32), clip_coef=np.ones(1, np.float32),
-            skipped=np.zeros(1, bool), grad_norm=np.ones((1, 1), np.float32),
-            nonfinite=np.zeros((1, 1), np.int64),
-        )
+    from tests.fakes import step_batch as batch
 
     directory = Path(sys.argv[1])
 """
@@ -536,7 +511,7 @@ def test_http_transport_classifies_failures_by_the_retry_rules():
     transport = HttpTransport("http://gw", client=client)
     with pytest.raises(RetryableError, match="ConnectError"):
         transport.create_run(RUN)
-    wire = _batch().to_wire()
+    wire = step_batch().to_wire()
     with pytest.raises(RetryableError) as unavailable:
         transport.send_batch(RUN.run_id, wire)
     assert unavailable.value.retry_after_seconds == 2.0
@@ -553,7 +528,7 @@ def test_http_transport_classifies_failures_by_the_retry_rules():
 def test_local_summary_counts_clipped_skipped_and_nonfinite_steps(tmp_path):
     from gradwatch.agent.local import JsonlTransport, read_run_file
 
-    batch = _batch(0, steps=4)
+    batch = step_batch(0, steps=4)
     batch.global_norm[:] = [1.0, np.inf, np.nan, 5.0]
     batch.clip_coef[:] = [1.0, 0.0, 1.0, 0.2]
     batch.skipped[:] = [False, True, False, False]

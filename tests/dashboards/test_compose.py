@@ -8,6 +8,7 @@ ports, and the variables it reads from ``.env`` (interpolated the way Compose do
 from __future__ import annotations
 
 import re
+import tomllib
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -326,7 +327,11 @@ def test_dockerfile_copies_what_the_dockerignore_lets_through():
         for line in re.findall(r"^COPY\s+(?!--from)(.+)$", DOCKERFILE.read_text(), re.MULTILINE)
         for source in line.split()[:-1]
     ]
-    assert set(sources) == {"pyproject.toml", "README.md", "agent", "server"}
+    # Every folder the wheel is built from (pyproject's package-dir), and nothing else.
+    package_dirs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-dir"
+    ].values()
+    assert set(sources) == {"pyproject.toml", "README.md", *package_dirs}
     assert all((ROOT / source).exists() for source in sources)
     patterns = [
         line.strip()

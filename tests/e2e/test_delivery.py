@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import json
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -29,88 +28,22 @@ from typer.testing import CliRunner
 
 from gradwatch.agent import GradientMonitor, clip
 from gradwatch.agent.sender import DropReason
-from gradwatch.agent.transport import HttpTransport, RunInfo
+from gradwatch.agent.transport import HttpTransport
 from gradwatch.server import embedded
 from gradwatch.server.cli import app as cli_app
 from gradwatch.server.config import Settings
 from gradwatch.server.embedded import EmbeddedServer
+from tests.fakes import BlockingTransport
+from tests.server_process import WAIT_SECONDS, ServerProcess, free_port
 
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
 BATCH, SAMPLES = 16, 80  # 5 steps per epoch
 LAYERS = ("delivery/dense_in", "delivery/dense_mid", "delivery/dense_out")
-WAIT_SECONDS = 60.0  # bound of every wait for the sender or a server
 
 
 # -- helpers -------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class ServerProcess:
-    """``gradwatch server`` in a subprocess on a fixed port and SQLite file; restartable."""
-
-    def __init__(self, database: Path, port: int | None = None) -> None:
-        self.database = database
-        self.port = port or _free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-        self.log = database.with_suffix(".log")
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        """Start and poll ``/healthz`` until it answers (bounded)."""
-        assert self.process is None
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "gradwatch.server.cli",
-                    "server",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(self.port),
-                    "--database-url",
-                    f"sqlite:///{self.database}",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + WAIT_SECONDS
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            try:
-                self.process.wait(timeout=0.05)  # the pause of the poll; also notices a crash
-            except subprocess.TimeoutExpired:
-                continue
-            raise RuntimeError(f"the server exited: {self.log.read_text(errors='replace')}")
-        raise TimeoutError(f"the server did not answer /healthz in {WAIT_SECONDS}s")
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        """Stop it (SIGTERM: graceful; SIGKILL: at once) and wait until it has exited."""
-        process, self.process = self.process, None
-        if process is None:
-            return
-        if process.poll() is None:
-            process.send_signal(sig)
-        try:
-            process.wait(timeout=WAIT_SECONDS)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture
@@ -211,25 +144,6 @@ def _agent_drops(url: str, run_id: str) -> dict[str, float]:
 
 
 # -- never block training ------------------------------------------------------------------
-
-
-class BlockingTransport:
-    """A server that never answers: every call blocks until the test releases it."""
-
-    def __init__(self) -> None:
-        self.release = threading.Event()
-
-    def create_run(self, run: RunInfo) -> None:
-        self.release.wait()
-
-    def send_batch(self, run_id: str, batch: dict[str, Any]) -> None:
-        self.release.wait()
-
-    def set_status(self, run_id: str, status: str) -> None:
-        self.release.wait()
-
-    def close(self) -> None:
-        self.release.set()
 
 
 def test_fit_completes_when_the_transport_blocks_forever(monitors):
@@ -564,7 +478,7 @@ def test_upload_of_a_local_run_is_idempotent(server, tmp_path, monitors):
 
 
 def test_upload_of_a_leftover_spool_is_idempotent(server, tmp_path, monitors):
-    down = f"http://127.0.0.1:{_free_port()}"
+    down = f"http://127.0.0.1:{free_port()}"
     monitor = GradientMonitor(
         run="leftover",
         server=down,
@@ -595,19 +509,9 @@ def test_sender_in_a_forked_child_uses_its_own_connections(server):
     script = textwrap.dedent(
         """
         import os, sys
-        import numpy as np
-        from gradwatch.agent.records import StepBatch
         from gradwatch.agent.sender import Sender
         from gradwatch.agent.transport import HttpTransport, RunInfo
-
-        def batch(step):
-            return StepBatch(
-                layers=("a",), step=np.array([step]), loss=np.zeros(1, np.float32),
-                loss_known=np.zeros(1, bool), global_norm=np.ones(1, np.float32),
-                global_norm_clipped=np.ones(1, np.float32), clip_coef=np.ones(1, np.float32),
-                skipped=np.zeros(1, bool), grad_norm=np.ones((1, 1), np.float32),
-                nonfinite=np.zeros((1, 1), np.int64),
-            )
+        from tests.fakes import step_batch as batch
 
         run = RunInfo("00000000-0000-4000-8000-0000000000f0", "fork", "p")
         sender = Sender(HttpTransport(sys.argv[1]), run)

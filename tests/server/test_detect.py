@@ -29,6 +29,7 @@ from gradwatch.server.detect import (
     Thresholds,
     detect,
 )
+from tests.fakes import ar1_norms
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -294,18 +295,6 @@ def test_detect_constant_norms_raise_nothing(jitter):
     assert store.triggers == {}
 
 
-def _ar1(phi: float, sigma: float) -> Callable[[np.random.Generator, int, int], np.ndarray]:
-    def make(rng: np.random.Generator, steps: int, width: int) -> np.ndarray:
-        noise = rng.standard_normal((steps, width)) * sigma * math.sqrt(1 - phi * phi)
-        log_norm = np.empty((steps, width))
-        log_norm[0] = sigma * rng.standard_normal(width)
-        for t in range(1, steps):
-            log_norm[t] = phi * log_norm[t - 1] + noise[t]
-        return np.exp(log_norm)
-
-    return make
-
-
 def _noise(sigma: float, factor: float = 1.0) -> Callable[..., np.ndarray]:
     def make(rng: np.random.Generator, steps: int, width: int) -> np.ndarray:
         trend = np.linspace(0.0, math.log(factor), steps)[:, None]
@@ -320,9 +309,9 @@ _HEALTHY = {
     "lognormal σ1.0": _noise(1.0),
     "drift ×10 up, σ0.3": _noise(0.3, 10.0),
     "drift ×100 down, σ0.5": _noise(0.5, 0.01),
-    "AR(1) φ0.9 σ1.0": _ar1(0.9, 1.0),
-    "AR(1) φ0.99 σ0.3": _ar1(0.99, 0.3),
-    "AR(1) φ0.99 σ0.5": _ar1(0.99, 0.5),
+    "AR(1) φ0.9 σ1.0": ar1_norms(0.9, 1.0),
+    "AR(1) φ0.99 σ0.3": ar1_norms(0.99, 0.3),
+    "AR(1) φ0.99 σ0.5": ar1_norms(0.99, 0.5),
 }
 
 
