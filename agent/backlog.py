@@ -19,7 +19,7 @@ import random
 import threading
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .clock import Clock
 from .records import StepBatch
@@ -80,20 +80,13 @@ class SpoolBacklog:
     _state_saved: bool
     _spool_error_logged: bool
 
-    def _ensure_run(self) -> None:
-        raise NotImplementedError
+    if TYPE_CHECKING:  # provided by Sender; declared here for the type checker only
 
-    def _send(self, wire: dict[str, Any]) -> None:
-        raise NotImplementedError
-
-    def _delivered(self, steps: int) -> None:
-        raise NotImplementedError
-
-    def _count(self, reason: str, n: int = 1) -> None:
-        raise NotImplementedError
-
-    def _log_rejection(self, exc: RejectedError) -> None:
-        raise NotImplementedError
+        def _ensure_run(self) -> None: ...
+        def _send(self, wire: dict[str, Any]) -> None: ...
+        def _delivered(self, steps: int) -> None: ...
+        def _count(self, reason: str, n: int = 1) -> None: ...
+        def _log_rejection(self, exc: RejectedError) -> None: ...
 
     # -- replay ----------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeGuard, cast, runtime_checkable
+from typing import Any, ClassVar, Protocol, TypeGuard, cast, runtime_checkable
 
 import tensorflow as tf
 
@@ -156,10 +156,8 @@ class DescribedPolicy:
 
     __slots__ = ()
 
-    @property
-    def name(self) -> str:
-        """Short name of the policy (unique within a chain)."""
-        raise NotImplementedError
+    name: ClassVar[str]
+    """Short name of the policy (unique within a chain); each policy class sets it."""
 
     def init(self, variables: Sequence[Any], layout: LayerLayout) -> PolicyState:
         """State of a fixed-threshold policy: one float32 variable per field, named after it.
