@@ -24,7 +24,14 @@ from typing import TYPE_CHECKING, Any
 from .clock import Clock
 from .records import StepBatch
 from .spool import Spool, SpoolState
-from .transport import RejectedError, RetryableError, RetryPolicy, RunInfo, Transport
+from .transport import (
+    RejectedError,
+    RetryableError,
+    RetryPolicy,
+    RunInfo,
+    RunRejectedError,
+    Transport,
+)
 
 __all__ = ["DropReason", "SpoolBacklog", "Status"]
 
@@ -119,6 +126,10 @@ class SpoolBacklog:
         except RetryableError as exc:
             log.debug("gradwatch: server still unavailable: %s", exc)
             self._schedule_replay(exc.retry_after_seconds)
+            return
+        except RunRejectedError as exc:  # wrong URL or token: keep everything, try again later
+            log.debug("gradwatch: the server still refuses the run: %s", exc)
+            self._schedule_replay(None)
             return
         except RejectedError as exc:
             self._log_rejection(exc)

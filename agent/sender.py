@@ -13,8 +13,15 @@ and delivers them through a :class:`~gradwatch.agent.transport.Transport`:
   anything, so step order is kept. The thread replays the spool, oldest step
   first, one attempt at a time with backoff, until it is empty (that half is
   :class:`~gradwatch.agent.backlog.SpoolBacklog`).
-* A rejection (other 4xx) is never retried: the server's message is logged once
-  per status code and the batch is counted as ``rejected``.
+* A rejection (other 4xx) of a batch is never retried: the server's message is
+  logged once per status code and the batch is counted as ``rejected``.
+* A rejection of the run itself (``POST /api/v1/runs``: a wrong ``server`` path,
+  a wrong token) is a configuration error, not a bad batch: it is logged at
+  once with the URL and the server's message, and every batch goes to the spool,
+  where it waits for the right server (``gradwatch upload``).
+* The first transient failure of an outage is logged at once (a warning naming
+  the server and how long the sender keeps trying); the retries after it are
+  quiet, and the end of the outage is logged too.
 * At :meth:`Sender.close` whatever was not delivered before the timeout is
   written to the spool (or, without one, counted as ``shutdown``).
 
@@ -49,6 +56,7 @@ from .transport import (
     RetryableError,
     RetryPolicy,
     RunInfo,
+    RunRejectedError,
     Transport,
     call_with_retry,
 )
@@ -130,6 +138,8 @@ class Sender(SpoolBacklog):
         self._sent_steps = 0
         self._spooled_total = 0
         self._logged_rejections: set[int] = set()
+        self._run_rejected: RejectedError | None = None  # the server refused to create the run
+        self._outage_reported = False
         self._spool_error_logged = False
         self._state_saved = False
         self._pending_status: str | None = None
@@ -148,6 +158,7 @@ class Sender(SpoolBacklog):
                     spool.directory,
                 )
                 self._replay_at = self._clock.monotonic()
+        self._drops_at_start = sum(self._dropped.values())
         self._thread: threading.Thread | None = None
         self._start_thread()
         close_at_exit(self._close_at_exit)
@@ -243,11 +254,13 @@ class Sender(SpoolBacklog):
         to about ``timeout_seconds`` (plus local disk writes).
 
         Returns:
-            ``True`` if everything was delivered before the timeout.
+            ``True`` if everything was delivered before the timeout and this
+            sender dropped nothing (no rejection, no full queue, no outage
+            past the retry deadline without a spool).
         """
         with self._cond:
             if self._closed:
-                return self._drained_locked()
+                return self._drained_locked() and not self._lost_locked()
             self._closed = True
         deadline = time.monotonic() + timeout_seconds
         drained = self.flush(timeout_seconds)
@@ -271,7 +284,8 @@ class Sender(SpoolBacklog):
             self._transport.close()
         except Exception:
             log.exception("gradwatch: error while closing the transport")
-        return drained
+        with self._cond:
+            return drained and not self._lost_locked()
 
     # -- counters --------------------------------------------------------------------------
 
@@ -280,6 +294,13 @@ class Sender(SpoolBacklog):
         """Batches dropped so far, by reason (a copy; cumulative over the run's spool)."""
         with self._cond:
             return dict(self._dropped)
+
+    @property
+    def run_rejected(self) -> str | None:
+        """The server's refusal to create the run (a configuration error), or ``None``."""
+        with self._cond:
+            rejected = self._run_rejected
+        return None if rejected is None else str(rejected)
 
     @property
     def accepted_batches(self) -> int:
@@ -341,6 +362,10 @@ class Sender(SpoolBacklog):
     def _backlog_locked(self) -> bool:
         return self._replay_at is not None
 
+    def _lost_locked(self) -> bool:
+        """Whether this sender dropped a batch, or the server refused the run."""
+        return self._run_rejected is not None or sum(self._dropped.values()) > self._drops_at_start
+
     def _loop(self) -> None:
         while True:
             with self._cond:
@@ -391,6 +416,8 @@ class Sender(SpoolBacklog):
             try:
                 self._with_retry(self._ensure_run)
                 self._with_retry(lambda: self._transport.set_status(self._run.run_id, item.status))
+            except RunRejectedError:
+                self._spool_status(item.status)
             except RejectedError:
                 return
             except (RetryableError, _ShutdownError):
@@ -403,6 +430,9 @@ class Sender(SpoolBacklog):
         try:
             self._with_retry(self._ensure_run)
             self._with_retry(lambda: self._send(wire))
+        except RunRejectedError:
+            self._to_spool(wire, DropReason.REJECTED)
+            return
         except RejectedError:
             self._count(DropReason.REJECTED)
             return
@@ -415,9 +445,33 @@ class Sender(SpoolBacklog):
         self._delivered(len(item))
 
     def _ensure_run(self) -> None:
-        if not self._run_created:
+        """Create the run once. Raises :class:`RunRejectedError` when the server refuses it."""
+        if self._run_created:
+            return
+        try:
             self._transport.create_run(self._run)
-            self._run_created = True
+        except RejectedError as exc:
+            with self._cond:
+                first = self._run_rejected is None
+                self._run_rejected = exc
+            if first:
+                where = (
+                    f"they are kept in {self._spool.directory}"
+                    if self._spool is not None
+                    else "without a spool they are dropped"
+                )
+                log.error(
+                    "gradwatch: the server refused to create run %s, so no step can be "
+                    "stored; check server= (the server's base URL, without /api/v1) and the "
+                    "token. %s. Batches are not sent; %s.",
+                    self._run.run_id,
+                    exc,
+                    where,
+                )
+            raise RunRejectedError(str(exc), exc.status_code) from exc
+        self._run_created = True
+        with self._cond:
+            self._run_rejected = None
 
     def _send(self, wire: dict[str, Any]) -> None:
         drops = self.dropped_batches
@@ -435,8 +489,18 @@ class Sender(SpoolBacklog):
             self._dropped[reason] += n
 
     def _with_retry(self, call: Callable[[], None]) -> None:
+        def attempt() -> None:
+            try:
+                call()
+            except RetryableError as exc:
+                self._report_outage(exc)
+                raise
+            self._report_recovery()
+
         try:
-            call_with_retry(call, self._retry, self._rng, self._clock.monotonic, self._sleep)
+            call_with_retry(attempt, self._retry, self._rng, self._clock.monotonic, self._sleep)
+        except RunRejectedError:
+            raise
         except RejectedError as exc:
             self._log_rejection(exc)
             raise
@@ -457,6 +521,32 @@ class Sender(SpoolBacklog):
                     return True
                 self._clock.wait(self._cond, remaining)
             return False
+
+    def _report_outage(self, exc: RetryableError) -> None:
+        """Log the first transient failure of an outage at once; the retries stay quiet."""
+        with self._cond:
+            first = not self._outage_reported
+            self._outage_reported = True
+        if first:
+            after = (
+                f"then keeps the batches in {self._spool.directory}"
+                if self._spool is not None
+                else "then drops them (no spool)"
+            )
+            log.warning(
+                "gradwatch: cannot reach the server (%s); retrying each batch for up to "
+                "%.0f s, %s. Training is not affected.",
+                exc,
+                self._retry.deadline_seconds,
+                after,
+            )
+
+    def _report_recovery(self) -> None:
+        with self._cond:
+            was_down = self._outage_reported
+            self._outage_reported = False
+        if was_down:
+            log.warning("gradwatch: the server answers again; delivery resumed")
 
     def _log_rejection(self, exc: RejectedError) -> None:
         with self._cond:

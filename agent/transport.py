@@ -14,6 +14,7 @@ Exceptions::
     TransportError
     ├── RetryableError   try again later (after ``retry_after_seconds`` if set)
     └── RejectedError    the server refused the request; retrying cannot help
+        └── RunRejectedError  it refused to create the run (wrong URL or token)
 
 Transports are used from the sender thread only; they are not thread-safe.
 """
@@ -38,6 +39,7 @@ __all__ = [
     "RetryPolicy",
     "RetryableError",
     "RunInfo",
+    "RunRejectedError",
     "Transport",
     "TransportError",
     "call_with_retry",
@@ -113,6 +115,11 @@ class RejectedError(TransportError):
     def __init__(self, message: str, status_code: int) -> None:
         super().__init__(message)
         self.status_code = status_code
+
+
+class RunRejectedError(RejectedError):
+    """The server refused to create the run: a configuration error (a wrong ``server`` path,
+    a wrong token), so batches are kept rather than counted as rejected."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,11 +306,13 @@ class HttpTransport:
         try:
             response = self._client.request(method, path, content=content, headers=headers)
         except httpx.HTTPError as exc:  # connect, read, write, pool errors and timeouts
-            raise RetryableError(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
+            raise RetryableError(
+                f"{method} {self._base_url}{path}: {type(exc).__name__}: {exc}"
+            ) from exc
         status = response.status_code
         if status < 400:
             return response
-        message = f"{method} {path}: HTTP {status}: {response.text[:500]}"
+        message = f"{method} {self._base_url}{path}: HTTP {status}: {response.text[:500]}"
         if status == 429 or status >= 500:
             raise RetryableError(message, parse_retry_after(response.headers.get("Retry-After")))
         raise RejectedError(message, status)

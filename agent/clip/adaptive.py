@@ -73,10 +73,11 @@ def _unit_norms(x: tf.Tensor) -> tf.Tensor:
 
     The output unit is the last axis (Keras kernels: Dense ``[in, out]``, Conv
     ``HWIO``), so the norm is over all other axes; a vector or scalar (bias,
-    scale) is its own units: ``|x|`` elementwise.
+    scale) is one unit, as in optax's ``unitwise_norm``, timm and the NFNets
+    reference code.
     """
     if x.shape.rank <= 1:
-        return tf.abs(tf.cast(x, tf.float32))
+        return safe_norm(x)
     return safe_norm(x, axis=list(range(x.shape.rank - 1)), keepdims=True)
 
 
@@ -103,13 +104,7 @@ class _Agc(DescribedPolicy):
             finite = tf.math.is_finite(g_units)
             # g > limit > 0 where the quotient is used: no division by zero.
             coef = tf.where(finite, tf.where(g_units > limit, limit / g_units, 1.0), 0.0)
-            if isinstance(grad, tf.IndexedSlices) and g_units.shape.rank <= 1:
-                # Elementwise units of a sparse vector: one coefficient per slice.
-                new_grads.append(
-                    scale_grad(grad, tf.gather(coef, grad.indices), tf.gather(finite, grad.indices))
-                )
-            else:
-                new_grads.append(scale_grad(grad, coef, finite))
+            new_grads.append(scale_grad(grad, coef, finite))
             new_norms.append(safe_norm(tf.where(finite, g_units * coef, 0.0)))
         after = combine_variable_norms(
             tf.stack(new_norms), context.stats.layer_nonfinite, context.layout
@@ -130,15 +125,16 @@ def agc(clipping: float = 0.01, eps: float = 1e-3) -> ClipPolicy:
     ``optax.adaptive_grad_clip`` (``optax/transforms/_clipping.py``). A unit
     ``u`` is one output unit: for a tensor of rank ≥ 2 the slice at one index
     of the last axis (Dense kernels ``[in, out]``, Conv kernels ``HWIO``), its
-    norm taken over all other axes; for a vector or scalar (biases, scales)
-    each element is its own unit, compared by ``|·|``. A unit over its limit
-    is scaled down to the limit; a unit holding NaN/Inf is zeroed.
+    norm taken over all other axes; a vector or scalar (biases, scales) is one
+    unit, as in ``optax.adaptive_grad_clip``, timm and the NFNets reference
+    code. A unit over its limit is scaled down to the limit; a unit holding
+    NaN/Inf is zeroed.
 
-    Two differences from optax's defaults, both following "unit = output
-    unit": optax takes the whole-vector norm for rank-1 parameters, and for
-    rank-3 parameters (multi-head projections) reduces only axis 0. Brock et
-    al. also recommend not clipping the final classifier layer; chain or
-    choose per model accordingly.
+    One difference from optax: for rank-3 parameters (multi-head
+    projections, Keras ``EinsumDense`` kernels) the unit is still the last
+    axis, where optax reduces only axis 0. Brock et al. also recommend not
+    clipping the final classifier layer; chain or choose per model
+    accordingly.
 
     Args:
         clipping: Largest allowed ratio of gradient norm to weight norm (> 0).

@@ -158,6 +158,8 @@ class DescribedPolicy:
 
     name: ClassVar[str]
     """Short name of the policy (unique within a chain); each policy class sets it."""
+    skips: ClassVar[bool] = False
+    """Whether the policy may skip the update (it belongs first in a ``chain``)."""
 
     def init(self, variables: Sequence[Any], layout: LayerLayout) -> PolicyState:
         """State of a fixed-threshold policy: one float32 variable per field, named after it.

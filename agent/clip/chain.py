@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -112,4 +113,27 @@ def chain(*policies: ClipPolicy) -> ClipPolicy:
         raise ConfigError(
             f"policies: each policy may appear once, got {', '.join(duplicates)} twice"
         )
+    _warn_if_skip_after_scaling(flat)
     return _Chain(tuple(flat))
+
+
+def _warn_if_skip_after_scaling(policies: Sequence[ClipPolicy]) -> None:
+    """Warn (once per call site) when a skip policy follows one that rescales gradients.
+
+    The earlier policy has already changed the gradients (a non-finite one becomes zeros
+    under ``global_norm``) and updated its state when the skip is decided, so the skip may
+    never fire and the earlier state learns from the step it should have ignored.
+    """
+    for later, policy in enumerate(policies):
+        if not getattr(policy, "skips", False):
+            continue
+        scaling = [p.name for p in policies[:later] if not getattr(p, "skips", False)]
+        if scaling:
+            warnings.warn(
+                f"gradwatch: chain() puts {policy.name} after {', '.join(scaling)}; a skip "
+                "policy should come first (e.g. chain(skip_nonfinite(), global_norm(1.0))), "
+                "or the policies before it see and rescale the step it would skip",
+                UserWarning,
+                stacklevel=3,
+            )
+            return

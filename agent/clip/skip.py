@@ -58,6 +58,7 @@ class _SkipNonfinite(DescribedPolicy):
     max_consecutive: int | None
 
     name: ClassVar[str] = "skip_nonfinite"
+    skips: ClassVar[bool] = True
 
     def init(self, variables: Sequence[Any], layout: LayerLayout) -> PolicyState:
         state = PolicyState(name="skip_nonfinite")
@@ -120,6 +121,7 @@ class _SkipSpike(DescribedPolicy):
     min_history: int
 
     name: ClassVar[str] = "skip_spike"
+    skips: ClassVar[bool] = True
 
     def init(self, variables: Sequence[Any], layout: LayerLayout) -> PolicyState:
         return new_state(

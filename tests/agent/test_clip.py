@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -249,10 +250,14 @@ def test_layer_norm_property_bounds_each_layer_and_is_idempotent(grads, limit):
 
 
 def _unit_norms_reference(x: np.ndarray) -> np.ndarray:
-    """Output-unit norms: all axes but the last (HWIO, [in, out]); |x| for vectors."""
+    """Output-unit norms: all axes but the last (HWIO, [in, out]); a vector is one unit.
+
+    As optax's ``unitwise_norm`` (``optax/transforms/_clipping.py``: ``squeeze(x).ndim <= 1``
+    → the whole norm) and timm's ``unitwise_norm`` (``x.ndim <= 1`` → ``x.norm()``).
+    """
     x = x.astype(np.float64)
     if x.ndim <= 1:
-        return np.abs(x)
+        return np.sqrt(np.sum(np.square(x)))
     return np.sqrt(np.sum(np.square(x), axis=tuple(range(x.ndim - 1)), keepdims=True))
 
 
@@ -402,7 +407,7 @@ def _agc_reference(grad: np.ndarray, weight: np.ndarray, clipping: float, eps: f
     Brock, De, Smith, Simonyan 2021, "High-Performance Large-Scale Image Recognition
     Without Normalization", §4.1 eq. (3): G_i ← λ · max(‖W_i‖, ε) / ‖G_i‖ · G_i when
     ‖G_i‖ / max(‖W_i‖, ε) > λ, for each output unit i (the last axis of an HWIO or
-    [in, out] kernel; each element of a vector). The 1e-6 floor is optax's
+    [in, out] kernel; a whole vector). The 1e-6 floor is optax's
     ``unitwise_clip`` (``optax/transforms/_clipping.py``).
     """
     g_norm = _unit_norms_reference(grad)
@@ -797,8 +802,17 @@ def test_chain_policies_after_a_skip_keep_their_state():
         _assert_unchanged(snapshot, sub)  # zclip and autoclip learned nothing from either
 
 
+def test_chain_warns_when_a_skip_policy_comes_after_a_scaling_one():
+    with pytest.warns(UserWarning, match=r"puts skip_nonfinite after global_norm; a skip policy"):
+        clip.chain(clip.global_norm(1.0), clip.skip_nonfinite())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        clip.chain(clip.skip_nonfinite(), clip.skip_spike(), clip.global_norm(1.0))
+
+
 def test_chain_of_every_policy_under_xla_matches_eager():
-    policy = clip.chain(*(FACTORIES[n]() for n in sorted(FACTORIES) if n != "chain"))
+    with pytest.warns(UserWarning, match="skip policy should come first"):  # sorted by name
+        policy = clip.chain(*(FACTORIES[n]() for n in sorted(FACTORIES) if n != "chain"))
     layout = LayerLayout(("net/a", "net/b"), (0, 1, 1))
     rng = np.random.default_rng(2)
     shapes = [(4, 3), (3,), (3, 2)]

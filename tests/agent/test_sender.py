@@ -182,7 +182,7 @@ def test_sender_never_retries_a_rejection_logs_it_once_and_counts_it(make_sender
     with caplog.at_level(logging.ERROR, logger="gradwatch.agent"):
         for step in (1, 2, 3):
             sender.submit(step_batch(step))
-        assert sender.close(timeout_seconds=5)
+        assert not sender.close(timeout_seconds=5)  # delivered, but not everything
     assert transport.calls.count("send_batch") == 4
     assert sender.dropped_batches == {DropReason.REJECTED: 2}
     assert [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()] == [
@@ -190,6 +190,54 @@ def test_sender_never_retries_a_rejection_logs_it_once_and_counts_it(make_sender
     ]
     # The count travels with the next batch.
     assert transport.batches[-1]["dropped_batches"] == {DropReason.REJECTED: 2}
+
+
+def test_sender_keeps_every_batch_when_the_server_refuses_the_run(make_sender, tmp_path, caplog):
+    # A wrong server path or token: run creation answers 404/401. That is a configuration
+    # error: said at once with the URL and the server's message, nothing counted as rejected,
+    # everything kept in the spool, and close() says it did not deliver.
+    refusal = RejectedError('POST http://127.0.0.1:1/api/v1/api/v1/runs: HTTP 404: {"detail"}', 404)
+
+    class WrongPath(ScriptedTransport):
+        def create_run(self, run: RunInfo) -> None:
+            self._call("create_run")
+            raise refusal
+
+    transport = WrongPath()
+    sender = make_sender(transport, spool=_spool(tmp_path), clock=None)
+    with caplog.at_level(logging.ERROR, logger="gradwatch.agent"):
+        for step in range(5):
+            sender.submit(step_batch(step))
+        sender.set_status("finished")
+        assert not sender.flush(0.5)
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1, errors
+        assert "refused to create run" in errors[0]
+        assert "http://127.0.0.1:1/api/v1/api/v1/runs: HTTP 404" in errors[0]
+        assert "without /api/v1" in errors[0]
+        assert not sender.close(timeout_seconds=0.5)
+    assert sender.run_rejected is not None
+    assert "HTTP 404" in sender.run_rejected
+    assert DropReason.REJECTED not in sender.dropped_batches
+    assert "send_batch" not in transport.calls
+    spool = _spool(tmp_path)
+    assert len(spool) == 5
+    assert spool.load_state().status == "finished"
+
+
+def test_sender_reports_an_outage_once_at_its_start_and_once_at_its_end(make_sender, caplog):
+    transport = ScriptedTransport([RetryableError("POST http://127.0.0.1:9/: ConnectError")] * 3)
+    sender = make_sender(transport)
+    with caplog.at_level(logging.WARNING, logger="gradwatch.agent"):
+        for step in range(3):
+            sender.submit(step_batch(step))
+        assert sender.close(timeout_seconds=5)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2, messages
+    assert messages[0].startswith("gradwatch: cannot reach the server (POST http://127.0.0.1:9/")
+    assert "30 s" in messages[0]
+    assert messages[1] == "gradwatch: the server answers again; delivery resumed"
+    assert transport.steps() == [0, 1, 2]
 
 
 def test_sender_gives_up_at_deadline_and_counts_server_unavailable_without_spool(
