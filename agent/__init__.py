@@ -12,6 +12,9 @@ Typical use::
 Never imports FastAPI or SQLAlchemy. TensorFlow and Keras are imported on first use of
 a name that needs them (PEP 562), so the transport, spool, local, upload, delivery and
 records modules, which ``gradwatch upload`` uses, work without loading TensorFlow.
+``MonitoredOptimizer`` is registered with Keras as soon as Keras is imported (before or
+after this package), so ``keras.models.load_model`` of a model compiled with
+``monitor.wrap(...)`` needs nothing more than ``import gradwatch.agent``.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .config import ConfigError, MonitorConfig
+from .config import ConfigError, MonitorClosedError, MonitorConfig
 from .records import StepBatch
+from .registration import register_when_keras_loads
 
 if TYPE_CHECKING:
     from . import clip
@@ -30,6 +34,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ConfigError",
     "GradientMonitor",
+    "MonitorClosedError",
     "MonitorConfig",
     "MonitoredOptimizer",
     "StepBatch",
@@ -48,3 +53,6 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module 'gradwatch.agent' has no attribute {name!r}")
+
+
+register_when_keras_loads()

@@ -16,6 +16,10 @@ tests here rather than somewhere in the monitor.
   for a variable across replicas and Keras wrappers.
 * ``Optimizer._trainable_variables``: what ``apply(grads)`` without variables
   applies to (Keras' own default).
+* ``Layer._flatten_layers(include_self=False, recursive=False)``: a layer's
+  direct sub-layers in tracking order, to name layers by their path in the
+  model's tree (``Model.layers`` is public but only lists a model's own
+  layers, not those of a custom layer such as a transformer block).
 * ``Optimizer._clip_gradients``, ``_apply_weight_decay``,
   ``_backend_update_step``: shadowed during one trace, so
   ``gradient_accumulation_steps`` is measured and clipped on the averaged
@@ -42,6 +46,7 @@ __all__ = [
     "default_variables",
     "hook_loss_scale",
     "set_untracked",
+    "sublayers",
     "track",
     "unhook_loss_scale",
     "variable_key",
@@ -78,6 +83,14 @@ def variable_key(variable: Any) -> object:
     if hasattr(value, "_distributed_container"):
         value = value._distributed_container()
     return getattr(value, "_unique_id", id(value))
+
+
+def sublayers(layer: Any) -> list[Any]:
+    """A Keras layer's direct sub-layers, in tracking order (empty for a leaf layer)."""
+    flatten = getattr(layer, "_flatten_layers", None)
+    if flatten is None:
+        return []
+    return list(flatten(include_self=False, recursive=False))
 
 
 def default_variables(optimizer: Any) -> list[Any]:

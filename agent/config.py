@@ -17,13 +17,23 @@ from urllib.parse import urlsplit
 
 from .spool import default_spool_dir
 
-__all__ = ["ConfigError", "MonitorConfig", "check_server_url", "check_writable_directory"]
+__all__ = [
+    "ConfigError",
+    "MonitorClosedError",
+    "MonitorConfig",
+    "check_server_url",
+    "check_writable_directory",
+]
 
 _PROJECT_RE = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
 
 
 class ConfigError(ValueError):
     """A monitor argument is invalid; the message names the argument."""
+
+
+class MonitorClosedError(RuntimeError):
+    """A closed :class:`~gradwatch.agent.GradientMonitor` was used again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,4 +193,9 @@ def _check_url(url: object) -> str:
         raise ConfigError(f"server: the port in {url!r} is not a number in 0..65535") from None
     if parts.query or parts.fragment:
         raise ConfigError(f"server: expected a base URL without query or fragment, got {url!r}")
+    if re.search(r"/api(/v\d+)?/?$", parts.path):
+        base = url[: url.rindex("/api")]
+        raise ConfigError(
+            f"server: expected the server's base URL, without the API path: {base!r}, not {url!r}"
+        )
     return url.rstrip("/")

@@ -40,18 +40,22 @@ import keras
 
 from . import _keras_compat as compat
 from .clip import ClipPolicy
-from .config import ConfigError, MonitorConfig
+from .config import ConfigError, MonitorClosedError, MonitorConfig
 from .delivery import build_delivery
+from .layers import layer_paths
 from .lifecycle import close_at_exit
+from .notice import say, say_delivery, warn_nothing_recorded
 from .optimizer import MonitoredOptimizer
 from .recorder import StepRecorder
 from .ring import Ring
 from .sender import Sender
+from .step_loss import LossCapture
 from .transport import Transport
 
 __all__ = ["GradientMonitor", "MonitoredOptimizer"]
 
 log = logging.getLogger("gradwatch.agent")
+
 
 #: Settings that accept ``None`` for "the MonitorConfig default" (as they always have).
 _NONE_IS_DEFAULT = frozenset({"run_id", "local_dir", "spool_dir"})
@@ -153,14 +157,22 @@ class GradientMonitor(keras.callbacks.Callback, compat.Trackable):  # type: igno
         # What tf.train.Checkpoint saves: the step counter and the policy state.
         self._checkpointed = compat.AutoTrackable()
         compat.track(self, self._checkpointed, "gradwatch")
-        self._recorder = StepRecorder(self.config, policy, self._sender.submit, self._checkpointed)
+        self._recorder = StepRecorder(
+            self.config, policy, self._sender.submit, self._checkpointed, self._layer_owners
+        )
+        self._loss_capture = LossCapture(self._recorder)
         self._wrapper: MonitoredOptimizer | None = None
         self._installed: _Installed | None = None
         self._traced: _Traced | None = None
         self._hooked_lso: Any = None
         self._closed = False
+        self._delivered = True  # what close() returned
         self._train_active = False  # between on_train_begin and on_train_end
+        self._fit_batches = 0  # train batches of the current fit
+        self._fit_first_step = 0  # recorded_steps when it began
         close_at_exit(self._close_at_exit)  # weak: the monitor can still be collected
+        if self.config.server is not None:
+            say(f"run {run!r} ({self.run_id}) streams to {self.run_url}")
 
     # -- public API ------------------------------------------------------------------------
 
@@ -168,6 +180,12 @@ class GradientMonitor(keras.callbacks.Callback, compat.Trackable):  # type: igno
     def run_id(self) -> str:
         """UUID of the run on the server."""
         return self.config.run_id
+
+    @property
+    def run_url(self) -> str | None:
+        """The run's page on the server's web UI (``None`` in local mode)."""
+        server = self.config.server
+        return None if server is None else f"{server}/runs/{self.run_id}"
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -199,7 +217,9 @@ class GradientMonitor(keras.callbacks.Callback, compat.Trackable):  # type: igno
         Raises:
             ConfigError: The optimizer is already wrapped, or is a
                 ``LossScaleOptimizer``.
+            MonitorClosedError: The monitor was closed.
         """
+        self._check_open()
         if isinstance(optimizer, MonitoredOptimizer):
             raise ConfigError("optimizer: already wrapped by a GradientMonitor")
         if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
@@ -221,6 +241,7 @@ class GradientMonitor(keras.callbacks.Callback, compat.Trackable):  # type: igno
         self, grads_and_vars: Iterable[tuple[Any, Any]], loss: Any | None = None
     ) -> None:
         """Custom loops: record ``loss`` (optional) and apply through the wrapped optimizer."""
+        self._check_open()
         if self._wrapper is None:
             raise ConfigError("optimizer: call monitor.wrap(optimizer) before apply_gradients")
         if loss is not None:
@@ -236,7 +257,11 @@ class GradientMonitor(keras.callbacks.Callback, compat.Trackable):  # type: igno
 
         Reads the in-graph buffers once every ``flush_every`` calls, and
         snapshots the weights every ``stats_every`` calls (one copy of them).
+
+        Raises:
+            MonitorClosedError: The monitor was closed.
         """
+        self._check_open()
         self._recorder.after_steps(1)
         self._recorder.before_step()
 
@@ -260,10 +285,11 @@ class GradientMonitor(keras.callbacks.Callback, compat.Trackable):  # type: igno
                 ``fit`` began and did not end (it raised), else ``finished``.
 
         Returns:
-            ``True`` if everything was delivered in time.
+            ``True`` if everything was delivered in time and nothing was
+            dropped or refused (see :attr:`dropped_batches`).
         """
         if self._closed:
-            return True
+            return self._delivered
         self._closed = True
         if timeout_seconds is None:
             timeout_seconds = self.config.close_timeout_seconds
@@ -273,12 +299,16 @@ class GradientMonitor(keras.callbacks.Callback, compat.Trackable):  # type: igno
             self._recorder.collect()
             # A fit that raised never reached on_train_end: give the model its optimizer back.
             self._unhook_loss_scale()
+            self._loss_capture.uninstall()
             self._uninstall()
         except Exception:  # e.g. TensorFlow half torn down at interpreter exit
             log.exception("gradwatch: could not read the last steps at close")
         self._sender.set_status(status)
         self._print_local_summary()
-        return self._sender.close(timeout_seconds)
+        self._delivered = self._sender.close(timeout_seconds)
+        if self.config.server is not None:
+            say_delivery(self.config.run, self.run_url, self._sender)
+        return self._delivered
 
     def __enter__(self) -> GradientMonitor:
         return self
@@ -294,15 +324,19 @@ class GradientMonitor(keras.callbacks.Callback, compat.Trackable):  # type: igno
     # -- Keras callback hooks --------------------------------------------------------------
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self._check_open()
         model = self.model
         swapped = self._install(model)
+        self._loss_capture.install(model)
         self._hook_loss_scale(model.optimizer)
         recorder = self._recorder
         recorder.steps_per_call = max(1, int(getattr(model, "steps_per_execution", 1) or 1))
         wrapper = self._wrapper
         assert wrapper is not None
         with model.distribute_strategy.scope():
-            if not wrapper.built:
+            if not wrapper.built and model.built:
+                # An unbuilt model (a subclassed one before its first call) does not know
+                # all its variables yet: the wrapper then builds at the first apply.
                 wrapper.build(model.trainable_variables)
             grown = recorder.ensure_capacity()
         retrace = recorder.begin_fit()
@@ -317,24 +351,33 @@ class GradientMonitor(keras.callbacks.Callback, compat.Trackable):  # type: igno
             # Same wrapper and buffers as the last fit: reuse its trace instead of retracing.
             model.train_function = traced.train_function
         elif swapped or grown or retrace:
-            # Trace again so the train function calls the wrapper and the current buffers.
+            # Trace again so the train function calls the wrapper, the loss capture and the
+            # current buffers.
             model.train_function = None
             model.make_train_function()
         self._sender.set_status("running")
         self._train_active = True
+        self._fit_batches = 0
+        self._fit_first_step = recorder.recorded_steps
 
     def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         self._recorder.before_step()
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        self._fit_batches += 1
         self._recorder.after_steps(self._recorder.steps_per_call)
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         self._recorder.collect()
+        if self._fit_batches and self._recorder.recorded_steps == self._fit_first_step:
+            wrapper = self._wrapper
+            names = [] if wrapper is None else [wrapper.inner_optimizer.name]
+            warn_nothing_recorded(self.config.run, self._fit_batches, names)
         self._sender.set_status("finished")
         self._train_active = False
         self._print_local_summary()
         self._unhook_loss_scale()
+        self._loss_capture.uninstall()
         self._uninstall()
 
     # -- internals -------------------------------------------------------------------------
@@ -394,6 +437,21 @@ class GradientMonitor(keras.callbacks.Callback, compat.Trackable):  # type: igno
                 model, model.train_function, ring, self._recorder.weights_in_step
             )
             model.train_function = installed.plain_train_function
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise MonitorClosedError(
+                f"this GradientMonitor (run {self.config.run!r}) was closed; a closed monitor "
+                "records nothing. Create a new GradientMonitor for another run, or close it "
+                "only after the last fit."
+            )
+
+    def _layer_owners(self) -> dict[object, str] | None:
+        """Layer paths from the model's tree (``fit`` sets the model; custom loops: set_model)."""
+        model = self.model
+        if model is None:
+            return None
+        return layer_paths(model, compat.sublayers, compat.variable_key)
 
     def _close_at_exit(self) -> None:
         """Interpreter exit: close with the default timeout and status."""

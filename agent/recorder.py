@@ -18,7 +18,7 @@ too rarely) are counted in :attr:`StepRecorder.lost_steps`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import keras
@@ -53,6 +53,9 @@ class StepRecorder:
         submit: Where batches go (the sender's non-blocking ``submit``).
         checkpointed: The trackable that ``tf.train.Checkpoint`` saves: the
             step counter and the policy state are attached to it.
+        owners: Called once at build: ``variable_key`` → layer path from the
+            model's layer tree (:func:`~gradwatch.agent.layers.layer_paths`), or
+            ``None`` to name layers by variable paths.
     """
 
     def __init__(
@@ -61,8 +64,10 @@ class StepRecorder:
         policy: ClipPolicy | None,
         submit: Callable[[StepBatch], object],
         checkpointed: Any,
+        owners: Callable[[], Mapping[object, str] | None] = lambda: None,
     ) -> None:
         self._config = config
+        self._owners = owners
         self._policy = policy
         self._submit = submit
         self._checkpointed = checkpointed
@@ -79,6 +84,11 @@ class StepRecorder:
         self._unread_estimate = 0
         self._read_count: int | None = None
         self._lost_steps = 0
+        self._read_steps = 0
+        # Trace time, for LossCapture: whether the train step being traced recorded a loss
+        # and wrote a row (reset by LossCapture at the start of each train_step trace).
+        self.traced_loss = False
+        self.traced_row = False
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -89,6 +99,11 @@ class StepRecorder:
     def lost_steps(self) -> int:
         """Steps overwritten in the ring before the host read them."""
         return self._lost_steps
+
+    @property
+    def recorded_steps(self) -> int:
+        """Steps read from the ring so far (submitted or lost), cumulative."""
+        return self._read_steps + self._lost_steps
 
     # -- building ------------------------------------------------------------------------
 
@@ -101,7 +116,7 @@ class StepRecorder:
         if self.ring is not None:
             return
         with tf.init_scope():
-            layout = layout_of(variables)
+            layout = layout_of(variables, self._owners(), compat.variable_key)
             self.ring = Ring(layout, self._capacity(), self._weights_on)
             self._var_segments = {
                 compat.variable_key(v): seg
@@ -154,12 +169,29 @@ class StepRecorder:
         """Record the current step's loss (in-graph; no host sync)."""
         if self.ring is None:
             return
+        self.traced_loss = True
         value = tf.cast(tf.reduce_mean(loss), tf.float32)
         replica = tf.distribute.get_replica_context()
         if replica is not None and replica.num_replicas_in_sync > 1:
             # Keras scales each replica's loss by 1/N; their sum is the global mean.
             value = replica.all_reduce(tf.distribute.ReduceOp.SUM, value)
         self.ring.add_loss(value)
+
+    def record_late_loss(self, loss: Any) -> None:
+        """In-graph, at the end of a ``train_step``: the loss of the row it wrote.
+
+        For a custom ``train_step`` that never passed its loss through
+        ``optimizer.scale_loss`` (see :mod:`gradwatch.agent.step_loss`). Under
+        ``tf.distribute`` the replicas' losses are averaged (a custom step's loss is
+        its replica's mean, unscaled).
+        """
+        if self.ring is None:
+            return
+        value = tf.cast(tf.reduce_mean(loss), tf.float32)
+        replica = tf.distribute.get_replica_context()
+        if replica is not None and replica.num_replicas_in_sync > 1:
+            value = replica.all_reduce(tf.distribute.ReduceOp.MEAN, value)
+        self.ring.set_last_loss(value)
 
     def process(
         self, grads: list[Any], variables: list[Any]
@@ -200,6 +232,7 @@ class StepRecorder:
         """
         state = self.ring
         assert state is not None, "the wrapped optimizer was not built"
+        self.traced_row = True
         snapshot = self._snapshot if self.weights_in_step else None
         if snapshot is None:
             state.write(row, tf.constant(False))
@@ -281,6 +314,7 @@ class StepRecorder:
                 read.lost,
             )
         for batch in read.batches:
+            self._read_steps += len(batch)
             self._submit(batch)
 
     def _collect_if_due(self) -> None:

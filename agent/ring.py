@@ -167,6 +167,25 @@ class Ring(tf.Module):
         self.loss_count.assign(0)
         self.recorded.assign_add(1)
 
+    def set_last_loss(self, value: tf.Tensor) -> None:
+        """In-graph: give the last row written its loss (a ``train_step`` that found it late).
+
+        Args:
+            value: Scalar float32, the step's loss.
+        """
+        index = tf.math.floormod(self.recorded.read_value() - 1, self.capacity)
+        cells = tf.stack(
+            [
+                tf.stack([index, tf.constant(_LOSS, tf.int64)]),
+                tf.stack([index, tf.constant(_LOSS_KNOWN, tf.int64)]),
+            ]
+        )
+        self.run_buf.assign(
+            tf.tensor_scatter_nd_update(
+                self.run_buf.read_value(), cells, tf.stack([value, tf.constant(1.0)])
+            )
+        )
+
     def weigh_last_if(self, step: tf.Tensor, measure: Callable[[], tf.Tensor]) -> None:
         """In-graph: fill the weight columns of the last row if it is ``step`` and has none.
 

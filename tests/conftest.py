@@ -7,6 +7,8 @@ need TensorFlow, so it is only configured when it is installed.
 
 import os
 
+import pytest
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
@@ -20,3 +22,15 @@ if tf is not None:
     tf.config.set_logical_device_configuration(
         _cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()]
     )
+
+
+@pytest.fixture(scope="session")
+def mirrored():
+    """MirroredStrategy over the two logical CPUs that tests/conftest.py configures.
+
+    One for the whole session: separate MirroredStrategy objects in one process
+    reuse collective instance keys and abort each other's all-reduces.
+    """
+    import tensorflow as tf
+
+    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
