@@ -30,25 +30,42 @@ tests here rather than somewhere in the monitor.
 
 Shadowing is done by writing to the instance ``__dict__`` (``vars(obj)``) and
 undone by removing the entry, never by patching the class.
+
+Two public-API behaviours the hooks of :mod:`gradwatch.agent.step_loss` rely on are
+listed here too: ``Model.make_train_function`` binds ``self.train_step`` when it makes
+the function (so the instance attribute must be set before), and a metric's
+``update_state`` is looked up on the instance when a ``train_step`` is traced.
+
+At import, :func:`check_keras` compares the installed Keras with the range these were
+measured on (:data:`TESTED_KERAS`) and looks for every private attribute; a mismatch is a
+warning that names the features it affects. ``tests/compat/test_keras_hooks.py`` checks
+that Keras still *calls* each hook, not only that it exists.
 """
 
 from __future__ import annotations
 
+import re
+import warnings
 from collections.abc import Callable
 from typing import Any
 
+import keras
 import tensorflow as tf
 
 __all__ = [
+    "TESTED_KERAS",
     "AutoTrackable",
     "Trackable",
     "apply_accumulating",
+    "check_keras",
     "default_variables",
     "hook_loss_scale",
     "set_untracked",
+    "shadow",
     "sublayers",
     "track",
     "unhook_loss_scale",
+    "unshadow",
     "variable_key",
 ]
 
@@ -65,6 +82,55 @@ Record = Callable[[Any, list[Any]], None]
 """``(row, variables) -> None``: write the row after the update."""
 
 _LSO_HOOKS = ("_stateful_handle_non_finite_grads", "scale_loss")
+
+TESTED_KERAS = ((3, 15), (4, 0))
+"""Keras versions ``[low, high)`` whose private API this module was measured on."""
+
+_PRIVATE: tuple[tuple[Callable[[], Any], str, str], ...] = (
+    (lambda: keras.optimizers.Optimizer, "_clip_gradients", "gradient_accumulation_steps"),
+    (lambda: keras.optimizers.Optimizer, "_apply_weight_decay", "gradient_accumulation_steps"),
+    (lambda: keras.optimizers.Optimizer, "_backend_update_step", "gradient_accumulation_steps"),
+    (
+        lambda: keras.optimizers.LossScaleOptimizer,
+        "_stateful_handle_non_finite_grads",
+        "mixed precision (overflow steps)",
+    ),
+    (lambda: keras.layers.Layer, "_flatten_layers", "nested layer names"),
+    (lambda: tf.__internal__.tracking.Trackable, "_track_trackable", "checkpoints"),
+)
+
+
+def check_keras(version: str | None = None) -> list[str]:
+    """Warn about a Keras outside :data:`TESTED_KERAS` or without a private hook used here.
+
+    Only class attributes can be looked for before use (``_trainable_variables`` is set by
+    ``build``); ``tests/compat/test_keras_hooks.py`` covers the rest by behaviour.
+
+    Args:
+        version: The Keras version to check (default: the installed one).
+
+    Returns:
+        The warnings given (empty when all is as measured).
+    """
+    version = keras.__version__ if version is None else version
+    found: list[str] = []
+    numbers = tuple(int(n) for n in re.findall(r"\d+", version)[:2])
+    low, high = TESTED_KERAS
+    if not low <= numbers < high:
+        found.append(
+            f"gradwatch: Keras {version} is outside the versions its private hooks were "
+            f"measured on ({'.'.join(map(str, low))} to below {'.'.join(map(str, high))}); "
+            "if a number looks wrong, run gradwatch's tests/compat against it"
+        )
+    for owner, name, feature in _PRIVATE:
+        if not hasattr(owner(), name):
+            found.append(
+                f"gradwatch: {owner().__name__}.{name} is gone in Keras {version}: "
+                f"monitoring with {feature} will fail"
+            )
+    for message in found:
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+    return found
 
 
 def track(owner: Any, child: Any, name: str) -> None:
@@ -83,6 +149,16 @@ def variable_key(variable: Any) -> object:
     if hasattr(value, "_distributed_container"):
         value = value._distributed_container()
     return getattr(value, "_unique_id", id(value))
+
+
+def shadow(obj: Any, name: str, value: Any) -> None:
+    """Shadow ``obj.name`` on the instance only (its class and other instances keep theirs)."""
+    vars(obj)[name] = value
+
+
+def unshadow(obj: Any, name: str) -> None:
+    """Undo :func:`shadow` (no-op when ``obj.name`` is not shadowed)."""
+    vars(obj).pop(name, None)
 
 
 def sublayers(layer: Any) -> list[Any]:
@@ -179,3 +255,6 @@ def unhook_loss_scale(optimizer: Any) -> None:
     """Undo :func:`hook_loss_scale` (no-op for an optimizer that was not hooked)."""
     for name in _LSO_HOOKS:
         vars(optimizer).pop(name, None)
+
+
+check_keras()

@@ -3,7 +3,11 @@
 It composes the pieces: :class:`~gradwatch.agent.optimizer.MonitoredOptimizer`
 (the wrapper in the train step), :class:`~gradwatch.agent.recorder.StepRecorder`
 (statistics, clipping, the in-graph ring and its host reads),
-:func:`~gradwatch.agent.delivery.build_delivery` (sender, transport, spool) and
+:class:`~gradwatch.agent.swap.OptimizerSwap` (the callback form: the model's optimizer
+wrapped for one ``fit``), :class:`~gradwatch.agent.optimizer_groups.OptimizerGroups`
+(several named optimizers, one run), :class:`~gradwatch.agent.step_loss.LossCapture`
+(the ``train_step`` hooks), :func:`~gradwatch.agent.delivery.build_delivery` (sender,
+transport, spool), :mod:`gradwatch.agent.notice` (what the user is told) and
 :mod:`gradwatch.agent._keras_compat` (private Keras API).
 
 How a step flows:
@@ -32,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -46,10 +49,11 @@ from .layers import layer_paths
 from .lifecycle import close_at_exit
 from .notice import say, say_delivery, warn_nothing_recorded
 from .optimizer import MonitoredOptimizer
+from .optimizer_groups import OptimizerGroups
 from .recorder import StepRecorder
-from .ring import Ring
 from .sender import Sender
 from .step_loss import LossCapture
+from .swap import OptimizerSwap
 from .transport import Transport
 
 __all__ = ["GradientMonitor", "MonitoredOptimizer"]
@@ -62,26 +66,6 @@ _NONE_IS_DEFAULT = frozenset({"run_id", "local_dir", "spool_dir"})
 
 #: The keyword arguments GradientMonitor passes on to MonitorConfig.
 _SETTINGS = frozenset(f.name for f in dataclasses.fields(MonitorConfig)) - {"run", "server"}
-
-
-@dataclass(frozen=True, slots=True)
-class _Installed:
-    """An optimizer swap made by the callback, undone at the end of training."""
-
-    owner: Any  # the model, or the LossScaleOptimizer whose inner optimizer was swapped
-    attribute: str
-    original: Any
-    plain_train_function: Any  # the model's train function before the swap (may be None)
-
-
-@dataclass(frozen=True, slots=True)
-class _Traced:
-    """A train function traced with the wrapper, reused by the next ``fit`` of the model."""
-
-    model: Any
-    train_function: Any
-    state: Ring
-    weights_in_step: bool
 
 
 class GradientMonitor(keras.callbacks.Callback, compat.Trackable):  # type: ignore[misc]
@@ -160,15 +144,19 @@ class GradientMonitor(keras.callbacks.Callback, compat.Trackable):  # type: igno
         self._recorder = StepRecorder(
             self.config, policy, self._sender.submit, self._checkpointed, self._layer_owners
         )
-        self._loss_capture = LossCapture(self._recorder)
+        self._groups = OptimizerGroups(
+            self.config, self._sender.submit, self._checkpointed, self._layer_owners
+        )
+        self._loss_capture = LossCapture(self._recorders, lambda: bool(self._groups))
         self._wrapper: MonitoredOptimizer | None = None
-        self._installed: _Installed | None = None
-        self._traced: _Traced | None = None
-        self._hooked_lso: Any = None
+        self._swap = OptimizerSwap(
+            self, self._recorder, self.wrap, lambda: self._wrapper, self.record_loss
+        )
         self._closed = False
         self._delivered = True  # what close() returned
         self._train_active = False  # between on_train_begin and on_train_end
         self._fit_batches = 0  # train batches of the current fit
+        self._steps_per_call = 1  # steps_per_execution of the current fit (groups)
         self._fit_first_step = 0  # recorded_steps when it began
         close_at_exit(self._close_at_exit)  # weak: the monitor can still be collected
         if self.config.server is not None:
@@ -190,12 +178,17 @@ class GradientMonitor(keras.callbacks.Callback, compat.Trackable):  # type: igno
     @property
     def layers(self) -> tuple[str, ...]:
         """Layer names in reporting order (empty until the first build)."""
-        return self._recorder.layers
+        return self._groups.layers if self._groups else self._recorder.layers
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        """The optimizer groups, in the order they were wrapped (empty without groups)."""
+        return self._groups.names
 
     @property
     def lost_steps(self) -> int:
         """Steps overwritten in the ring buffer before the host read them."""
-        return self._recorder.lost_steps
+        return self._groups.lost_steps if self._groups else self._recorder.lost_steps
 
     @property
     def dropped_batches(self) -> dict[str, int]:
@@ -207,16 +200,30 @@ class GradientMonitor(keras.callbacks.Callback, compat.Trackable):  # type: igno
         """The background sender (for counters and flushing)."""
         return self._sender
 
-    def wrap(self, optimizer: keras.optimizers.Optimizer) -> MonitoredOptimizer:
+    def wrap(
+        self,
+        optimizer: keras.optimizers.Optimizer,
+        group: str | None = None,
+        policy: ClipPolicy | None = None,
+    ) -> MonitoredOptimizer:
         """Return ``optimizer`` wrapped so this monitor sees every step.
 
         With mixed precision, let ``compile`` add the ``LossScaleOptimizer``
         around the wrapper (or wrap the LSO's inner optimizer): a wrapper around
         an LSO would see scaled gradients.
 
+        Args:
+            optimizer: The optimizer the train step applies.
+            group: Name of this optimizer's group, for a train step that applies several
+                (a GAN: ``"discriminator"``, ``"generator"``). Its layers are reported
+                as ``group/...``; one step of the run is one ``train_step`` call. Either
+                every optimizer of a monitor has a group or it has only one optimizer.
+            policy: This group's clip policy (default: the monitor's); only with ``group``.
+
         Raises:
             ConfigError: The optimizer is already wrapped, or is a
-                ``LossScaleOptimizer``.
+                ``LossScaleOptimizer``; a second optimizer without a group; a group
+                name that is invalid or taken.
             MonitorClosedError: The monitor was closed.
         """
         self._check_open()
@@ -231,10 +238,32 @@ class GradientMonitor(keras.callbacks.Callback, compat.Trackable):  # type: igno
             raise ConfigError(
                 f"optimizer: expected a keras.optimizers.Optimizer, got {optimizer!r}"
             )
+        if policy is not None and not isinstance(policy, ClipPolicy):
+            raise ConfigError(
+                f"policy: expected a policy from gradwatch.agent.clip, got {policy!r}"
+            )
+        if group is not None:
+            if self._wrapper is not None:
+                raise ConfigError(
+                    f"group: this monitor already wraps {self._wrapper.inner_optimizer.name!r} "
+                    "without a group; give every optimizer of a monitor a group"
+                )
+            chosen = self.policy if policy is None else policy
+            return self._groups.wrap(optimizer, group, chosen, self)
+        if policy is not None:
+            raise ConfigError("policy: a per-optimizer policy needs a group (wrap(..., group=))")
+        if self._groups:
+            raise ConfigError(
+                f"group: this monitor records the groups {list(self._groups.names)}; name "
+                "this optimizer's group too: monitor.wrap(optimizer, group='...')"
+            )
         if self._wrapper is not None and self._wrapper.inner_optimizer is not optimizer:
-            raise ConfigError("optimizer: this monitor already wraps another optimizer")
+            raise ConfigError(
+                "optimizer: this monitor already wraps another optimizer; to watch several, "
+                "give each a group: monitor.wrap(optimizer, group='...')"
+            )
         if self._wrapper is None:
-            self._wrapper = MonitoredOptimizer(optimizer, self)
+            self._wrapper = MonitoredOptimizer(optimizer, self, self._recorder)
         return self._wrapper
 
     def apply_gradients(
@@ -242,6 +271,11 @@ class GradientMonitor(keras.callbacks.Callback, compat.Trackable):  # type: igno
     ) -> None:
         """Custom loops: record ``loss`` (optional) and apply through the wrapped optimizer."""
         self._check_open()
+        if self._groups:
+            raise ConfigError(
+                "optimizer: with groups, call each wrapped optimizer's apply_gradients "
+                "(and monitor.record_loss(loss) before them)"
+            )
         if self._wrapper is None:
             raise ConfigError("optimizer: call monitor.wrap(optimizer) before apply_gradients")
         if loss is not None:
@@ -249,8 +283,15 @@ class GradientMonitor(keras.callbacks.Callback, compat.Trackable):  # type: igno
         self._wrapper.apply_gradients(grads_and_vars)
 
     def record_loss(self, loss: Any) -> None:
-        """Record the current step's loss (in-graph; no host sync)."""
-        self._recorder.record_loss(loss)
+        """Record the current step's loss (in-graph; no host sync).
+
+        Call it before the step applies its gradients (with groups: before the first
+        group applies); in a ``fit`` it may be called anywhere in ``train_step``.
+        """
+        if self._groups:
+            self._groups.record_loss(loss)
+        else:
+            self._recorder.record_loss(loss)
 
     def on_step(self, step: int | None = None) -> None:
         """Custom loops: call after each training step (host side, cheap).
@@ -262,12 +303,15 @@ class GradientMonitor(keras.callbacks.Callback, compat.Trackable):  # type: igno
             MonitorClosedError: The monitor was closed.
         """
         self._check_open()
+        if self._groups:
+            self._groups.end_step()  # also counts the run's step: one per on_step call
+            return
         self._recorder.after_steps(1)
         self._recorder.before_step()
 
     def flush(self, timeout_seconds: float = 10.0) -> bool:
         """Read pending steps and wait up to ``timeout_seconds`` for delivery."""
-        self._recorder.collect()
+        self._collect()
         return self._sender.flush(timeout_seconds)
 
     def close(self, timeout_seconds: float | None = None, status: str | None = None) -> bool:
@@ -296,11 +340,10 @@ class GradientMonitor(keras.callbacks.Callback, compat.Trackable):  # type: igno
         if status is None:
             status = "failed" if self._train_active else "finished"
         try:
-            self._recorder.collect()
+            self._collect()
             # A fit that raised never reached on_train_end: give the model its optimizer back.
-            self._unhook_loss_scale()
             self._loss_capture.uninstall()
-            self._uninstall()
+            self._swap.end_fit(self.model)
         except Exception:  # e.g. TensorFlow half torn down at interpreter exit
             log.exception("gradwatch: could not read the last steps at close")
         self._sender.set_status(status)
@@ -326,117 +369,73 @@ class GradientMonitor(keras.callbacks.Callback, compat.Trackable):  # type: igno
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         self._check_open()
         model = self.model
-        swapped = self._install(model)
-        self._loss_capture.install(model)
-        self._hook_loss_scale(model.optimizer)
-        recorder = self._recorder
-        recorder.steps_per_call = max(1, int(getattr(model, "steps_per_execution", 1) or 1))
-        wrapper = self._wrapper
-        assert wrapper is not None
-        with model.distribute_strategy.scope():
-            if not wrapper.built and model.built:
-                # An unbuilt model (a subclassed one before its first call) does not know
-                # all its variables yet: the wrapper then builds at the first apply.
-                wrapper.build(model.trainable_variables)
-            grown = recorder.ensure_capacity()
-        retrace = recorder.begin_fit()
-        traced = self._traced
-        if (
-            swapped
-            and traced is not None
-            and traced.model is model
-            and traced.state is recorder.ring
-            and traced.weights_in_step == recorder.weights_in_step
-        ):
-            # Same wrapper and buffers as the last fit: reuse its trace instead of retracing.
-            model.train_function = traced.train_function
-        elif swapped or grown or retrace:
-            # Trace again so the train function calls the wrapper, the loss capture and the
-            # current buffers.
-            model.train_function = None
-            model.make_train_function()
+        if self._groups:
+            self._begin_grouped_fit(model)
+            return
+        self._loss_capture.install(model)  # before any trace: Keras binds train_step then
+        self._swap.begin_fit(model, self._loss_capture.made_with_hooks)
+        self._loss_capture.remember(model.train_function)
         self._sender.set_status("running")
         self._train_active = True
         self._fit_batches = 0
-        self._fit_first_step = recorder.recorded_steps
+        self._fit_first_step = self._recorded_steps
 
     def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-        self._recorder.before_step()
+        if self._groups:
+            self._groups.before_step()
+        else:
+            self._recorder.before_step()
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         self._fit_batches += 1
-        self._recorder.after_steps(self._recorder.steps_per_call)
+        if self._groups:
+            self._groups.after_steps(self._steps_per_call)
+        else:
+            self._recorder.after_steps(self._recorder.steps_per_call)
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
-        self._recorder.collect()
-        if self._fit_batches and self._recorder.recorded_steps == self._fit_first_step:
-            wrapper = self._wrapper
-            names = [] if wrapper is None else [wrapper.inner_optimizer.name]
+        self._collect()
+        if self._fit_batches and self._recorded_steps == self._fit_first_step:
+            if self._groups:
+                names = self._groups.optimizer_names
+            else:
+                names = [] if self._wrapper is None else [self._wrapper.inner_optimizer.name]
             warn_nothing_recorded(self.config.run, self._fit_batches, names)
         self._sender.set_status("finished")
         self._train_active = False
         self._print_local_summary()
-        self._unhook_loss_scale()
         self._loss_capture.uninstall()
-        self._uninstall()
+        self._swap.end_fit(self.model)
 
     # -- internals -------------------------------------------------------------------------
 
-    def _install(self, model: Any) -> bool:
-        """Swap the wrapper into ``model`` unless it is there already; True if swapped."""
-        optimizer = model.optimizer
-        if optimizer is None:
-            raise ConfigError("model: compile the model with an optimizer before fit")
-        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-            inner = optimizer.inner_optimizer
-            if isinstance(inner, MonitoredOptimizer):
-                self._check_own(inner)
-                return False
-            optimizer.inner_optimizer = self.wrap(inner)
-            self._installed = _Installed(optimizer, "inner_optimizer", inner, model.train_function)
-            return True
-        if isinstance(optimizer, MonitoredOptimizer):
-            self._check_own(optimizer)
-            return False
-        model.optimizer = self.wrap(optimizer)
-        self._installed = _Installed(model, "optimizer", optimizer, model.train_function)
-        return True
+    def _begin_grouped_fit(self, model: Any) -> None:
+        """``on_train_begin`` with groups: the model's train_step applies the wrapped optimizers.
 
-    def _hook_loss_scale(self, optimizer: Any) -> None:
-        """Let the monitor see what a LossScaleOptimizer keeps from the wrapper.
-
-        For the duration of training (see :func:`~gradwatch.agent._keras_compat.hook_loss_scale`),
-        overflow steps are recorded as skipped and the unscaled loss every step.
+        ``model.optimizer`` is left alone (a GAN's is unused); the train_step hook counts one
+        step per call and takes the loss from a ``loss``/``total_loss`` metric.
         """
-        if not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-            return
-        if self._hooked_lso is optimizer:
-            return
-        self._unhook_loss_scale()
-        compat.hook_loss_scale(optimizer, self._recorder.record_overflow_step, self.record_loss)
-        self._hooked_lso = optimizer
+        self._loss_capture.install(model)
+        self._steps_per_call = max(1, int(getattr(model, "steps_per_execution", 1) or 1))
+        self._groups.begin_fit(model, self._steps_per_call)
+        self._sender.set_status("running")
+        self._train_active = True
+        self._fit_batches = 0
+        self._fit_first_step = self._recorded_steps
 
-    def _unhook_loss_scale(self) -> None:
-        optimizer, self._hooked_lso = self._hooked_lso, None
-        if optimizer is not None:
-            compat.unhook_loss_scale(optimizer)
+    def _collect(self) -> None:
+        """Host: read every pending step and submit it."""
+        if self._groups:
+            self._groups.collect()
+        else:
+            self._recorder.collect()
 
-    def _check_own(self, wrapper: MonitoredOptimizer) -> None:
-        if wrapper.monitor is not self:
-            raise ConfigError("optimizer: wrapped by a different GradientMonitor")
+    @property
+    def _recorded_steps(self) -> int:
+        return self._groups.recorded_steps if self._groups else self._recorder.recorded_steps
 
-    def _uninstall(self) -> None:
-        installed, self._installed = self._installed, None
-        if installed is None:
-            return
-        setattr(installed.owner, installed.attribute, installed.original)
-        model = self.model
-        ring = self._recorder.ring
-        if model is not None and ring is not None:
-            self._traced = _Traced(
-                model, model.train_function, ring, self._recorder.weights_in_step
-            )
-            model.train_function = installed.plain_train_function
+    def _recorders(self) -> list[StepRecorder]:
+        return self._groups.recorders if self._groups else [self._recorder]
 
     def _check_open(self) -> None:
         if self._closed:

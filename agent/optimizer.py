@@ -22,6 +22,7 @@ from .config import ConfigError
 
 if TYPE_CHECKING:
     from .monitor import GradientMonitor
+    from .recorder import StepRecorder
 
 __all__ = ["MonitoredOptimizer"]
 
@@ -51,12 +52,15 @@ class MonitoredOptimizer(keras.optimizers.Optimizer):  # type: ignore[misc]
     """
 
     def __init__(
-        self, inner_optimizer: keras.optimizers.Optimizer, monitor: GradientMonitor
+        self,
+        inner_optimizer: keras.optimizers.Optimizer,
+        monitor: GradientMonitor,
+        recorder: StepRecorder,
     ) -> None:
         super().__init__(learning_rate=0.0, name=f"gradwatch_{inner_optimizer.name}")
         self.inner_optimizer = inner_optimizer
         set_untracked(self, "_gradwatch_monitor", monitor)
-        set_untracked(self, "_gradwatch_recorder", monitor._recorder)
+        set_untracked(self, "_gradwatch_recorder", recorder)
 
     @property
     def monitor(self) -> GradientMonitor:

@@ -34,7 +34,11 @@ from .ring import Ring, StepRow
 from .stats import compute_gradient_stats
 from .weights import WeightSnapshot
 
-__all__ = ["StepRecorder"]
+__all__ = ["GROUP_APPLIES_PER_STEP", "StepRecorder"]
+
+GROUP_APPLIES_PER_STEP = 8
+"""Applies of one group per ``train_step`` its ring has room for (a WGAN critic: 5);
+rows beyond that are overwritten before the host reads them, and counted as lost."""
 
 log = logging.getLogger("gradwatch.agent")
 
@@ -56,6 +60,11 @@ class StepRecorder:
         owners: Called once at build: ``variable_key`` → layer path from the
             model's layer tree (:func:`~gradwatch.agent.layers.layer_paths`), or
             ``None`` to name layers by variable paths.
+        group: The optimizer group this recorder records (:mod:`gradwatch.agent.groups`),
+            or ``None`` for a monitor's only optimizer. A group's layers are named
+            ``group/...``, its policy state is checkpointed as ``policy_<group>``, and it
+            does not advance the run's step itself: the monitor advances it once per
+            ``train_step`` (:meth:`advance_step`), however many groups applied.
     """
 
     def __init__(
@@ -65,9 +74,11 @@ class StepRecorder:
         submit: Callable[[StepBatch], object],
         checkpointed: Any,
         owners: Callable[[], Mapping[object, str] | None] = lambda: None,
+        group: str | None = None,
     ) -> None:
         self._config = config
         self._owners = owners
+        self._group = group
         self._policy = policy
         self._submit = submit
         self._checkpointed = checkpointed
@@ -116,7 +127,7 @@ class StepRecorder:
         if self.ring is not None:
             return
         with tf.init_scope():
-            layout = layout_of(variables, self._owners(), compat.variable_key)
+            layout = layout_of(variables, self._owners(), compat.variable_key, self._group)
             self.ring = Ring(layout, self._capacity(), self._weights_on)
             self._var_segments = {
                 compat.variable_key(v): seg
@@ -125,10 +136,13 @@ class StepRecorder:
             self._variables = list(variables)
             self._accumulation = inner.gradient_accumulation_steps or 1
             # Tracked attributes: a checkpoint restored before this point is applied now.
-            first_step = int(inner.iterations.numpy()) if inner.built else 0
-            self._checkpointed.step = state_variable(first_step, tf.int64, "step")
+            if self._group is None or getattr(self._checkpointed, "step", None) is None:
+                first_step = int(inner.iterations.numpy()) if inner.built else 0
+                self._checkpointed.step = state_variable(first_step, tf.int64, "step")
             if self._policy is not None:
-                self._checkpointed.policy = self._policy.init(variables, layout)
+                setattr(
+                    self._checkpointed, self._policy_attribute, self._policy.init(variables, layout)
+                )
             self._read_count = 0
             if self._weights_on:
                 step = int(self._checkpointed.step.numpy())
@@ -205,7 +219,9 @@ class StepRecorder:
         step = self._checkpointed.step.read_value()
         if self._policy is not None:
             result = self._policy.apply(
-                grads, self._checkpointed.policy, ClipContext(stats, variables, layout, step)
+                grads,
+                getattr(self._checkpointed, self._policy_attribute),
+                ClipContext(stats, variables, layout, step),
             )
             grads, coef, skip = result.grads, result.clip_coef, result.skip
             after = (
@@ -243,7 +259,14 @@ class StepRecorder:
                 tf.equal(row.step, snapshot.step),
                 lambda: snapshot.measure(variables, keys, row.layout),
             )
-        self._checkpointed.step.assign_add(1)
+        if self._group is None:
+            self._checkpointed.step.assign_add(1)
+
+    def advance_step(self) -> None:
+        """Count one ``train_step`` of a monitor with groups (in-graph, or eagerly in a loop)."""
+        step = getattr(self._checkpointed, "step", None)
+        if step is not None:
+            step.assign_add(1)
 
     def _measure_last_step(self) -> None:
         """Traced into :attr:`_measure_fn`: measure the last recorded step if it is due.
@@ -350,8 +373,18 @@ class StepRecorder:
         with snapshot.strategy.scope():
             self._measure_fn()
 
+    @property
+    def group(self) -> str | None:
+        """The optimizer group recorded here, or ``None`` for a monitor's only optimizer."""
+        return self._group
+
+    @property
+    def _policy_attribute(self) -> str:
+        return "policy" if self._group is None else f"policy_{self._group}"
+
     def _capacity(self) -> int:
-        return self._config.flush_every + self.steps_per_call
+        rows_per_step = 1 if self._group is None else GROUP_APPLIES_PER_STEP
+        return (self._config.flush_every + self.steps_per_call) * rows_per_step
 
     @property
     def _weights_on(self) -> bool:

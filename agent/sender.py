@@ -535,7 +535,7 @@ class Sender(SpoolBacklog):
             )
             log.warning(
                 "gradwatch: cannot reach the server (%s); retrying each batch for up to "
-                "%.0f s, %s. Training is not affected.",
+                "%g s, %s. Training is not affected.",
                 exc,
                 self._retry.deadline_seconds,
                 after,

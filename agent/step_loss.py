@@ -9,9 +9,9 @@ total_loss)``). :class:`LossCapture` shadows, for the duration of ``fit``, the m
 last given to such a metric during that trace becomes the row's loss. Anything else (two
 losses, as in a GAN) is the user's choice: ``monitor.record_loss(loss)`` in the step.
 
-Shadowing writes to the instance ``__dict__`` and is undone by removing the entry, as in
-:mod:`gradwatch.agent._keras_compat`. Trace-time only; not thread-safe (the training
-thread owns it).
+Shadowing is :func:`gradwatch.agent._keras_compat.shadow` (the instance ``__dict__``, undone
+by removing the entry); what it relies on in Keras is listed there. Trace-time only; not
+thread-safe (the training thread owns it).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from . import _keras_compat as compat
 from .recorder import StepRecorder
 
 __all__ = ["LOSS_METRIC_NAMES", "LossCapture"]
@@ -30,15 +31,35 @@ LOSS_METRIC_NAMES = ("loss", "total_loss")
 class LossCapture:
     """Installs and removes the ``train_step`` and metric hooks of one model.
 
+    With optimizer groups it also advances the run's step once at the end of each
+    ``train_step`` that applied a group (:mod:`gradwatch.agent.groups`).
+
     Args:
-        recorder: The monitor's recorder (its trace-time flags and ``record_late_loss``).
+        recorders: The monitor's recorders now (its only one, or one per group).
+        grouped: Whether the monitor records optimizer groups now.
     """
 
-    def __init__(self, recorder: StepRecorder) -> None:
-        self._recorder = recorder
+    def __init__(
+        self, recorders: Callable[[], list[StepRecorder]], grouped: Callable[[], bool]
+    ) -> None:
+        self._recorders = recorders
+        self._grouped = grouped
         self._model: Any = None
         self._metrics: list[Any] = []
         self._seen: list[Any] = []  # values given to a loss metric in the current trace
+        self._hooked_function: Any = None  # the last train function made with the hooks
+
+    def made_with_hooks(self, train_function: Any) -> bool:
+        """Whether ``train_function`` was made while the hooks were in place.
+
+        Keras binds ``self.train_step`` when it makes the train function, so a function
+        made before :meth:`install` (by ``fit``, just before ``on_train_begin``) lacks them.
+        """
+        return train_function is not None and train_function is self._hooked_function
+
+    def remember(self, train_function: Any) -> None:
+        """Note that ``train_function`` was made (or kept) with the hooks in place."""
+        self._hooked_function = train_function
 
     def install(self, model: Any) -> None:
         """Hook ``model`` (idempotent for the same model; another model's hooks are removed)."""
@@ -46,28 +67,39 @@ class LossCapture:
             return
         self.uninstall()
         train_step = model.train_step
-        recorder, seen = self._recorder, self._seen
+        recorders, grouped, seen = self._recorders, self._grouped, self._seen
 
         def captured_train_step(data: Any) -> Any:
-            recorder.traced_loss = recorder.traced_row = False
+            traced = recorders()
+            for recorder in traced:
+                recorder.traced_loss = recorder.traced_row = False
             seen.clear()
             logs = train_step(data)
-            if recorder.traced_row and not recorder.traced_loss and seen:
-                recorder.record_late_loss(seen[-1])
+            wrote = [r for r in traced if r.traced_row]
+            if wrote and seen and not any(r.traced_loss for r in traced):
+                for recorder in wrote:
+                    recorder.record_late_loss(seen[-1])
+            if wrote and grouped():
+                wrote[0].advance_step()  # one step per train_step, however many groups
             return logs
 
-        vars(model)["train_step"] = captured_train_step
+        compat.shadow(model, "train_step", captured_train_step)
         self._model = model
         for metric in _loss_metrics(model):
-            vars(metric)["update_state"] = _capturing(metric.update_state, seen)
+            compat.shadow(metric, "update_state", _capturing(metric.update_state, seen))
             self._metrics.append(metric)
+
+    @property
+    def model(self) -> Any:
+        """The model hooked now, or ``None``."""
+        return self._model
 
     def uninstall(self) -> None:
         """Remove the hooks (functions traced meanwhile keep them)."""
         if self._model is not None:
-            vars(self._model).pop("train_step", None)
+            compat.unshadow(self._model, "train_step")
         for metric in self._metrics:
-            vars(metric).pop("update_state", None)
+            compat.unshadow(metric, "update_state")
         self._model = None
         self._metrics = []
 

@@ -8,13 +8,15 @@ from importlib.metadata import PackageNotFoundError, version
 
 from anyio import to_thread
 from fastapi import FastAPI
+from fastapi.middleware.gzip import GZipMiddleware
 
-from .api import batches, events, health, projects, runs, series
+from .api import batches, events, health, heatmap, projects, runs, series
 from .api.errors import install_error_handlers
 from .auth import Authenticator, RateLimiter
 from .config import Settings
 from .export.prometheus import RunStateCollector, ServerMetrics
 from .store.db import Database, create_db_engine, upgrade_database
+from .ui.routes import install_ui
 
 __all__ = ["create_app"]
 
@@ -25,7 +27,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     On startup the lifespan creates the engine and upgrades the schema to the newest
     migration (blocking until done); on shutdown it disposes of the engine. Every app has its
     own Prometheus registry and its own token authenticator and rate limiter, so several apps
-    can live in one process. OpenAPI docs are served at ``/docs``.
+    can live in one process. The web UI is served at ``/``, OpenAPI docs at ``/docs`` and
+    ``/redoc`` (local assets); replies over 4 KiB are gzipped for clients that accept it.
 
     Args:
         settings: Server settings; None reads them from ``GRADWATCH_*`` environment variables.
@@ -37,6 +40,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Gradient-health monitoring for TensorFlow/Keras training.",
         version=_version(),
         lifespan=_lifespan(settings, metrics),
+        docs_url=None,  # served by install_ui with local assets (works offline)
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.metrics = metrics
@@ -45,8 +50,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         limiter=RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst),
     )
     install_error_handlers(app)
-    for module in (runs, batches, series, events, projects, health):
+    for module in (runs, batches, series, heatmap, events, projects, health):
         app.include_router(module.router)
+    install_ui(app)
+    app.add_middleware(GZipMiddleware, minimum_size=4096)
     return app
 
 

@@ -50,6 +50,7 @@ __all__ = [
     "EventList",
     "EventOut",
     "HealthOut",
+    "HeatmapOut",
     "LayerHealthOut",
     "LayerOut",
     "LayersOut",
@@ -266,13 +267,21 @@ class BatchAck(_Out):
 
 
 class LayerOut(_Out):
-    """Summary of one layer: latest and largest gradient norm, non-finite values seen."""
+    """Summary of one layer: latest and largest gradient norm, non-finite values seen.
+
+    Attributes:
+        latest_weight_norm: The weight norm at the last step that measured it (the agent
+            measures every ``stats_every`` steps), or ``null`` when never measured.
+        latest_update_ratio: The update ratio ‖Δw‖/‖w‖ at that step, or ``null``.
+    """
 
     index: int
     name: str
     latest_grad_norm: float | None
     max_grad_norm: float | None
     nonfinite_values: int
+    latest_weight_norm: float | None = None
+    latest_update_ratio: float | None = None
 
 
 class LayersOut(_Out):
@@ -321,6 +330,32 @@ class BucketedSeriesOut(_Out):
 
 SeriesOut = Annotated[RawSeriesOut | BucketedSeriesOut, Field(discriminator="downsampled")]
 """Reply of ``GET /api/v1/runs/{run_id}/series``."""
+
+
+class HeatmapOut(_Out):
+    """Reply of ``GET /api/v1/runs/{run_id}/heatmap``: one per-layer metric, layers × buckets.
+
+    Bucket ``j`` covers steps ``step[j] .. step[j] + bucket_width - 1`` (every bucket of the
+    range is listed, empty ones too). ``max[i][j]`` is the largest value of layer ``layers[i]``
+    in bucket ``j`` to four significant digits: NaN values are ignored unless every value of
+    the cell is NaN (then ``"NaN"``), ``"Infinity"`` when one overflowed, ``null`` when the
+    cell holds no value. ``nan_cells`` lists ``[layer index, bucket index, NaN values]`` for
+    every cell holding at least one NaN.
+
+    Attributes:
+        start: First step of the range covered (``null`` when nothing is stored).
+        end: Last step of the range covered.
+    """
+
+    run_id: str
+    metric: Metric
+    start: int | None
+    end: int | None
+    bucket_width: int
+    step: list[int]
+    layers: list[str]
+    max: list[list[float | None]]
+    nan_cells: list[list[int]]
 
 
 class EventOut(_Out):
@@ -374,7 +409,8 @@ class RunHealthOut(_Out):
 
     Attributes:
         verdict: ``critical`` or ``warning`` when an event of that severity reaches the
-            run's recent steps, else ``healthy``.
+            run's recent steps, ``no_data`` while the run holds no step (nothing was
+            recorded, so nothing can be called healthy), else ``healthy``.
         detections: Detections so far by rule, then severity (every rule and severity listed).
         worst_layers: Layers with the most detections, most first.
         last_event: The newest event (by first step), or ``null``.
@@ -382,7 +418,7 @@ class RunHealthOut(_Out):
 
     run_id: str
     status: RunStatus
-    verdict: Severity | Literal["healthy"]
+    verdict: Severity | Literal["healthy", "no_data"]
     last_step: int | None
     last_ingest_at: datetime | None
     detections: dict[str, dict[str, int]]

@@ -5,6 +5,8 @@
 - The server imports the agent only in the commands that run it: ``demo`` and ``upload``.
 - ``server.store`` knows no HTTP and no domain; the domain (detect, ingest, query, export,
   auth, errors) knows no HTTP; the routes (``server.api``) hold no SQL.
+- The CLI's client commands (runs, show, check, open) talk HTTP only: no server module
+  outside ``server.cli``, no SQLAlchemy, no server framework.
 
 Imports are read with :mod:`ast` (relative ones resolved), including those inside functions
 and ``TYPE_CHECKING`` blocks: a lazy import is still an arrow.
@@ -29,6 +31,10 @@ DOMAIN = tuple(
 AGENT_USERS = ("gradwatch.server.cli.demo", "gradwatch.server.cli.upload")
 SQL_IN_ROUTES = ("sqlalchemy",)
 SQL_ALLOWED_IN_ROUTES = ("sqlalchemy.orm", "sqlalchemy.exc")
+CLI_CLIENT = tuple(
+    f"gradwatch.server.cli.{name}"
+    for name in ("client", "exits", "format", "runs", "show", "check", "open")
+)
 
 
 def _modules() -> Iterator[tuple[str, Path]]:
@@ -125,3 +131,15 @@ def test_domain_knows_no_http(domain):
 def test_routes_hold_no_sql():
     assert _violations(("gradwatch.server.api",), SQL_IN_ROUTES, SQL_ALLOWED_IN_ROUTES) == []
     assert _violations(("gradwatch.server.api",), ("gradwatch.server.store.models",)) == []
+
+
+def test_cli_client_commands_talk_http_only():
+    server_outside_cli = tuple(
+        f"gradwatch.server.{path.stem if path.suffix else path.name}"
+        for path in (ROOT / "server").iterdir()
+        if path.name not in ("cli", "__init__.py", "py.typed", "__pycache__")
+    )
+    assert "gradwatch.server.store" in server_outside_cli
+    forbidden = (*SERVER_LIBRARIES, *server_outside_cli, "gradwatch.agent")
+    assert all(module in IMPORTS for module in CLI_CLIENT)
+    assert _violations(CLI_CLIENT, forbidden) == []

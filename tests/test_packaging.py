@@ -51,6 +51,13 @@ def test_wheel_contains_every_module_and_migration(wheel):
         "gradwatch/server/store/alembic.ini",
         "gradwatch/server/store/migrations/script.py.mako",
     }
+    # The web UI and its vendored libraries (with their licences) are package data.
+    expected |= {
+        f"gradwatch/server/{p.relative_to(ROOT / 'server')}"
+        for p in (ROOT / "server" / "ui" / "static").rglob("*")
+        if p.is_file()
+    }
+    assert "gradwatch/server/ui/static/vendor/uplot/LICENSE" in expected
     assert expected <= names, sorted(expected - names)
     assert not any(n.startswith("gradwatch/__init__") for n in names)  # namespace package
 

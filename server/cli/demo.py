@@ -16,11 +16,13 @@ import threading
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-import httpx
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from .client import ApiClient
+from .exits import report_errors
 
 __all__ = ["DemoRun", "demo", "run_demo"]
 
@@ -61,7 +63,14 @@ def _make_data(seed: int) -> tuple[Any, Any]:
     return x, y
 
 
-def _train(run: DemoRun, server: str, epochs: int, progress: Progress, console: Console) -> str:
+def _train(
+    run: DemoRun,
+    server: str,
+    epochs: int,
+    progress: Progress,
+    console: Console,
+    token: str | None,
+) -> str:
     import keras
 
     from gradwatch.agent import GradientMonitor, clip
@@ -91,7 +100,12 @@ def _train(run: DemoRun, server: str, epochs: int, progress: Progress, console: 
             progress.advance(task)
 
     with GradientMonitor(
-        run=run.name, server=server, project="demo", policy=clip.global_norm(5.0), flush_every=25
+        run=run.name,
+        server=server,
+        project="demo",
+        policy=clip.global_norm(5.0),
+        flush_every=25,
+        token=token,
     ) as monitor:
         model.fit(x, y, batch_size=32, epochs=epochs, verbose=0, callbacks=[monitor, _Progress()])
         if not monitor.flush(timeout_seconds=30.0):
@@ -115,14 +129,13 @@ def _describe_health(health: dict[str, Any]) -> str:
     return f"{health['verdict']}: {', '.join(fired)}" if fired else str(health["verdict"])
 
 
-def _summarise(server: str, run_ids: list[str], console: Console) -> list[dict[str, Any]]:
+def _summarise(client: ApiClient, run_ids: list[str], console: Console) -> list[dict[str, Any]]:
     table = Table(title="gradwatch demo")
     columns = ("run", "steps", "max global norm", "clipped steps", "non-finite steps", "health")
     for column in columns:
         table.add_column(column, justify="left" if column in ("run", "health") else "right")
-    with httpx.Client(base_url=server, timeout=10.0) as client:
-        runs = [client.get(f"/api/v1/runs/{run_id}").json() for run_id in run_ids]
-        healths = [client.get(f"/api/v1/runs/{run_id}/health").json() for run_id in run_ids]
+    runs = [client.run(run_id) for run_id in run_ids]
+    healths = [client.health(run_id) for run_id in run_ids]
     for run, health in zip(runs, healths, strict=True):
         table.add_row(
             run["name"],
@@ -133,30 +146,56 @@ def _summarise(server: str, run_ids: list[str], console: Console) -> list[dict[s
             _describe_health(health),
         )
     console.print(table)
-    for run in runs:
-        base = f"{server}/api/v1/runs/{run['run_id']}"
-        console.print(f"[bold]{run['name']}[/bold]")
-        for url in (base, f"{base}/health", f"{base}/events", f"{base}/series?metric=global_norm"):
-            console.print(f"  {url}", soft_wrap=True, highlight=False)
-    console.print(f"Prometheus metrics: {server}/metrics", soft_wrap=True, highlight=False)
-    console.print(f"API docs:           {server}/docs", soft_wrap=True, highlight=False)
+    _print_urls(client.server, runs, console)
     return runs
 
 
+def _print_urls(server: str, runs: list[dict[str, Any]], console: Console) -> None:
+    """The web UI's pages of the demo (the exploding run's first), and the CLI's view."""
+    by_name = sorted(runs, key=lambda run: run["name"] != "demo-exploding")
+    rows = [("runs", f"{server}/")]
+    rows += [(str(run["name"]), f"{server}/runs/{run['run_id']}") for run in by_name]
+    rows.append(("compare", f"{server}/compare?runs={','.join(r['run_id'] for r in runs)}"))
+    rows.append(("API docs", f"{server}/docs"))
+    rows.append(("Prometheus metrics", f"{server}/metrics"))
+    console.print(
+        "Open in a browser (start with demo-exploding: its run page shows the blow-up):",
+        highlight=False,
+    )
+    for label, url in rows:
+        console.print(f"  {label:<20}{url}", soft_wrap=True, highlight=False)
+    if by_name:
+        console.print(
+            f"In a terminal: gradwatch show {by_name[0]['run_id'][:8]} --server {server}",
+            soft_wrap=True,
+            highlight=False,
+        )
+
+
 def run_demo(
-    server: str | None, database_url: str | None, epochs: int, keep_serving: bool
+    server: str | None,
+    database_url: str | None,
+    epochs: int,
+    keep_serving: bool,
+    token: str | None = None,
 ) -> list[dict[str, Any]]:
     """Train the demo runs against ``server``, or an embedded one when ``None``.
 
     Blocks until both runs are trained and summarised (and, with
-    ``keep_serving``, until interrupted).
+    ``keep_serving``, until interrupted). The URLs it prints point at the embedded
+    server, so they stop working when it returns unless ``keep_serving``.
 
     Returns:
         The runs as the server reports them (``GET /api/v1/runs/{id}``).
+
+    Raises:
+        CliError: ``server`` is not a URL (usage) or does not answer (unreachable), or
+            refuses ``token``.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     console = Console()
     embedded = None
+    chosen_database = database_url
     if server is None:
         import tempfile
 
@@ -170,26 +209,25 @@ def run_demo(
         console.print(f"Embedded gradwatch server at {server} (database {database_url})")
     runs: list[dict[str, Any]] = []
     try:
-        run_ids = []
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-        ) as progress:
-            for run in DEMO_RUNS:
-                run_ids.append(_train(run, server, epochs, progress, console))
-        runs = _summarise(server, run_ids, console)
+        with ApiClient(server, token) as client:
+            client.get("/healthz")
+            run_ids = []
+            with Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=console,
+            ) as progress:
+                for run in DEMO_RUNS:
+                    run_ids.append(_train(run, client.server, epochs, progress, console, token))
+            runs = _summarise(client, run_ids, console)
         if embedded is not None:
             if keep_serving:
-                console.print("Serving until Ctrl-C.")
+                console.print("[bold]Serving these URLs until Ctrl-C.[/bold]", highlight=False)
                 threading.Event().wait()
             else:
-                console.print(
-                    "The embedded server stops now; keep it with --keep-serving, or keep the "
-                    "data with --database-url and browse it with `gradwatch server`."
-                )
+                console.print(_urls_die_note(chosen_database), highlight=False)
     except KeyboardInterrupt:
         pass
     finally:
@@ -198,27 +236,65 @@ def run_demo(
     return runs
 
 
+def _urls_die_note(database_url: str | None) -> str:
+    """Why the printed URLs are dead once the demo returns, and how to keep them."""
+    keep = database_url or "sqlite:///demo.db"
+    data = (
+        f"serve the data later with `gradwatch server --database-url {keep}`"
+        if database_url
+        else f"keep the data with `--database-url {keep}` and serve it later with "
+        f"`gradwatch server --database-url {keep}`"
+    )
+    return (
+        "[bold yellow]These URLs stop working now:[/bold yellow] the embedded server stops when "
+        "the demo ends. Run `gradwatch demo --keep-serving` to keep it up and open them, or "
+        f"{data} (same run ids, at http://127.0.0.1:8000)."
+    )
+
+
 def demo(
     server: Annotated[
-        str | None, typer.Option(help="Stream to this server instead of an embedded one.")
+        str | None,
+        typer.Option(metavar="URL", help="Stream to this server instead of an embedded one."),
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="GRADWATCH_TOKEN",
+            metavar="TOKEN",
+            help="API token with the ingest and read scopes, for a --server that has tokens.",
+        ),
     ] = None,
     database_url: Annotated[
-        str | None, typer.Option(help="Database of the embedded server (default: a temp file).")
+        str | None,
+        typer.Option(
+            metavar="URL",
+            help="SQLAlchemy URL of the embedded server's database (default: a temp file).",
+        ),
     ] = None,
     epochs: Annotated[
         int,
         typer.Option(
             min=1,
+            metavar="N",
             help="Epochs per run (64 steps each). The exploding run explodes after 80% of its "
             "steps; the server's detectors learn a baseline over 200 steps first, so explosion "
             "events need at least 4 epochs.",
         ),
     ] = 5,
     keep_serving: Annotated[
-        bool, typer.Option(help="Keep the embedded server up after the runs, until Ctrl-C.")
+        bool,
+        typer.Option(
+            "--keep-serving",
+            help="Keep the embedded server (and the printed URLs) up after the runs, until "
+            "Ctrl-C. Without it the URLs stop working when the demo ends.",
+        ),
     ] = False,
 ) -> None:
-    """Train a stable and an exploding Keras run and stream both to a server."""
+    """Train a stable and an exploding Keras run and stream both to a server.
+
+    Ends with a table of both runs and the URLs of their pages in the web UI.
+    """
     import os
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow is imported
@@ -228,4 +304,11 @@ def demo(
         raise typer.BadParameter(
             "the demo needs TensorFlow: pip install 'gradwatch[all]'", param_hint="demo"
         ) from None
-    run_demo(server=server, database_url=database_url, epochs=epochs, keep_serving=keep_serving)
+    with report_errors("demo"):
+        run_demo(
+            server=server,
+            database_url=database_url,
+            epochs=epochs,
+            keep_serving=keep_serving,
+            token=token,
+        )

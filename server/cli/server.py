@@ -6,16 +6,15 @@ from typing import Annotated
 
 import typer
 
+from .database import DatabaseUrlOption, database_errors
+
 __all__ = ["db_app", "server"]
 
 
 def server(
-    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    database_url: Annotated[
-        str | None,
-        typer.Option(help="SQLAlchemy URL; default $GRADWATCH_DATABASE_URL or ./gradwatch.db."),
-    ] = None,
+    host: Annotated[str, typer.Option(metavar="ADDRESS", help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, metavar="PORT", help="TCP port.")] = 8000,
+    database_url: DatabaseUrlOption = None,
     insecure: Annotated[
         bool,
         typer.Option(
@@ -26,6 +25,7 @@ def server(
         float | None,
         typer.Option(
             min=0,
+            metavar="N",
             help="Requests per second per token (0: off); default $GRADWATCH_RATE_LIMIT_PER_SECOND"
             " or 20.",
         ),
@@ -49,13 +49,14 @@ def server(
     if rate_limit is not None:
         overrides["rate_limit_per_second"] = rate_limit
     settings = Settings(**overrides)  # type: ignore[arg-type]
-    engine = create_db_engine(settings.database_url)
-    try:
-        upgrade_database(engine)
-        with Database(engine).read_session() as session:
-            has_tokens = has_active_tokens(session)
-    finally:
-        engine.dispose()
+    with database_errors("server", settings.database_url):
+        engine = create_db_engine(settings.database_url)
+        try:
+            upgrade_database(engine)
+            with Database(engine).read_session() as session:
+                has_tokens = has_active_tokens(session)
+        finally:
+            engine.dispose()
     try:
         require_auth = require_auth_for_bind(host, has_tokens=has_tokens, insecure=insecure)
     except InsecureBindError as error:
@@ -70,16 +71,12 @@ db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 
 
 @db_app.command("upgrade")
-def db_upgrade(
-    database_url: Annotated[
-        str | None,
-        typer.Option(help="SQLAlchemy URL; default $GRADWATCH_DATABASE_URL or ./gradwatch.db."),
-    ] = None,
-) -> None:
+def db_upgrade(database_url: DatabaseUrlOption = None) -> None:
     """Create or upgrade the database schema to the newest migration, then exit."""
     from ..config import Settings
     from ..store.db import upgrade_database
 
     url = database_url or Settings().database_url
-    upgrade_database(url)
+    with database_errors("db upgrade", url):
+        upgrade_database(url)
     typer.echo("database schema is up to date", err=True)

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from .database import DatabaseUrlOption, database_errors
+
 if TYPE_CHECKING:
     from ..store.db import Database
 
@@ -22,15 +24,13 @@ token_app = typer.Typer(help="API tokens (per project, scopes ingest and read)."
 
 @token_app.command("create")
 def token_create(
-    project: Annotated[str, typer.Option(help="Project the token may touch.")],
+    project: Annotated[str, typer.Option(metavar="PROJECT", help="Project the token may touch.")],
     scope: Annotated[
-        list[str], typer.Option(help="ingest (send runs) or read (query); repeat for both.")
+        list[str],
+        typer.Option(metavar="SCOPE", help="ingest (send runs) or read (query); repeat for both."),
     ],
-    name: Annotated[str, typer.Option(help="Who or what uses the token.")] = "",
-    database_url: Annotated[
-        str | None,
-        typer.Option(help="SQLAlchemy URL; default $GRADWATCH_DATABASE_URL or ./gradwatch.db."),
-    ] = None,
+    name: Annotated[str, typer.Option(metavar="NAME", help="Who or what uses the token.")] = "",
+    database_url: DatabaseUrlOption = None,
 ) -> None:
     """Create a token and print it once (only its hash is stored)."""
     from ..auth import TokenScope, create_token
@@ -44,7 +44,7 @@ def token_create(
         ) from None
     if not re.match(PROJECT_PATTERN, project):
         raise typer.BadParameter("letters, digits and ._- only (1-100)", param_hint="--project")
-    with _database(database_url) as database, database.write_session() as session:
+    with _database(database_url, "token create") as database, database.write_session() as session:
         created = create_token(session, project, scopes, name, datetime.now(UTC))
     typer.echo(
         f"token {created.key} for project {created.project!r}, scopes "
@@ -56,10 +56,7 @@ def token_create(
 
 @token_app.command("list")
 def token_list(
-    database_url: Annotated[
-        str | None,
-        typer.Option(help="SQLAlchemy URL; default $GRADWATCH_DATABASE_URL or ./gradwatch.db."),
-    ] = None,
+    database_url: DatabaseUrlOption = None,
 ) -> None:
     """List tokens (keys, projects, scopes; never the secrets)."""
     from rich.console import Console
@@ -67,7 +64,7 @@ def token_list(
 
     from ..auth import list_tokens
 
-    with _database(database_url) as database, database.read_session() as session:
+    with _database(database_url, "token list") as database, database.read_session() as session:
         tokens = list_tokens(session)
     table = Table("key", "project", "scopes", "name", "created", "revoked")
     for info in tokens:
@@ -84,16 +81,15 @@ def token_list(
 
 @token_app.command("revoke")
 def token_revoke(
-    key: Annotated[str, typer.Argument(help="The token's key (see gradwatch token list).")],
-    database_url: Annotated[
-        str | None,
-        typer.Option(help="SQLAlchemy URL; default $GRADWATCH_DATABASE_URL or ./gradwatch.db."),
-    ] = None,
+    key: Annotated[
+        str, typer.Argument(metavar="KEY", help="The token's key (see gradwatch token list).")
+    ],
+    database_url: DatabaseUrlOption = None,
 ) -> None:
     """Revoke a token; requests with it get 401 from then on."""
     from ..auth import revoke_token
 
-    with _database(database_url) as database, database.write_session() as session:
+    with _database(database_url, "token revoke") as database, database.write_session() as session:
         revoked = revoke_token(session, key, datetime.now(UTC))
     if not revoked:
         typer.echo(f"no valid token has key {key!r}", err=True)
@@ -102,14 +98,20 @@ def token_revoke(
 
 
 @contextmanager
-def _database(database_url: str | None) -> Iterator[Database]:
+def _database(database_url: str | None, command: str) -> Iterator[Database]:
     """Open the database (schema upgraded first) for a CLI command; disposed on exit."""
     from ..config import Settings
     from ..store.db import Database, create_db_engine, upgrade_database
 
-    engine = create_db_engine(database_url or Settings().database_url)
+    url = database_url or Settings().database_url
+    with database_errors(command, url):
+        engine = create_db_engine(url)
+        try:
+            upgrade_database(engine)
+        except BaseException:
+            engine.dispose()
+            raise
     try:
-        upgrade_database(engine)
         yield Database(engine)
     finally:
         engine.dispose()

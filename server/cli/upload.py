@@ -13,20 +13,33 @@ def upload(
     path: Annotated[
         str,
         typer.Argument(
+            metavar="PATH",
             help="A local-mode run file (*.jsonl), a directory of them, or a spool directory "
-            "(one run's, or the whole spool root)."
+            "(one run's, or the whole spool root).",
         ),
     ],
-    server: Annotated[str, typer.Option(help="Server base URL, e.g. http://127.0.0.1:8000.")],
+    server: Annotated[
+        str,
+        typer.Option(
+            envvar="GRADWATCH_SERVER",
+            metavar="URL",
+            help="Server base URL, e.g. http://127.0.0.1:8000.",
+        ),
+    ],
     token: Annotated[
         str | None,
-        typer.Option(envvar="GRADWATCH_TOKEN", help="API token, if the server requires one."),
+        typer.Option(
+            envvar="GRADWATCH_TOKEN",
+            metavar="TOKEN",
+            help="API token with the ingest scope, if the server requires one.",
+        ),
     ] = None,
     timeout: Annotated[
-        float, typer.Option(min=0.1, help="Timeout of one request, seconds.")
+        float, typer.Option(min=0.1, metavar="SECONDS", help="Timeout of one request.")
     ] = 30.0,
     retry_deadline: Annotated[
-        float, typer.Option(min=0.1, help="How long to retry one request (5xx, 429), seconds.")
+        float,
+        typer.Option(min=0.1, metavar="SECONDS", help="How long to retry one request (5xx, 429)."),
     ] = 60.0,
 ) -> None:
     """Send local runs or a leftover spool to a server; uploading twice stores nothing new.

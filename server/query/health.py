@@ -53,7 +53,7 @@ def get_run_health(session: Session, run_id: str, recent_steps: int, worst: int)
     """Return a one-look summary of a run's gradient health.
 
     ``verdict`` is the highest severity among events that reach the last ``recent_steps``
-    steps of the run, or ``healthy``.
+    steps of the run, ``no_data`` for a run without steps, or ``healthy``.
 
     Raises:
         RunNotFoundError: No run has this id.
@@ -85,10 +85,15 @@ def get_run_health(session: Session, run_id: str, recent_steps: int, worst: int)
     )
 
 
-def _verdict(session: Session, run: Run, recent_steps: int) -> Severity | Literal["healthy"]:
-    """The highest severity of the events that reach the run's last ``recent_steps`` steps."""
+def _verdict(
+    session: Session, run: Run, recent_steps: int
+) -> Severity | Literal["healthy", "no_data"]:
+    """The highest severity of the events that reach the run's last ``recent_steps`` steps.
+
+    ``no_data`` for a run without a step: a monitor that recorded nothing is not healthy.
+    """
     if run.last_step is None:
-        return "healthy"
+        return "no_data"
     start = max(run.last_step - recent_steps + 1, 0)
     for severity in sorted(Severity, reverse=True):
         where = EventFilter(severities=[severity.value], start=start)

@@ -124,13 +124,15 @@ def list_runs(
 
 
 def list_layers(session: Session, run_id: str) -> LayersOut:
-    """Return the layers of a run in layer order with their gradient-norm summary.
+    """Return the layers of a run in layer order: gradient-norm summary, latest weight stats.
 
     Raises:
         RunNotFoundError: No run has this id.
     """
     if run_store.get_run(session, run_id) is None:
         raise RunNotFoundError(run_id)
+    weights = series_store.list_layer_latest(session, run_id, Metric.WEIGHT_NORM)
+    ratios = series_store.list_layer_latest(session, run_id, Metric.UPDATE_RATIO)
     return LayersOut(
         run_id=run_id,
         layers=[
@@ -140,6 +142,8 @@ def list_layers(session: Session, run_id: str) -> LayersOut:
                 latest_grad_norm=last_value(stats.last_step, stats.vlast),
                 max_grad_norm=max_value(stats.count, stats.vmax),
                 nonfinite_values=stats.nonfinite_values,
+                latest_weight_norm=last_value(*weights.get(stats.name, (None, None))),
+                latest_update_ratio=last_value(*ratios.get(stats.name, (None, None))),
             )
             for index, stats in enumerate(series_store.list_layer_stats(session, run_id))
         ],

@@ -30,6 +30,7 @@ from .metric import LAYER_ORDER_METRIC, Metric
 from .models import RUN_LEVEL, Block, Series
 
 __all__ = [
+    "BLOCK_COLUMNS",
     "LayerStats",
     "SeriesKey",
     "SeriesState",
@@ -45,6 +46,7 @@ __all__ = [
     "has_layer",
     "insert_blocks",
     "insert_series",
+    "list_layer_latest",
     "list_layer_stats",
     "update_series_states",
 ]
@@ -189,9 +191,19 @@ def list_layer_stats(session: Session, run_id: str) -> list[LayerStats]:
     ]
 
 
+def list_layer_latest(
+    session: Session, run_id: str, metric: Metric
+) -> dict[str, tuple[int | None, float | None]]:
+    """Return ``(last_step, vlast)`` of one per-layer metric for every layer that has it."""
+    statement = select(Series.layer, Series.last_step, Series.vlast).where(
+        Series.run_id == run_id, Series.metric == metric.value
+    )
+    return {layer: (last_step, vlast) for layer, last_step, vlast in session.execute(statement)}
+
+
 # Blocks -------------------------------------------------------------------------------------
 
-_BLOCK_COLUMNS = (
+BLOCK_COLUMNS = (  # what a StoredBlock is read from
     Block.first_step,
     Block.last_step,
     Block.count,
@@ -259,7 +271,7 @@ def fetch_blocks(
 ) -> list[StoredBlock]:
     """Return the blocks of a series that may hold steps in ``start..end``, by first step."""
     statement = (
-        select(*_BLOCK_COLUMNS).where(*_in_range(series_id, start, end)).order_by(Block.first_step)
+        select(*BLOCK_COLUMNS).where(*_in_range(series_id, start, end)).order_by(Block.first_step)
     )
     return [StoredBlock(*row) for row in session.execute(statement)]
 
@@ -340,7 +352,7 @@ def fetch_cut_blocks(session: Session, series_id: int, lo: int, hi: int) -> list
         )
 
     statement = (
-        select(*_BLOCK_COLUMNS)
+        select(*BLOCK_COLUMNS)
         .where(
             Block.series_id == series_id,
             Block.first_step.in_(
@@ -422,7 +434,7 @@ def fetch_split_blocks(
     """Return the blocks inside ``lo..hi`` that cross a bucket edge (see
     :func:`bucket_inner_blocks`), with their packed values, by first step."""
     statement = (
-        select(*_BLOCK_COLUMNS)
+        select(*BLOCK_COLUMNS)
         .where(
             *_inside(series_id, lo, hi),
             (Block.first_step - origin) // width != (Block.last_step - origin) // width,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from gradwatch.agent import GradientMonitor
@@ -68,10 +69,39 @@ class VAE(keras.Model):
         return {"loss": self.total_loss_tracker.result(), "kl_loss": self.kl_loss_tracker.result()}
 
 
-def test_vae_custom_train_step_records_steps_paths_norms_and_the_step_loss(transport):
+class _KLDivergence(keras.layers.Layer):
+    """Adds the KL term with ``add_loss`` (the older keras-io VAE form)."""
+
+    def call(self, inputs):
+        mean, log_var = inputs
+        kl = -0.5 * (1 + log_var - tf.square(mean) - tf.exp(log_var))
+        self.add_loss(tf.reduce_mean(tf.reduce_sum(kl, axis=1)))
+        return mean
+
+
+class AddLossVAE(VAE):
+    """The same VAE whose KL term comes from ``add_loss`` and ``self.losses``."""
+
+    def __init__(self, encoder, decoder, **kwargs):
+        super().__init__(encoder, decoder, **kwargs)
+        self.kl = _KLDivergence(name="kl")
+
+    def losses_of(self, data):
+        mean, log_var, z = self.encoder(data)
+        self.kl([mean, log_var])
+        reconstruction = self.decoder(z)
+        reconstruction_loss = tf.reduce_mean(
+            tf.reduce_sum(keras.losses.binary_crossentropy(data, reconstruction), axis=(1, 2))
+        )
+        kl_loss = tf.add_n(self.losses)
+        return reconstruction_loss + kl_loss, kl_loss
+
+
+@pytest.mark.parametrize("model_class", [VAE, AddLossVAE], ids=["trackers", "add_loss"])
+def test_vae_custom_train_step_records_steps_paths_norms_and_the_step_loss(transport, model_class):
     keras.utils.set_random_seed(5)
     data = np.random.default_rng(0).uniform(size=(24, 8, 8, 1)).astype(np.float32)
-    vae = VAE(*_vae())
+    vae = model_class(*_vae())
     vae.compile(optimizer=keras.optimizers.Adam(1e-3))
     first = data[:8]
     with tf.GradientTape() as tape:

@@ -80,8 +80,11 @@ def test_rules_alert_has_severity_annotations_and_a_readme_runbook(alert):
     (rule,) = [rule for rule in _alert_rules() if rule["alert"] == alert]
     assert rule["labels"]["severity"] in {"warning", "critical"}
     annotations = rule["annotations"]
-    assert set(annotations) >= {"summary", "description", "runbook_url"}
+    assert set(annotations) >= {"summary", "description", "runbook_url", "run_url"}
     assert "$labels.run_id" in annotations["description"]
+    # The run page of the web UI (server/ui/routes.py), on the server's public URL.
+    assert annotations["run_url"].endswith("/runs/{{ $labels.run_id }}")
+    assert "$externalLabels.gradwatch_url" in annotations["run_url"]
     assert annotations["runbook_url"] == f"README.md#{alert.lower()}"
     assert alert.lower() in _readme_anchors(), f"README has no heading '{alert}' (the runbook)"
     assert "for" in rule, "every alert waits a `for:` (tested just before and after it)"
@@ -140,6 +143,7 @@ def test_rule_tests_check_every_alert_just_before_and_after_its_for():
                         "summary",
                         "description",
                         "runbook_url",
+                        "run_url",
                     }
             else:
                 quiet.add(check["alertname"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -61,3 +62,12 @@ def test_demo_command_runs_with_its_embedded_server(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "demo-exploding" in result.stdout
     assert "/metrics" in result.stdout
+    server = re.search(r"Embedded gradwatch server at (http://127\.0\.0\.1:\d+)", result.stdout)
+    assert server is not None
+    pages = re.findall(rf"{re.escape(server[1])}/runs/([0-9a-f-]{{36}})", result.stdout)
+    assert len(pages) == 2
+    compare = re.search(rf"{re.escape(server[1])}/compare\?runs=(\S+)", result.stdout)
+    assert compare is not None
+    assert sorted(compare[1].split(",")) == sorted(pages)
+    assert "These URLs stop working now" in result.stdout
+    assert "--keep-serving" in result.stdout

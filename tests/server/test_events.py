@@ -211,10 +211,10 @@ def test_health_summarises_run(ingested):
     assert recent["verdict"] == "healthy"  # nothing in the last 10 steps
 
 
-def test_health_of_new_run_is_healthy(client):
+def test_health_of_a_run_without_steps_is_no_data(client):
     run_id = create_run(client)
     health = client.get(f"/api/v1/runs/{run_id}/health").json()
-    assert health["verdict"] == "healthy"
+    assert health["verdict"] == "no_data"
     assert health["last_event"] is None
     assert health["worst_layers"] == []
 

@@ -43,6 +43,8 @@ def test_layers_lists_in_order_with_latest_and_max(client):
                 "latest_grad_norm": 4.0,
                 "max_grad_norm": 8.0,
                 "nonfinite_values": 0,
+                "latest_weight_norm": None,
+                "latest_update_ratio": None,
             },
             {
                 "index": 1,
@@ -50,6 +52,8 @@ def test_layers_lists_in_order_with_latest_and_max(client):
                 "latest_grad_norm": 2.0,
                 "max_grad_norm": 9.0,
                 "nonfinite_values": 0,
+                "latest_weight_norm": None,
+                "latest_update_ratio": None,
             },
             {
                 "index": 2,
@@ -57,6 +61,8 @@ def test_layers_lists_in_order_with_latest_and_max(client):
                 "latest_grad_norm": 0.25,
                 "max_grad_norm": "Infinity",
                 "nonfinite_values": 8,
+                "latest_weight_norm": None,
+                "latest_update_ratio": None,
             },
         ],
     }
@@ -79,3 +85,29 @@ def test_layers_empty_before_first_batch(client):
 
 def test_layers_unknown_run_is_404(client):
     assert client.get(f"/api/v1/runs/{uuid.uuid4()}/layers").status_code == 404
+
+
+def test_layers_carry_the_latest_measured_weight_norm_and_update_ratio(client):
+    run_id = create_run(client)
+    post_batch(
+        client,
+        run_id,
+        make_batch(
+            [0, 1, 2],
+            ["a", "b"],
+            weight_norm=[[2.0, 3.0], [None, None], [None, None]],
+            update_ratio=[[0.25, 0.125], [None, None], [None, None]],
+        ),
+    )
+    post_batch(
+        client,
+        run_id,
+        make_batch([3], ["a", "b"], weight_norm=[[4.0, None]], update_ratio=[[0.5, None]]),
+    )
+
+    layers = client.get(f"/api/v1/runs/{run_id}/layers").json()["layers"]
+
+    assert [(x["latest_weight_norm"], x["latest_update_ratio"]) for x in layers] == [
+        (4.0, 0.5),
+        (3.0, 0.125),
+    ]
