@@ -5,7 +5,8 @@ optimizer), hooks the LSO so overflow steps and the unscaled loss are seen, buil
 wrapper and the ring, and decides whether the train function must be traced again; at
 ``on_train_end`` it gives the model its optimizer and its plain train function back, and
 keeps the traced one for the next ``fit`` of the same model. A model compiled with
-``monitor.wrap(...)`` is left as it is. Host-side, training thread only.
+``monitor.wrap(...)`` is left as it is, and so is a model whose ``train_step`` applies an
+optimizer of its own that the monitor wraps. Host-side, training thread only.
 """
 
 from __future__ import annotations
@@ -83,14 +84,16 @@ class OptimizerSwap:
         Raises:
             ConfigError: The model has no optimizer, or another monitor's wrapper.
         """
-        swapped = self._install(model)
-        self._hook_loss_scale(model.optimizer)
+        own = self._applies_its_own(model)
+        swapped = False if own else self._install(model)
+        if not own:
+            self._hook_loss_scale(model.optimizer)
         recorder = self._recorder
         recorder.steps_per_call = max(1, int(getattr(model, "steps_per_execution", 1) or 1))
         wrapper = self._wrapper()
         assert wrapper is not None
         with model.distribute_strategy.scope():
-            if not wrapper.built and model.built:
+            if not wrapper.built and model.built and not own:
                 # An unbuilt model (a subclassed one before its first call) does not know
                 # all its variables yet: the wrapper then builds at the first apply.
                 wrapper.build(model.trainable_variables)
@@ -125,6 +128,17 @@ class OptimizerSwap:
                 model, model.train_function, ring, self._recorder.weights_in_step
             )
             model.train_function = installed.plain_train_function
+
+    def _applies_its_own(self, model: Any) -> bool:
+        """Whether the monitor wraps an optimizer other than the model's (a custom train_step
+        applying ``self.own_optimizer = monitor.wrap(...)``): then the model's optimizer is
+        left alone and the wrapper builds on the variables it is first applied to."""
+        wrapper, optimizer = self._wrapper(), model.optimizer
+        if wrapper is None or optimizer is None:
+            return False
+        mine = (wrapper, wrapper.inner_optimizer)
+        inner = getattr(optimizer, "inner_optimizer", None)  # a LossScaleOptimizer's
+        return optimizer not in mine and inner not in mine
 
     def _install(self, model: Any) -> bool:
         """Swap the wrapper into ``model`` unless it is there already; True if swapped."""

@@ -232,3 +232,26 @@ def test_gan_under_mirrored_strategy_equals_one_device(transport, mirrored):
     want = _reference_first_step(weights, real[:8], latent[:8])
     for name, value in zip(monitor.layers, transport.column("grad_norm")[0], strict=True):
         np.testing.assert_allclose(value, want[name], rtol=1e-5)
+
+
+def test_two_monitors_as_callbacks_each_record_their_optimizer():
+    from tests.fakes import RecordingTransport
+
+    keras.utils.set_random_seed(13)
+    gan = GAN(*_networks())
+    real, latent = _data()
+    d_transport, g_transport = RecordingTransport(), RecordingTransport()
+    d_monitor = GradientMonitor("d", transport=d_transport)
+    g_monitor = GradientMonitor("g", transport=g_transport)
+    gan.compile(
+        d_optimizer=d_monitor.wrap(keras.optimizers.Adam(1e-3)),
+        g_optimizer=g_monitor.wrap(keras.optimizers.Adam(1e-3)),
+        loss_fn=_loss(),
+    )
+    dataset = tf.data.Dataset.from_tensor_slices((real, latent)).batch(8)
+    gan.fit(dataset, epochs=1, verbose=0, callbacks=[d_monitor, g_monitor])
+    assert d_monitor.close()
+    assert g_monitor.close()
+    assert d_transport.steps() == g_transport.steps() == [0, 1, 2]
+    assert d_monitor.layers == ("gan/discriminator/conv", "gan/discriminator/logit")
+    assert g_monitor.layers == ("gan/generator/project", "gan/generator/deconv")

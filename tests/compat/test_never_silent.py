@@ -139,3 +139,18 @@ def test_a_fit_that_records_no_step_warns_with_the_fix_and_the_server_says_no_da
     assert monitor.close()
     health = httpx.get(f"{server.url}/api/v1/runs/{monitor.run_id}/health").json()
     assert health["verdict"] == "no_data"
+
+
+def test_the_fix_the_warning_gives_records_every_step(transport):
+    x, y = _data(8)
+    model = _OwnOptimizer()
+    model.compile(optimizer="sgd")  # the model's own optimizer stays unused and unwrapped
+    monitor = GradientMonitor("fixed", transport=transport)
+    model.own_optimizer = monitor.wrap(model.own_optimizer)
+    model.fit(x, y, batch_size=4, epochs=2, verbose=0, callbacks=[monitor])
+    assert monitor.close()
+    assert transport.steps() == [0, 1, 2, 3]
+    assert monitor.layers == ("own/dense",)
+    # Its train_step updates no loss metric and never calls record_loss: no loss, said as
+    # "unknown" (a returned logs["loss"] is often a tracker's running mean, so it is not used).
+    assert not transport.column("loss_known").any()
