@@ -78,16 +78,17 @@ def read_heatmap(
     if not blocks or hi < lo:
         return _empty(run_id, metric, found.layers)
     block_steps = max(1, values // blocks)
+    lookback = run_store.max_batch_span(session, run_id)
     width = -(-(hi - lo + 1) // buckets)
     if width < block_steps and (hi - lo + 1) // block_steps * len(stored) <= DECODE_BLOCKS:
         origin = lo
-        cells = _decode_cells(session, stored, metric, lo, hi, origin, width)
+        cells = _decode_cells(session, stored, metric, lo, hi, origin, width, lookback)
     else:
         # Buckets of whole blocks; fewer than asked when a range holds fewer blocks.
         origin = lo - lo % block_steps
         width = -(-(hi - origin + 1) // buckets)
         width = -(-width // block_steps) * block_steps
-        cells = heatmap_store.bucket_layer_blocks(session, stored, lo, hi, origin, width)
+        cells = heatmap_store.bucket_layer_blocks(session, stored, lo, hi, origin, width, lookback)
     count = (hi - origin) // width + 1
     return _out(run_id, metric, found.layers, found.series_ids, cells, origin, width, count, lo, hi)
 
@@ -100,18 +101,19 @@ def _decode_cells(
     hi: int,
     origin: int,
     width: int,
+    lookback: int,
 ) -> BucketCells:
     """Fold the decoded values of the range into cells, vectorised per series."""
     kind = METRICS[metric].kind
     parts: list[tuple[int, NDArray[np.int64], NDArray[np.float64]]] = []
     for series_id, series_blocks in heatmap_store.fetch_layer_blocks(
-        session, series_ids, lo, hi
+        session, series_ids, lo, hi, lookback
     ).items():
         steps, raw = decode_blocks(series_blocks, kind)
         inside = (steps >= lo) & (steps <= hi)
         parts.append((series_id, (steps[inside] - origin) // width, raw[inside].astype(np.float64)))
     if not parts:
-        return heatmap_store.bucket_layer_blocks(session, [], lo, hi, origin, width)
+        return heatmap_store.bucket_layer_blocks(session, [], lo, hi, origin, width, lookback)
     series = np.concatenate([np.full(len(b), s, dtype=np.int64) for s, b, _ in parts])
     bucket = np.concatenate([b for _, b, _ in parts])
     value = np.concatenate([v for _, _, v in parts])

@@ -22,7 +22,6 @@ from .models import Block, Series
 from .series import BLOCK_COLUMNS
 
 __all__ = [
-    "BLOCK_LOOKBACK_STEPS",
     "BucketCells",
     "LayerSeries",
     "bucket_layer_blocks",
@@ -30,10 +29,6 @@ __all__ = [
     "list_layer_series",
     "sample_block_extent",
 ]
-
-BLOCK_LOOKBACK_STEPS = 100_000
-"""How far before ``lo`` a block that reaches ``lo`` may start (the default steps per batch
-cap); keeps every scan a primary-key range."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,13 +86,21 @@ def sample_block_extent(session: Session, series_id: int) -> tuple[int, int, int
 
 
 def bucket_layer_blocks(
-    session: Session, series_ids: Sequence[int], lo: int, hi: int, origin: int, width: int
+    session: Session,
+    series_ids: Sequence[int],
+    lo: int,
+    hi: int,
+    origin: int,
+    width: int,
+    lookback: int,
 ) -> BucketCells:
     """Fold the block summaries of many series into buckets of ``width`` steps, in SQL.
 
     A block belongs to the bucket of ``max(first_step, lo)``; blocks reaching into ``lo..hi``
     are included whole. SQL's ``max`` skips NULL (all-NaN blocks), so a cell whose values are
-    all NaN has a NaN ``vmax``.
+    all NaN has a NaN ``vmax``. ``lookback`` bounds how far before ``lo`` such a block may
+    start (the run's longest batch, :func:`~gradwatch.server.store.runs.max_batch_span`), so
+    every scan is a primary-key range no wider than the view.
     """
     if not series_ids:
         return _empty_cells()
@@ -113,7 +116,7 @@ def bucket_layer_blocks(
         )
         .where(
             Block.series_id.in_(series_ids),
-            Block.first_step >= lo - BLOCK_LOOKBACK_STEPS,
+            Block.first_step >= lo - lookback,
             Block.first_step <= hi,
             Block.last_step >= lo,
         )
@@ -128,14 +131,17 @@ def bucket_layer_blocks(
 
 
 def fetch_layer_blocks(
-    session: Session, series_ids: Sequence[int], lo: int, hi: int
+    session: Session, series_ids: Sequence[int], lo: int, hi: int, lookback: int
 ) -> dict[int, list[StoredBlock]]:
-    """Return the blocks (with packed values) of many series that reach into ``lo..hi``."""
+    """Return the blocks (with packed values) of many series that reach into ``lo..hi``.
+
+    ``lookback`` as in :func:`bucket_layer_blocks`.
+    """
     statement = (
         select(Block.series_id, *BLOCK_COLUMNS)
         .where(
             Block.series_id.in_(series_ids),
-            Block.first_step >= lo - BLOCK_LOOKBACK_STEPS,
+            Block.first_step >= lo - lookback,
             Block.first_step <= hi,
             Block.last_step >= lo,
         )

@@ -36,6 +36,7 @@ __all__ = [
     "get_run_project",
     "insert_batch",
     "list_runs",
+    "max_batch_span",
     "upsert_agent_drops",
 ]
 
@@ -140,6 +141,17 @@ def get_batch(session: Session, run_id: str, batch_id: str) -> BatchRecord | Non
     )
     row = session.execute(statement).first()
     return None if row is None else BatchRecord(*row)
+
+
+def max_batch_span(session: Session, run_id: str) -> int:
+    """Steps between the first and the last step of the run's longest batch (0 for none).
+
+    Every block lies within one batch, so no block reaching a step starts further before it.
+    """
+    statement = select(func.coalesce(func.max(Batch.last_step - Batch.first_step), 0)).where(
+        Batch.run_id == run_id
+    )
+    return int(session.execute(statement).scalar_one())
 
 
 def find_overlapping_batches(
