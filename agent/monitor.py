@@ -145,7 +145,11 @@ class GradientMonitor(keras.callbacks.Callback, compat.Trackable):  # type: igno
             self.config, policy, self._sender.submit, self._checkpointed, self._layer_owners
         )
         self._groups = OptimizerGroups(
-            self.config, self._sender.submit, self._checkpointed, self._layer_owners
+            self.config,
+            self._sender.submit,
+            self._checkpointed,
+            self._layer_owners,
+            lambda groups: self._sender.add_run_config(groups=groups),
         )
         self._loss_capture = LossCapture(self._recorders, lambda: bool(self._groups))
         self._wrapper: MonitoredOptimizer | None = None

@@ -39,6 +39,8 @@ class OptimizerGroups:
         submit: Where the merged batches go (the sender's non-blocking ``submit``).
         checkpointed: The monitor's checkpointed trackable (shared step, per-group policy).
         owners: Layer paths from the model's tree (see :class:`StepRecorder`).
+        describe: Called with ``{group: its policy's description}`` whenever a group is
+            added, for the run's config on the server.
     """
 
     def __init__(
@@ -47,8 +49,10 @@ class OptimizerGroups:
         submit: Callable[[StepBatch], object],
         checkpointed: Any,
         owners: Callable[[], Mapping[object, str] | None],
+        describe: Callable[[dict[str, Any]], object] = lambda groups: None,
     ) -> None:
         self._config = config
+        self._describe = describe
         self._checkpointed = checkpointed
         self._owners = owners
         self._merger = GroupMerger(submit)
@@ -111,6 +115,12 @@ class OptimizerGroups:
         )
         wrapper = MonitoredOptimizer(optimizer, monitor, recorder)
         self._groups.append(_Group(name, recorder, wrapper))
+        self._describe(
+            {
+                g.name: (None if g.recorder.policy is None else g.recorder.policy.describe())
+                for g in self._groups
+            }
+        )
         return wrapper
 
     # -- fit -------------------------------------------------------------------------------

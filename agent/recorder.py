@@ -374,6 +374,11 @@ class StepRecorder:
             self._measure_fn()
 
     @property
+    def policy(self) -> ClipPolicy | None:
+        """The clip policy applied here, or ``None``."""
+        return self._policy
+
+    @property
     def group(self) -> str | None:
         """The optimizer group recorded here, or ``None`` for a monitor's only optimizer."""
         return self._group

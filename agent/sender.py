@@ -38,6 +38,7 @@ connections, and start their thread on first use.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import threading
@@ -191,6 +192,18 @@ class Sender(SpoolBacklog):
             self._accepted_steps += len(batch)
             self._start_thread()
             self._cond.notify_all()
+            return True
+
+    def add_run_config(self, **fields: Any) -> bool:
+        """Add JSON-able ``fields`` to the run's config, if the run is not created yet.
+
+        Never blocks on I/O. Returns:
+            ``False`` when the server already has the run (its config is not changed).
+        """
+        with self._cond:
+            if self._run_created or self._state_saved:
+                return False
+            self._run = dataclasses.replace(self._run, config={**self._run.config, **fields})
             return True
 
     def set_status(self, status: str) -> None:

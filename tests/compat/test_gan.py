@@ -158,6 +158,10 @@ def test_gan_with_two_wrapped_optimizers_records_one_run_with_both_groups(transp
     assert (ratio > 0).all()  # both groups moved their weights every step
     config = transport.runs[0].config
     assert config["flush_every"] == 50
+    assert config["groups"] == {
+        "discriminator": None,
+        "generator": {"policy": "global_norm", "max_norm": 1e9},
+    }
 
 
 def test_a_second_optimizer_without_a_group_says_how_to_watch_both(transport):
