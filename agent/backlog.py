@@ -1,6 +1,7 @@
-"""SpoolBacklog: the sender's on-disk backlog, spooling what it cannot deliver and replaying it.
+"""SpoolBacklog: the sender thread's side of the server and of the on-disk backlog.
 
-A batch the sender cannot deliver before the retry deadline (or at close) goes
+It creates the run, sends a batch and counts what was delivered or dropped; and a
+batch the sender cannot deliver before the retry deadline (or at close) goes
 to the :class:`~gradwatch.agent.spool.Spool`, and so does every later batch
 while the spool holds anything, so step order is kept. The sender thread then
 replays the spool, oldest step first, one attempt at a time with backoff,
@@ -19,9 +20,10 @@ import random
 import threading
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .clock import Clock
+from .delivery_log import DeliveryLog
 from .records import StepBatch
 from .spool import Spool, SpoolState
 from .transport import (
@@ -86,16 +88,63 @@ class SpoolBacklog:
     _spooled_total: int
     _state_saved: bool
     _spool_error_logged: bool
+    _delivery_log: DeliveryLog
 
-    if TYPE_CHECKING:  # provided by Sender; declared here for the type checker only
+    _run_created: bool
+    _sent_batches: int
+    _sent_steps: int
 
-        def _ensure_run(self) -> None: ...
-        def _send(self, wire: dict[str, Any]) -> None: ...
-        def _delivered(self, steps: int) -> None: ...
-        def _count(self, reason: str, n: int = 1) -> None: ...
-        def _log_rejection(self, exc: RejectedError) -> None: ...
+    # -- the server ------------------------------------------------------------------------
+
+    def _ensure_run(self) -> None:
+        """Create the run once. Raises :class:`RunRejectedError` when the server refuses it."""
+        if self._run_created:
+            return
+        try:
+            self._transport.create_run(self._run)
+        except RejectedError as exc:
+            self._delivery_log.run_refused(exc)
+            raise RunRejectedError(str(exc), exc.status_code) from exc
+        self._run_created = True
+        self._delivery_log.run_created()
+
+    def _send(self, wire: dict[str, Any]) -> None:
+        """One attempt at one wire batch, with the drop counts so far."""
+        with self._cond:
+            drops = dict(self._dropped)
+        self._transport.send_batch(
+            self._run.run_id, {**wire, "dropped_batches": drops} if drops else wire
+        )
+
+    def _delivered(self, steps: int) -> None:
+        with self._cond:
+            self._sent_batches += 1
+            self._sent_steps += steps
+
+    def _count(self, reason: str, n: int = 1) -> None:
+        with self._cond:
+            self._dropped[reason] += n
 
     # -- replay ----------------------------------------------------------------------------
+
+    def _resume_spool(self) -> None:
+        """At start: take over what an earlier process left in the spool (drop counts, the
+        pending status, batches), and replay it first. Blocks on reading the state file."""
+        spool = self._spool
+        if spool is None:
+            return
+        state = spool.load_state()
+        if state is not None:
+            self._dropped.update(state.dropped_batches)
+            self._pending_status = state.status
+        if len(spool) or self._pending_status is not None:
+            log.info(
+                "gradwatch: %d batches of run %s left in %s; sending them first",
+                len(spool),
+                self._run.run_id,
+                spool.directory,
+            )
+            self._replay_at = self._clock.monotonic()
 
     def _replay_one(self) -> None:
         """One attempt at the oldest spooled batch, or at the pending status when none is left."""
@@ -132,7 +181,7 @@ class SpoolBacklog:
             self._schedule_replay(None)
             return
         except RejectedError as exc:
-            self._log_rejection(exc)
+            self._delivery_log.rejected(exc)
             if found is None:  # the status was rejected: nothing more to do
                 with self._cond:
                     self._pending_status = None

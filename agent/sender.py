@@ -13,15 +13,10 @@ and delivers them through a :class:`~gradwatch.agent.transport.Transport`:
   anything, so step order is kept. The thread replays the spool, oldest step
   first, one attempt at a time with backoff, until it is empty (that half is
   :class:`~gradwatch.agent.backlog.SpoolBacklog`).
-* A rejection (other 4xx) of a batch is never retried: the server's message is
-  logged once per status code and the batch is counted as ``rejected``.
-* A rejection of the run itself (``POST /api/v1/runs``: a wrong ``server`` path,
-  a wrong token) is a configuration error, not a bad batch: it is logged at
-  once with the URL and the server's message, and every batch goes to the spool,
-  where it waits for the right server (``gradwatch upload``).
-* The first transient failure of an outage is logged at once (a warning naming
-  the server and how long the sender keeps trying); the retries after it are
-  quiet, and the end of the outage is logged too.
+* A rejection (other 4xx) of a batch is never retried; the batch is counted as
+  ``rejected``. A rejection of the run itself (a wrong ``server`` path or token) is
+  a configuration error: every batch goes to the spool, to wait for the right
+  server. What the user is told, and when: :mod:`gradwatch.agent.delivery_log`.
 * At :meth:`Sender.close` whatever was not delivered before the timeout is
   written to the spool (or, without one, counted as ``shutdown``).
 
@@ -49,6 +44,7 @@ from typing import Any
 
 from .backlog import DropReason, SpoolBacklog, Status
 from .clock import Clock, SystemClock
+from .delivery_log import DeliveryLog
 from .lifecycle import close_at_exit, reset_after_fork
 from .records import StepBatch
 from .spool import Spool
@@ -62,10 +58,7 @@ from .transport import (
     call_with_retry,
 )
 
-__all__ = [
-    "DropReason",
-    "Sender",
-]
+__all__ = ["DropReason", "Sender"]
 
 log = logging.getLogger("gradwatch.agent")
 
@@ -138,27 +131,15 @@ class Sender(SpoolBacklog):
         self._sent_batches = 0
         self._sent_steps = 0
         self._spooled_total = 0
-        self._logged_rejections: set[int] = set()
-        self._run_rejected: RejectedError | None = None  # the server refused to create the run
-        self._outage_reported = False
+        self._delivery_log = DeliveryLog(
+            run.run_id, None if spool is None else spool.directory, self._retry.deadline_seconds
+        )
         self._spool_error_logged = False
         self._state_saved = False
         self._pending_status: str | None = None
         self._replay_attempt = 0
         self._replay_at: float | None = None
-        if spool is not None:
-            state = spool.load_state()
-            if state is not None:
-                self._dropped.update(state.dropped_batches)
-                self._pending_status = state.status
-            if len(spool) or self._pending_status is not None:
-                log.info(
-                    "gradwatch: %d batches of run %s left in %s; sending them first",
-                    len(spool),
-                    run.run_id,
-                    spool.directory,
-                )
-                self._replay_at = self._clock.monotonic()
+        self._resume_spool()
         self._drops_at_start = sum(self._dropped.values())
         self._thread: threading.Thread | None = None
         self._start_thread()
@@ -311,9 +292,7 @@ class Sender(SpoolBacklog):
     @property
     def run_rejected(self) -> str | None:
         """The server's refusal to create the run (a configuration error), or ``None``."""
-        with self._cond:
-            rejected = self._run_rejected
-        return None if rejected is None else str(rejected)
+        return self._delivery_log.refused
 
     @property
     def accepted_batches(self) -> int:
@@ -377,7 +356,8 @@ class Sender(SpoolBacklog):
 
     def _lost_locked(self) -> bool:
         """Whether this sender dropped a batch, or the server refused the run."""
-        return self._run_rejected is not None or sum(self._dropped.values()) > self._drops_at_start
+        refused = self._delivery_log.refused is not None
+        return refused or sum(self._dropped.values()) > self._drops_at_start
 
     def _loop(self) -> None:
         while True:
@@ -457,65 +437,21 @@ class Sender(SpoolBacklog):
             return
         self._delivered(len(item))
 
-    def _ensure_run(self) -> None:
-        """Create the run once. Raises :class:`RunRejectedError` when the server refuses it."""
-        if self._run_created:
-            return
-        try:
-            self._transport.create_run(self._run)
-        except RejectedError as exc:
-            with self._cond:
-                first = self._run_rejected is None
-                self._run_rejected = exc
-            if first:
-                where = (
-                    f"they are kept in {self._spool.directory}"
-                    if self._spool is not None
-                    else "without a spool they are dropped"
-                )
-                log.error(
-                    "gradwatch: the server refused to create run %s, so no step can be "
-                    "stored; check server= (the server's base URL, without /api/v1) and the "
-                    "token. %s. Batches are not sent; %s.",
-                    self._run.run_id,
-                    exc,
-                    where,
-                )
-            raise RunRejectedError(str(exc), exc.status_code) from exc
-        self._run_created = True
-        with self._cond:
-            self._run_rejected = None
-
-    def _send(self, wire: dict[str, Any]) -> None:
-        drops = self.dropped_batches
-        self._transport.send_batch(
-            self._run.run_id, {**wire, "dropped_batches": drops} if drops else wire
-        )
-
-    def _delivered(self, steps: int) -> None:
-        with self._cond:
-            self._sent_batches += 1
-            self._sent_steps += steps
-
-    def _count(self, reason: str, n: int = 1) -> None:
-        with self._cond:
-            self._dropped[reason] += n
-
     def _with_retry(self, call: Callable[[], None]) -> None:
         def attempt() -> None:
             try:
                 call()
             except RetryableError as exc:
-                self._report_outage(exc)
+                self._delivery_log.unreachable(exc)
                 raise
-            self._report_recovery()
+            self._delivery_log.answered()
 
         try:
             call_with_retry(attempt, self._retry, self._rng, self._clock.monotonic, self._sleep)
         except RunRejectedError:
             raise
         except RejectedError as exc:
-            self._log_rejection(exc)
+            self._delivery_log.rejected(exc)
             raise
         except RetryableError as exc:
             with self._cond:
@@ -535,39 +471,6 @@ class Sender(SpoolBacklog):
                 self._clock.wait(self._cond, remaining)
             return False
 
-    def _report_outage(self, exc: RetryableError) -> None:
-        """Log the first transient failure of an outage at once; the retries stay quiet."""
-        with self._cond:
-            first = not self._outage_reported
-            self._outage_reported = True
-        if first:
-            after = (
-                f"then keeps the batches in {self._spool.directory}"
-                if self._spool is not None
-                else "then drops them (no spool)"
-            )
-            log.warning(
-                "gradwatch: cannot reach the server (%s); retrying each batch for up to "
-                "%g s, %s. Training is not affected.",
-                exc,
-                self._retry.deadline_seconds,
-                after,
-            )
-
-    def _report_recovery(self) -> None:
-        with self._cond:
-            was_down = self._outage_reported
-            self._outage_reported = False
-        if was_down:
-            log.warning("gradwatch: the server answers again; delivery resumed")
-
-    def _log_rejection(self, exc: RejectedError) -> None:
-        with self._cond:
-            first = exc.status_code not in self._logged_rejections
-            self._logged_rejections.add(exc.status_code)
-        if first:
-            log.error("gradwatch: the server rejected a request; not retrying: %s", exc)
-
     # -- process events --------------------------------------------------------------------
 
     def _close_at_exit(self) -> None:
@@ -582,6 +485,7 @@ class Sender(SpoolBacklog):
         self._busy = False
         self._in_flight = None
         self._thread = None  # started on first use
+        self._delivery_log.reset_after_fork()
         if self._spool is not None:
             self._spool.reset_after_fork()
         reset = getattr(self._transport, "reset_after_fork", None)
