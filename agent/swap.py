@@ -145,19 +145,15 @@ class OptimizerSwap:
         optimizer = model.optimizer
         if optimizer is None:
             raise ConfigError("model: compile the model with an optimizer before fit")
-        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-            inner = optimizer.inner_optimizer
-            if isinstance(inner, MonitoredOptimizer):
-                self._check_own(inner)
-                return False
-            optimizer.inner_optimizer = self._wrap(inner)
-            self._installed = _Installed(optimizer, "inner_optimizer", inner, model.train_function)
-            return True
-        if isinstance(optimizer, MonitoredOptimizer):
-            self._check_own(optimizer)
+        # With a LossScaleOptimizer the wrapper goes inside it (it must see unscaled gradients).
+        lso = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+        owner, attribute = (optimizer, "inner_optimizer") if lso else (model, "optimizer")
+        current = getattr(owner, attribute)
+        if isinstance(current, MonitoredOptimizer):
+            self._check_own(current)
             return False
-        model.optimizer = self._wrap(optimizer)
-        self._installed = _Installed(model, "optimizer", optimizer, model.train_function)
+        setattr(owner, attribute, self._wrap(current))
+        self._installed = _Installed(owner, attribute, current, model.train_function)
         return True
 
     def _hook_loss_scale(self, optimizer: Any) -> None:
