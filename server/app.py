@@ -12,9 +12,10 @@ from fastapi.middleware.gzip import GZipMiddleware
 
 from .api import batches, events, health, heatmap, projects, runs, series
 from .api.errors import install_error_handlers
-from .auth import Authenticator, RateLimiter
+from .auth import Authenticator
 from .config import Settings
 from .export.prometheus import RunStateCollector, ServerMetrics
+from .ratelimit import BucketStore, FileBuckets, MemoryBuckets, RateLimiter
 from .store.db import Database, create_db_engine, upgrade_database
 from .ui.routes import install_ui
 
@@ -45,16 +46,39 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = metrics
-    app.state.authenticator = Authenticator(
-        require_auth=settings.require_auth,
-        limiter=RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst),
-    )
+    app.state.authenticator = _authenticator(settings)
     install_error_handlers(app)
     for module in (runs, batches, series, heatmap, events, projects, health):
         app.include_router(module.router)
     install_ui(app)
     app.add_middleware(GZipMiddleware, minimum_size=4096)
     return app
+
+
+def _authenticator(settings: Settings) -> Authenticator:
+    """The token checker with its two limits, whose buckets live in this process or, with
+    ``rate_limit_file``, in the file every worker of the server shares."""
+    buckets: BucketStore = (
+        MemoryBuckets()
+        if settings.rate_limit_file is None
+        else FileBuckets(settings.rate_limit_file)
+    )
+    return Authenticator(
+        require_auth=settings.require_auth,
+        limiter=RateLimiter(
+            settings.rate_limit_per_second,
+            settings.rate_limit_burst,
+            buckets=buckets,
+            namespace="token:",
+        ),
+        failure_limiter=RateLimiter(
+            settings.auth_failure_rate_per_second,
+            settings.auth_failure_burst,
+            buckets=buckets,
+            namespace="address:",
+            what="failed authentications per second per client address",
+        ),
+    )
 
 
 def _lifespan(

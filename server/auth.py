@@ -1,4 +1,4 @@
-"""API tokens, scopes, open mode and the per-token rate limit.
+"""API tokens, scopes, open mode, the per-token rate limit and the failed-authentication limit.
 
 A token belongs to one project and carries scopes: ``ingest`` (create runs, send batches, set
 a run's status) and ``read`` (list and query runs). It reads ``gw_<key>_<secret>``; the
@@ -18,21 +18,15 @@ import enum
 import hashlib
 import hmac
 import ipaddress
-import math
 import secrets
-import threading
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy.orm import Session
 
-from .errors import (
-    AuthenticationError,
-    PermissionDeniedError,
-    RateLimitedError,
-)
+from .errors import AuthenticationError, PermissionDeniedError
+from .ratelimit import RateLimiter
 from .store import tokens as token_store
 
 __all__ = [
@@ -194,70 +188,36 @@ def has_active_tokens(session: Session) -> bool:
     return token_store.has_active_tokens(session)
 
 
-class RateLimiter:
-    """Token buckets, one per API token: ``rate`` requests per second, bursts of ``burst``.
-
-    Thread-safe (one lock); never blocks beyond that lock. Time comes from ``clock``
-    (monotonic seconds), so tests drive it without sleeping.
-
-    Args:
-        rate: Sustained requests per second; 0 disables the limit.
-        burst: Requests allowed at once (bucket capacity), ≥ 1.
-        clock: Monotonic time in seconds.
-    """
-
-    def __init__(
-        self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self._rate = rate
-        self._burst = float(burst)
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._buckets: dict[str, tuple[float, float]] = {}
-
-    def acquire(self, key: str) -> None:
-        """Take one request from ``key``'s bucket.
-
-        Raises:
-            RateLimitedError: The bucket is empty; ``retry_after_seconds`` says when it
-                holds a request again.
-        """
-        if self._rate <= 0:
-            return
-        now = self._clock()
-        with self._lock:
-            tokens, since = self._buckets.get(key, (self._burst, now))
-            tokens = min(self._burst, tokens + (now - since) * self._rate)
-            if tokens >= 1.0:
-                self._buckets[key] = (tokens - 1.0, now)
-                return
-            self._buckets[key] = (tokens, now)
-        wait = (1.0 - tokens) / self._rate
-        raise RateLimitedError(
-            f"rate limit: at most {self._rate:g} requests per second per token "
-            f"(bursts of {self._burst:g}); retry in {wait:.2f} s",
-            retry_after_seconds=max(1, math.ceil(wait)),
-        )
-
-
 class Authenticator:
     """Turns an ``Authorization`` header into a :class:`Principal`, one per app.
 
     Thread-safe: the only state is a flag that flips once (tokens exist) and the rate
-    limiter's lock-protected buckets.
+    limiters' lock-protected buckets.
 
     Args:
         require_auth: Refuse requests without a valid token even while no token exists.
         limiter: The per-token rate limit.
+        failure_limiter: The limit on failed authentications (a token sent that is unknown,
+            malformed or revoked) per client address; None for no limit. An address over it
+            gets 429 without its token being checked.
     """
 
-    def __init__(self, *, require_auth: bool, limiter: RateLimiter) -> None:
+    def __init__(
+        self,
+        *,
+        require_auth: bool,
+        limiter: RateLimiter,
+        failure_limiter: RateLimiter | None = None,
+    ) -> None:
         self._require_auth = require_auth
         self._limiter = limiter
+        self._failures = failure_limiter
         self._tokens_seen = False
 
-    def authenticate(self, session: Session, bearer: str | None, scope: TokenScope) -> Principal:
-        """Check a bearer token (or its absence) against ``scope`` and the rate limit.
+    def authenticate(
+        self, session: Session, bearer: str | None, scope: TokenScope, client: str | None = None
+    ) -> Principal:
+        """Check a bearer token (or its absence) against ``scope`` and the rate limits.
 
         Blocks for one or two indexed queries.
 
@@ -265,12 +225,14 @@ class Authenticator:
             session: A read session.
             bearer: The token from ``Authorization: Bearer``; None when not sent.
             scope: What the request needs.
+            client: The client's address, the key of the failed-authentication limit.
 
         Raises:
             AuthenticationError: No token while one is required; an unknown, malformed or
                 revoked token.
             PermissionDeniedError: The token lacks ``scope``.
-            RateLimitedError: The token is over its rate limit.
+            RateLimitedError: The token is over its rate limit, or ``client`` over its limit
+                of failed authentications.
         """
         if bearer is None:
             if self._require_auth or self._tokens_exist(session):
@@ -280,7 +242,15 @@ class Authenticator:
                     "'gradwatch token create --project P --scope ingest')"
                 )
             return OPEN_ACCESS
-        principal = self._verify(session, bearer)
+        address = client or "unknown"
+        if self._failures is not None:
+            self._failures.check(address)
+        try:
+            principal = self._verify(session, bearer)
+        except AuthenticationError:
+            if self._failures is not None:
+                self._failures.acquire(address)
+            raise
         if scope not in principal.scopes:
             raise PermissionDeniedError(
                 f"scope: this token has scopes {_format_scopes(principal.scopes)!r}; "

@@ -31,6 +31,15 @@ class Settings(BaseSettings):
         rate_limit_per_second: Sustained requests per second allowed to one token; 0 turns
             the limit off. Requests over it get 429 with ``Retry-After``.
         rate_limit_burst: Requests one token may send at once before the rate applies.
+        auth_failure_rate_per_second: Failed authentications (a token sent that is unknown,
+            malformed or revoked) allowed per second to one client address; 0 turns the
+            limit off. An address over it gets 429 with ``Retry-After`` before its token is
+            even checked. Requests without a token do not count.
+        auth_failure_burst: Failed authentications one address may make at once.
+        rate_limit_file: File holding the rate-limit buckets shared by the worker processes
+            of one server, so both limits hold for the server as a whole. ``gradwatch server
+            --workers N`` (N > 1) creates it and sets it for its workers; None (the default)
+            keeps the buckets in the process.
         metrics_cache_seconds: How long a ``/metrics`` answer is reused, in seconds, so several
             scrapers (or a scrape storm) cost one set of queries; 0 turns the cache off.
         metrics_top_k_layers: Layers exported per run as ``gradwatch_layer_grad_norm`` (those
@@ -53,6 +62,9 @@ class Settings(BaseSettings):
     require_auth: bool = False
     rate_limit_per_second: float = Field(default=20.0, ge=0)
     rate_limit_burst: int = Field(default=100, ge=1)
+    auth_failure_rate_per_second: float = Field(default=1.0, ge=0)
+    auth_failure_burst: int = Field(default=20, ge=1)
+    rate_limit_file: str | None = None
     metrics_cache_seconds: float = Field(default=1.0, ge=0)
     metrics_top_k_layers: int = Field(default=10, ge=0)
     finished_run_grace_seconds: float = Field(default=600.0, ge=0)

@@ -10,6 +10,7 @@ Exception tree::
     ├── InvalidQueryError           422
     ├── PayloadTooLargeError        413
     ├── UnsupportedEncodingError    415
+    ├── UnsupportedMediaTypeError   415
     ├── MalformedBodyError          400
     ├── AuthenticationError         401 (with ``WWW-Authenticate: Bearer``)
     ├── PermissionDeniedError       403
@@ -38,6 +39,7 @@ __all__ = [
     "RateLimitedError",
     "RunNotFoundError",
     "UnsupportedEncodingError",
+    "UnsupportedMediaTypeError",
 ]
 
 VALIDATION_ERROR_CODE = "invalid"
@@ -109,8 +111,14 @@ class UnsupportedEncodingError(GradwatchError):
     code = "unsupported_encoding"
 
 
+class UnsupportedMediaTypeError(GradwatchError):
+    """The request body is not declared ``Content-Type: application/json``."""
+
+    code = "unsupported_media_type"
+
+
 class MalformedBodyError(GradwatchError):
-    """The request body cannot be decoded (e.g. broken gzip)."""
+    """The request body cannot be decoded (broken gzip)."""
 
     code = "malformed_body"
 

@@ -16,20 +16,17 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    GetCoreSchemaHandler,
     StrictBool,
     StrictInt,
     StrictStr,
     ValidationInfo,
     field_validator,
 )
-from pydantic_core import CoreSchema, core_schema
 
 from gradwatch.wire import (
     LAYER_FIELDS,
     MAX_COUNT,
     MAX_STEP,
-    NONFINITE_STRINGS,
     RUN_FIELDS,
     SCHEMA_VERSION,
     decode_float,
@@ -37,8 +34,10 @@ from gradwatch.wire import (
 )
 
 from .detect import Rule, Severity
+from .freeform import check_free_json, describe_limits
 from .store.metric import Metric
 from .store.models import RunStatus
+from .wirefloat import WireFloat
 
 __all__ = [
     "NO_NUL_PATTERN",
@@ -49,6 +48,7 @@ __all__ = [
     "ErrorOut",
     "EventList",
     "EventOut",
+    "FieldErrorOut",
     "HealthOut",
     "HeatmapOut",
     "LayerHealthOut",
@@ -68,35 +68,6 @@ __all__ = [
     "encode_float",
 ]
 
-
-def _decode_non_finite(text: str) -> float:
-    return NONFINITE_STRINGS[text]
-
-
-class _WireFloatSchema:
-    """Core schema of a wire float: a JSON number, or "NaN", "Infinity", "-Infinity".
-
-    Validated in pydantic-core (no Python call per value) with one error per bad value.
-    """
-
-    @classmethod
-    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
-        return core_schema.union_schema(
-            [
-                core_schema.float_schema(strict=True),
-                core_schema.no_info_after_validator_function(
-                    _decode_non_finite, core_schema.literal_schema(list(NONFINITE_STRINGS))
-                ),
-            ],
-            custom_error_type="wire_float",
-            custom_error_message=(
-                "Input should be a number or one of the strings 'NaN', 'Infinity', '-Infinity'"
-            ),
-        )
-
-
-WireFloat = Annotated[float, _WireFloatSchema]
-"""A float as it travels: JSON number or "NaN" / "Infinity" / "-Infinity"."""
 
 _Count = Annotated[StrictInt, Field(ge=0, le=MAX_COUNT)]
 _Step = Annotated[StrictInt, Field(ge=0, le=MAX_STEP)]
@@ -206,7 +177,17 @@ class RunCreate(_Wire):
     run_id: UUID = Field(description="Client-made run id.")
     name: StrictStr = Field(min_length=1, max_length=200, pattern=_NO_NUL)
     project: StrictStr = Field(default="default", pattern=PROJECT_PATTERN)
-    config: dict[str, Any] | None = Field(default=None, description="Free JSON object.")
+    config: dict[str, Any] | None = Field(
+        default=None,
+        description=f"Free JSON object: {describe_limits()}.",
+    )
+
+    @field_validator("config")
+    @classmethod
+    def _check_config(cls, config: dict[str, Any] | None) -> dict[str, Any] | None:
+        if config is not None:
+            check_free_json(config, "config")
+        return config
 
 
 class RunPatch(_Wire):
@@ -231,6 +212,11 @@ class RunOut(_Out):
     created_at: datetime
     updated_at: datetime
     config: dict[str, Any] | None
+    config_error: str | None = Field(
+        default=None,
+        description="Why the stored config is not returned (``config`` is null then): it "
+        "breaks the limits on free-form JSON (stored before they existed).",
+    )
     last_step: int | None
     last_ingest_at: datetime | None
     num_steps: int
@@ -433,8 +419,27 @@ class HealthOut(_Out):
     database: Literal["ok", "unavailable"]
 
 
-class ErrorOut(BaseModel):
-    """Body of every error reply raised by a domain error."""
+class FieldErrorOut(BaseModel):
+    """One invalid field of a request (in a 422 reply's ``errors``)."""
 
-    detail: str
+    type: str = Field(description="Machine-readable kind, e.g. 'missing', 'json_invalid'.")
+    loc: list[str | int] = Field(description="Where: 'body', 'query' or 'path', then the field.")
+    msg: str = Field(description="What is wrong, for a person.")
+
+
+class ErrorOut(BaseModel):
+    """Body of every error reply, whatever its status.
+
+    Attributes:
+        code: Stable machine-readable slug (``invalid``, ``invalid_query``, ``run_not_found``,
+            ``unauthenticated``, ``rate_limited``, …).
+        detail: What went wrong, for a person; names the offending field first
+            (``field: ...``).
+        errors: With ``code`` ``invalid`` (422): the invalid fields, at most 20.
+        error_count: With ``errors``: how many fields were invalid in all.
+    """
+
     code: str
+    detail: str
+    errors: list[FieldErrorOut] | None = None
+    error_count: int | None = None

@@ -6,11 +6,13 @@ The process is the console command a user runs, on a SQLite file, so a test can 
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import httpx
@@ -29,11 +31,22 @@ def free_port() -> int:
 class ServerProcess:
     """``gradwatch server`` in a subprocess on a fixed port and SQLite file; restartable."""
 
-    def __init__(self, database: Path, port: int | None = None) -> None:
+    def __init__(
+        self,
+        database: Path,
+        port: int | None = None,
+        *,
+        command: Sequence[str] = (sys.executable, "-m", "gradwatch.server.cli"),
+        args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.database = database
         self.port = port or free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self.log = database.with_suffix(".log")
+        self._command = list(command)
+        self._args = list(args)
+        self._env = None if env is None else {**os.environ, **env}
 
     @property
     def url(self) -> str:
@@ -45,9 +58,7 @@ class ServerProcess:
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 [
-                    sys.executable,
-                    "-m",
-                    "gradwatch.server.cli",
+                    *self._command,
                     "server",
                     "--host",
                     "127.0.0.1",
@@ -55,9 +66,11 @@ class ServerProcess:
                     str(self.port),
                     "--database-url",
                     f"sqlite:///{self.database}",
+                    *self._args,
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                env=self._env,
             )
         deadline = time.monotonic() + WAIT_SECONDS
         while time.monotonic() < deadline:

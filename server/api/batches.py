@@ -10,7 +10,7 @@ from fastapi import APIRouter
 from ..ingest.batch import IngestOptions, ingest_batch
 from ..schemas import BatchAck, StepBatch
 from .deps import IngestRunAccess, MetricsDep, SettingsDep, WriteSessionDep
-from .responses import RUN_NOT_FOUND, error
+from .responses import RUN_NOT_FOUND, WRITE, error
 from .route import IngestRoute
 
 __all__ = ["router"]
@@ -21,11 +21,9 @@ router = APIRouter(prefix="/api/v1/runs", tags=["batches"], route_class=IngestRo
 @router.post(
     "/{run_id}/batches",
     responses={
-        400: error("The body does not decode (broken gzip)."),
+        **WRITE,
         **RUN_NOT_FOUND,
-        409: error("Overlaps stored steps without being a resend."),
-        413: error("Body too large, on the wire or decoded."),
-        415: error("Content-Encoding other than gzip/identity."),
+        409: error("Overlaps stored steps without being a resend (code `batch_conflict`)."),
     },
 )
 def post_batch(

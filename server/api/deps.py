@@ -9,7 +9,7 @@ No ``from __future__ import annotations`` here: FastAPI must see the real ``Anno
 of the dependency factories' inner functions, which close over their ``scope``.
 """
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Annotated
 from uuid import UUID
 
@@ -24,6 +24,7 @@ from ..store import runs as run_store
 from ..store.db import Database
 
 __all__ = [
+    "Access",
     "DatabaseDep",
     "IngestAccess",
     "IngestRunAccess",
@@ -33,6 +34,7 @@ __all__ = [
     "ReadSessionDep",
     "SettingsDep",
     "WriteSessionDep",
+    "check_access",
     "get_authenticator",
     "get_database",
     "get_metrics",
@@ -100,42 +102,85 @@ _bearer = HTTPBearer(
     description="A gradwatch API token (gradwatch token create). Not needed in open mode.",
 )
 _Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+_STATE_KEY = "gradwatch_access"
 
 
-def _authenticate(scope: TokenScope) -> Callable[..., Principal]:
-    def authenticate(
-        credentials: _Credentials,
-        database: DatabaseDep,
-        authenticator: Annotated[Authenticator, Depends(get_authenticator)],
-    ) -> Principal:
-        bearer = None if credentials is None else credentials.credentials
-        with database.read_session() as session:
-            return authenticator.authenticate(session, bearer, scope)
+class Access:
+    """A dependency that checks the caller: token, scope and, with ``per_run``, the project of
+    the run in the path (403 for another project's run; an unknown run is left to the
+    handler's 404).
 
-    return authenticate
+    Body routes (:class:`~gradwatch.server.api.route.DecodedBodyRoute`) run the same check
+    before reading the body; the answer is kept on the request, so the dependency then returns
+    it without a second check (or a second rate-limit charge). Instances are immutable and
+    thread-safe.
+
+    Args:
+        scope: What the route needs.
+        per_run: Also check the project of the path's ``run_id``.
+    """
+
+    def __init__(self, scope: TokenScope, *, per_run: bool) -> None:
+        self.scope = scope
+        self.per_run = per_run
+
+    def __call__(self, request: Request, credentials: _Credentials) -> Principal:
+        """Return the checked caller (blocks for up to three indexed queries)."""
+        del credentials  # declared for OpenAPI's security scheme; read again by check_access
+        return check_access(request, self)
 
 
-def _authorize_run(scope: TokenScope) -> Callable[..., Principal]:
-    def authorize(
-        run_id: UUID,
-        principal: Annotated[Principal, Depends(_authenticate(scope))],
-        database: DatabaseDep,
-    ) -> Principal:
-        if principal.project is not None:
-            with database.read_session() as session:
-                project = run_store.get_run_project(session, str(run_id))
+def check_access(request: Request, access: Access) -> Principal:
+    """Check the request's caller against ``access`` once per request; blocks on the database.
+
+    Raises:
+        AuthenticationError: No valid token where one is needed.
+        PermissionDeniedError: The token lacks the scope, or is for another project than the
+            path's run.
+        RateLimitedError: The token, or the client address's failed authentications, are over
+            their rate limit.
+    """
+    checked = getattr(request.state, _STATE_KEY, None)
+    if checked is not None and checked[0] is access:
+        return checked[1]  # type: ignore[no-any-return]
+    bearer = _bearer_token(request)
+    client = None if request.client is None else request.client.host
+    with get_database(request).read_session() as session:
+        principal = get_authenticator(request).authenticate(
+            session, bearer, access.scope, client=client
+        )
+        run_id = _path_run_id(request) if access.per_run else None
+        if principal.project is not None and run_id is not None:
+            project = run_store.get_run_project(session, run_id)
             if project is not None:
                 principal.check_project(project)
-        return principal
+    setattr(request.state, _STATE_KEY, (access, principal))
+    return principal
 
-    return authorize
+
+def _bearer_token(request: Request) -> str | None:
+    """The ``Authorization: Bearer`` credentials, as ``HTTPBearer`` reads them."""
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not credentials:
+        return None
+    return credentials
 
 
-IngestAccess = Annotated[Principal, Depends(_authenticate(TokenScope.INGEST))]
+def _path_run_id(request: Request) -> str | None:
+    """The path's ``run_id`` as a canonical uuid; None when absent or not a uuid (FastAPI
+    refuses the path then)."""
+    raw = request.path_params.get("run_id")
+    try:
+        return None if raw is None else str(UUID(str(raw)))
+    except ValueError:
+        return None
+
+
+IngestAccess = Annotated[Principal, Depends(Access(TokenScope.INGEST, per_run=False))]
 """The caller, checked for the ``ingest`` scope."""
-ReadAccess = Annotated[Principal, Depends(_authenticate(TokenScope.READ))]
+ReadAccess = Annotated[Principal, Depends(Access(TokenScope.READ, per_run=False))]
 """The caller, checked for the ``read`` scope."""
-IngestRunAccess = Annotated[Principal, Depends(_authorize_run(TokenScope.INGEST))]
+IngestRunAccess = Annotated[Principal, Depends(Access(TokenScope.INGEST, per_run=True))]
 """The caller, checked for ``ingest`` on the project of the path's run."""
-ReadRunAccess = Annotated[Principal, Depends(_authorize_run(TokenScope.READ))]
+ReadRunAccess = Annotated[Principal, Depends(Access(TokenScope.READ, per_run=True))]
 """The caller, checked for ``read`` on the project of the path's run."""

@@ -11,7 +11,7 @@ from ..detect import DetectorConfig
 from ..detect import service as events
 from ..schemas import PROJECT_PATTERN
 from .deps import IngestAccess, ReadAccess, ReadSessionDep, WriteSessionDep
-from .responses import AUTH
+from .responses import READ, WRITE
 from .route import DecodedBodyRoute
 
 __all__ = ["router"]
@@ -21,7 +21,7 @@ router = APIRouter(prefix="/api/v1/projects", tags=["projects"], route_class=Dec
 _Project = Annotated[str, Path(pattern=PROJECT_PATTERN)]
 
 
-@router.get("/{project}/detectors", responses=AUTH)
+@router.get("/{project}/detectors", responses=READ)
 def get_detectors(
     project: _Project, session: ReadSessionDep, principal: ReadAccess
 ) -> DetectorConfig:
@@ -30,7 +30,7 @@ def get_detectors(
     return events.get_detector_config(session, project)
 
 
-@router.put("/{project}/detectors", responses=AUTH)
+@router.put("/{project}/detectors", responses=WRITE)
 def put_detectors(
     project: _Project, body: DetectorConfig, session: WriteSessionDep, principal: IngestAccess
 ) -> DetectorConfig:

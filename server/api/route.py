@@ -1,144 +1,108 @@
-"""Route classes that decode request bodies (gzip, size caps) and time ingest requests.
+"""Route classes that check the caller, then read, decode and parse request bodies.
 
-:class:`DecodedBodyRoute` reads the body itself before FastAPI parses it, so a too-large or
-undecodable body is a clean 413/400/415 and endpoints still declare pydantic bodies that appear
-in OpenAPI (the FastAPI "custom request and APIRoute class" pattern). JSON is parsed strictly:
-bare ``NaN``/``Infinity`` tokens are refused (non-finite floats travel as strings).
+:class:`DecodedBodyRoute` handles a route's body itself before FastAPI sees it (the FastAPI
+"custom request and APIRoute class" pattern), in an order where nothing costly happens for a
+caller who may not send it:
+
+1. the route's access dependency (:class:`~gradwatch.server.api.deps.Access`: token, scope,
+   project of the path's run) runs first, so an unauthenticated body is answered 401 without
+   being read, decompressed or parsed (and failed tokens are rate-limited per address);
+2. the body's media type (415) and encoding (415) are checked from the headers;
+3. the body is read and gzip-decoded under ``Settings.max_body_bytes`` (413, 400);
+4. it is parsed as strict JSON (422; see :mod:`gradwatch.server.api.body`).
+
+Endpoints still declare pydantic bodies, which appear in OpenAPI; FastAPI then validates the
+parsed value. Routes without a body are left to FastAPI (their access dependency runs as
+usual, and nothing reads a body).
 """
 
 from __future__ import annotations
 
-import json
 import time
-import zlib
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from anyio import to_thread
 from fastapi import Request, Response
+from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 
-from ..errors import (
-    VALIDATION_ERROR_CODE,
-    GradwatchError,
-    MalformedBodyError,
-    PayloadTooLargeError,
-    UnsupportedEncodingError,
-)
-from .deps import get_metrics, get_settings
+from ..errors import VALIDATION_ERROR_CODE, GradwatchError
+from .body import check_media_type, content_encoding, decode_body, parse_json, read_body
+from .deps import Access, check_access, get_metrics, get_settings
 
 __all__ = ["DecodedBodyRoute", "IngestRoute"]
 
 _Handler = Callable[[Request], Coroutine[Any, Any, Response]]
-_GZIP = ("gzip", "x-gzip")
-_IDENTITY = "identity"
+_NOTHING = object()
 
 
 class _DecodedRequest(Request):
-    """A request whose body is read once, size-capped and gzip-decoded by :meth:`load`."""
+    """A request whose body was read, decoded and parsed by :class:`DecodedBodyRoute`."""
 
-    _decoded: bytes | None = None
-
-    async def load(self, max_bytes: int) -> None:
-        """Read, cap and decode the body.
-
-        Raises:
-            PayloadTooLargeError: More than ``max_bytes`` on the wire or after decoding.
-            UnsupportedEncodingError: A ``Content-Encoding`` other than gzip or identity.
-            MalformedBodyError: The gzip stream does not decode.
-        """
-        encoding = _content_encoding(self)
-        declared = self.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > max_bytes:
-            raise PayloadTooLargeError(
-                f"body: {declared} bytes, at most {max_bytes} bytes accepted"
-            )
-        raw = bytearray()
-        async for chunk in self.stream():
-            raw += chunk
-            if len(raw) > max_bytes:
-                raise PayloadTooLargeError(
-                    f"body: more than {max_bytes} bytes, at most {max_bytes} accepted"
-                )
-        if encoding == _IDENTITY:
-            self._decoded = bytes(raw)
-        else:
-            self._decoded = await to_thread.run_sync(_gunzip, bytes(raw), max_bytes)
+    _decoded: bytes = b""
+    _parsed: Any = _NOTHING
 
     async def body(self) -> bytes:
-        """Return the decoded body (after :meth:`load`)."""
-        if self._decoded is None:
-            raise RuntimeError("body read before load()")
+        """Return the decoded body."""
         return self._decoded
 
     async def json(self) -> Any:
-        """Parse the decoded body as strict JSON, off the event loop."""
-        return await to_thread.run_sync(_parse_json, await self.body())
+        """Return the parsed body (parsed once, off the event loop)."""
+        if self._parsed is _NOTHING:
+            self._parsed = await to_thread.run_sync(parse_json, self._decoded)
+        return self._parsed
 
 
-def _content_encoding(request: Request) -> str:
-    codings = [
-        part.strip().lower()
-        for header in request.headers.getlist("content-encoding")
-        for part in header.split(",")
-        if part.strip()
-    ]
-    codings = [coding for coding in codings if coding != _IDENTITY]
-    if not codings:
-        return _IDENTITY
-    if len(codings) == 1 and codings[0] in _GZIP:
-        return "gzip"
-    raise UnsupportedEncodingError(
-        f"Content-Encoding: {', '.join(codings)!s} not supported; send gzip or identity"
-    )
+def _find_access(dependant: Dependant) -> Access | None:
+    """The route's access dependency, searched depth-first."""
+    for dependency in dependant.dependencies:
+        if isinstance(dependency.call, Access):
+            return dependency.call
+        found = _find_access(dependency)
+        if found is not None:
+            return found
+    return None
 
 
-def _gunzip(data: bytes, max_bytes: int) -> bytes:
-    """Decode a (possibly multi-member) gzip stream, refusing more than ``max_bytes``."""
-    out = bytearray()
-    rest = data
-    while True:
-        decoder = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-        try:
-            out += decoder.decompress(rest, max_bytes + 1 - len(out))
-        except zlib.error as error:
-            raise MalformedBodyError(f"body: not valid gzip ({error})") from error
-        if len(out) > max_bytes:
-            raise PayloadTooLargeError(
-                f"body: more than {max_bytes} bytes after gzip decoding, at most {max_bytes} "
-                "accepted"
-            )
-        if not decoder.eof:
-            raise MalformedBodyError("body: gzip stream is truncated")
-        rest = decoder.unused_data
-        if not rest:
-            return bytes(out)
-
-
-def _refuse_constant(token: str) -> Any:
-    raise json.JSONDecodeError(
-        f"bare {token} is not JSON; send non-finite floats as the strings "
-        '"NaN", "Infinity", "-Infinity"',
-        token,
-        0,
-    )
-
-
-def _parse_json(body: bytes) -> Any:
-    return json.loads(body, parse_constant=_refuse_constant)
+def _declares_body(request: Request) -> bool:
+    length = request.headers.get("content-length")
+    if length is not None:
+        return length.strip() not in ("", "0")
+    return "transfer-encoding" in request.headers
 
 
 class DecodedBodyRoute(APIRoute):
-    """An ``APIRoute`` that caps and gzip-decodes request bodies (``Settings.max_body_bytes``)."""
+    """An ``APIRoute`` that authenticates, then caps, decodes and parses request bodies."""
 
     def get_route_handler(self) -> _Handler:
-        """Wrap FastAPI's handler so the body is decoded first."""
+        """Wrap FastAPI's handler so the caller is checked and the body decoded first."""
         handle = super().get_route_handler()
+        if self.body_field is None:
+            return handle
+        access = _find_access(self.dependant)
 
         async def handle_decoded(request: Request) -> Response:
+            if access is not None:
+                await to_thread.run_sync(check_access, request, access)
             decoded = _DecodedRequest(request.scope, request.receive)
-            await decoded.load(get_settings(request).max_body_bytes)
+            if _declares_body(request):
+                check_media_type(request)
+                encoding = content_encoding(request)
+                max_bytes = get_settings(request).max_body_bytes
+                metrics = get_metrics(request)
+                raw = await read_body(request, max_bytes)
+                metrics.body_read_bytes.inc(len(raw))
+                if encoding != "identity":
+                    decoded._decoded = await to_thread.run_sync(
+                        decode_body, raw, encoding, max_bytes
+                    )
+                    metrics.body_decoded_bytes.inc(len(decoded._decoded))
+                else:
+                    decoded._decoded = raw
+                if decoded._decoded:
+                    await decoded.json()
             return await handle(decoded)
 
         return handle_decoded

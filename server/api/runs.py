@@ -27,7 +27,7 @@ from .deps import (
     ReadSessionDep,
     WriteSessionDep,
 )
-from .responses import AUTH, RUN_NOT_FOUND
+from .responses import READ, RUN_NOT_FOUND, WRITE
 from .route import DecodedBodyRoute
 
 __all__ = ["router"]
@@ -39,7 +39,7 @@ router = APIRouter(prefix="/api/v1/runs", tags=["runs"], route_class=DecodedBody
     "",
     status_code=status.HTTP_201_CREATED,
     responses={
-        **AUTH,
+        **WRITE,
         200: {"model": RunOut, "description": "The run already existed (unchanged)."},
     },
 )
@@ -55,7 +55,7 @@ def create_run(
     return out
 
 
-@router.get("", responses=AUTH)
+@router.get("", responses=READ)
 def list_runs(
     session: ReadSessionDep,
     principal: ReadAccess,
@@ -87,7 +87,7 @@ def get_run(run_id: UUID, session: ReadSessionDep, _principal: ReadRunAccess) ->
     return run.get_run(session, str(run_id))
 
 
-@router.patch("/{run_id}", responses=RUN_NOT_FOUND)
+@router.patch("/{run_id}", responses={**WRITE, **RUN_NOT_FOUND})
 def patch_run(
     run_id: UUID, body: RunPatch, session: WriteSessionDep, _principal: IngestRunAccess
 ) -> RunOut:

@@ -13,7 +13,7 @@ from ..query.series import MAX_POINTS, read_series
 from ..schemas import NO_NUL_PATTERN, SeriesOut
 from ..store.metric import Metric
 from .deps import ReadRunAccess, ReadSessionDep
-from .responses import AUTH, error
+from .responses import RUN_NOT_FOUND, error
 
 __all__ = ["router"]
 
@@ -23,7 +23,10 @@ router = APIRouter(prefix="/api/v1/runs", tags=["series"])
 @router.get(
     "/{run_id}/series",
     response_model=SeriesOut,
-    responses={**AUTH, 404: error("No such run or layer.")},
+    responses={
+        **RUN_NOT_FOUND,
+        404: error("No such run or layer (code `run_not_found`, `layer_not_found`)."),
+    },
 )
 def get_series(
     run_id: UUID,

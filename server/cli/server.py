@@ -30,11 +30,22 @@ def server(
             " or 20.",
         ),
     ] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            metavar="N",
+            help="Worker processes (uvicorn workers); the rate limits and /metrics hold for "
+            "the server as a whole.",
+        ),
+    ] = 1,
 ) -> None:
     """Run the gradwatch server (upgrades the database schema on start).
 
     Without API tokens the server is open, which it allows only on a loopback address unless
     --insecure is given; with tokens every API request needs one (Authorization: Bearer).
+    With --workers N, N processes serve the same port; they share the rate-limit buckets and
+    the self-metrics, so every limit and counter is the server's, not one worker's.
     """
     import uvicorn
 
@@ -63,7 +74,12 @@ def server(
         typer.echo(f"gradwatch server: {error}", err=True)
         raise typer.Exit(code=2) from None
     settings = settings.model_copy(update={"require_auth": require_auth or settings.require_auth})
-    uvicorn.run(create_app(settings), host=host, port=port)
+    if workers == 1:
+        uvicorn.run(create_app(settings), host=host, port=port)
+    else:
+        from .workers import serve_workers
+
+        serve_workers(settings, host=host, port=port, workers=workers)
 
 
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)

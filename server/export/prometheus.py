@@ -15,13 +15,14 @@ series go stale in Prometheus afterwards.
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, multiprocess
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -38,12 +39,13 @@ from ..errors import (
     RateLimitedError,
     RunNotFoundError,
     UnsupportedEncodingError,
+    UnsupportedMediaTypeError,
 )
 from ..schemas import decode_float
 from ..store import scrape as scrape_store
 from ..store.db import Database
 
-__all__ = ["RunStateCollector", "ServerMetrics"]
+__all__ = ["MULTIPROCESS_ENV", "RunStateCollector", "ServerMetrics"]
 
 _REJECTION_REASONS = (
     VALIDATION_ERROR_CODE,
@@ -52,6 +54,7 @@ _REJECTION_REASONS = (
     BatchConflictError.code,
     PayloadTooLargeError.code,
     UnsupportedEncodingError.code,
+    UnsupportedMediaTypeError.code,
     MalformedBodyError.code,
     AuthenticationError.code,
     PermissionDeniedError.code,
@@ -59,31 +62,53 @@ _REJECTION_REASONS = (
 )
 
 
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+"""prometheus_client's multiprocess directory; ``gradwatch server --workers N`` sets it."""
+
+
 @dataclass(frozen=True, slots=True)
 class ServerMetrics:
     """The per-app registry and the server's own metrics. Thread-safe.
+
+    With :data:`MULTIPROCESS_ENV` set (before ``prometheus_client`` is imported, as
+    ``gradwatch server --workers N`` does for its workers), the self-metrics live in that
+    directory and ``/metrics`` on any worker reports their sum over all workers
+    (``MultiProcessCollector``), so counters never jump between scrapes.
 
     Attributes:
         registry: Registry exposed at ``/metrics``.
         ingest_samples: ``gradwatch_ingest_samples_total``: samples stored.
         ingest_rejected: ``gradwatch_ingest_rejected_total{reason}``: batches refused.
         ingest_duration: ``gradwatch_ingest_request_duration_seconds``: batch request time.
+        body_read_bytes: ``gradwatch_request_body_read_bytes_total``: request body bytes read
+            from clients (bodies are read only once the caller is authenticated).
+        body_decoded_bytes: ``gradwatch_request_body_decoded_bytes_total``: bytes produced by
+            decoding gzip request bodies.
     """
 
     registry: CollectorRegistry
     ingest_samples: Counter
     ingest_rejected: Counter
     ingest_duration: Histogram
+    body_read_bytes: Counter
+    body_decoded_bytes: Counter
 
     @classmethod
     def create(cls) -> ServerMetrics:
         """Create a fresh registry with the self-metrics registered (no I/O)."""
         registry = CollectorRegistry()
+        home = registry
+        directory = os.environ.get(MULTIPROCESS_ENV)
+        if directory:
+            # The metrics write to files in the directory; the exposed registry reads the
+            # sum over every process from there (registering them too would list them twice).
+            multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+            home = CollectorRegistry()
         rejected = Counter(
             "gradwatch_ingest_rejected",
             "Batches refused, by reason.",
             ["reason"],
-            registry=registry,
+            registry=home,
         )
         for reason in _REJECTION_REASONS:
             rejected.labels(reason=reason)
@@ -92,13 +117,23 @@ class ServerMetrics:
             ingest_samples=Counter(
                 "gradwatch_ingest_samples",
                 "Samples (one value of one series at one step) stored.",
-                registry=registry,
+                registry=home,
             ),
             ingest_rejected=rejected,
             ingest_duration=Histogram(
                 "gradwatch_ingest_request_duration_seconds",
                 "Time to handle one batch request, decoding included, in seconds.",
-                registry=registry,
+                registry=home,
+            ),
+            body_read_bytes=Counter(
+                "gradwatch_request_body_read_bytes",
+                "Request body bytes read from clients (only once the caller is authenticated).",
+                registry=home,
+            ),
+            body_decoded_bytes=Counter(
+                "gradwatch_request_body_decoded_bytes",
+                "Bytes produced by decoding gzip request bodies.",
+                registry=home,
             ),
         )
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ..errors import InvalidQueryError, RunNotFoundError
+from ..freeform import check_free_json
 from ..schemas import LayerOut, LayersOut, RunCreate, RunList, RunOut
 from ..store import runs as run_store
 from ..store import series as series_store
@@ -158,28 +160,49 @@ def _summarise(session: Session, runs: Sequence[Run]) -> list[RunOut]:
     layers = run_store.count_layers(session, run_ids)
     global_norms = series_store.get_run_series_states(session, run_ids, Metric.GLOBAL_NORM)
     drops = run_store.get_agent_drops(session, run_ids)
-    return [
-        RunOut(
-            run_id=run.id,
-            project=run.project,
-            name=run.name,
-            status=RunStatus(run.status),
-            created_at=run.created_at,
-            updated_at=run.updated_at,
-            config=run.config,
-            last_step=run.last_step,
-            last_ingest_at=run.last_ingest_at,
-            num_steps=run.num_steps,
-            num_layers=layers.get(run.id, 0),
-            clipped_steps=run.clipped_steps,
-            skipped_steps=run.skipped_steps,
-            nonfinite_steps=run.nonfinite_steps,
-            nonfinite_values=run.nonfinite_values,
-            max_global_norm=_series_max(global_norms.get(run.id)),
-            dropped_batches=drops.get(run.id, {}),
+    outs = []
+    for run in runs:
+        config, config_error = _readable_config(run.config)
+        outs.append(
+            RunOut(
+                run_id=run.id,
+                project=run.project,
+                name=run.name,
+                status=RunStatus(run.status),
+                created_at=run.created_at,
+                updated_at=run.updated_at,
+                config=config,
+                config_error=config_error,
+                last_step=run.last_step,
+                last_ingest_at=run.last_ingest_at,
+                num_steps=run.num_steps,
+                num_layers=layers.get(run.id, 0),
+                clipped_steps=run.clipped_steps,
+                skipped_steps=run.skipped_steps,
+                nonfinite_steps=run.nonfinite_steps,
+                nonfinite_values=run.nonfinite_values,
+                max_global_norm=_series_max(global_norms.get(run.id)),
+                dropped_batches=drops.get(run.id, {}),
+            )
         )
-        for run in runs
-    ]
+    return outs
+
+
+def _readable_config(config: object) -> tuple[dict[str, Any] | None, str | None]:
+    """A stored config as it can be returned, or None and why not.
+
+    Every config accepted now passes; one stored before the limits existed (256 levels deep
+    broke the serialisation of every list holding it) is left out of its run's reply only.
+    """
+    if config is None:
+        return None, None
+    if not isinstance(config, dict):
+        return None, f"stored config is a JSON {type(config).__name__}, not an object"
+    try:
+        check_free_json(config, "config")
+    except ValueError as error:
+        return None, f"stored config not returned: {error}"
+    return config, None
 
 
 def _series_max(state: SeriesState | None) -> float | None:

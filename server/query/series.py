@@ -21,6 +21,8 @@ import numpy as np
 from numpy.typing import NDArray
 from sqlalchemy.orm import Session
 
+from gradwatch.wire import MAX_STEP
+
 from ..errors import InvalidQueryError, LayerNotFoundError, RunNotFoundError
 from ..schemas import BucketedSeriesOut, RawSeriesOut
 from ..store import runs as run_store
@@ -29,7 +31,14 @@ from ..store.block import BlockSummaries, StoredBlock, decode_blocks
 from ..store.metric import METRICS, Metric, MetricKind, Scope
 from ..store.models import RUN_LEVEL
 
-__all__ = ["MAX_POINTS", "Buckets", "aggregate_buckets", "bucket_series", "read_series"]
+__all__ = [
+    "MAX_POINTS",
+    "Buckets",
+    "aggregate_buckets",
+    "bucket_index",
+    "bucket_series",
+    "read_series",
+]
 
 MAX_POINTS = 10_000
 """Hard cap on the values or buckets of one reply."""
@@ -114,7 +123,7 @@ def aggregate_buckets(pieces: _Pieces, origin: int, width: int) -> Buckets:
 
     Pure NumPy, thread-safe.
     """
-    index = (pieces.first - origin) // width
+    index = bucket_index(pieces.first, origin, width)
     starts = np.flatnonzero(np.concatenate(([True], index[1:] != index[:-1])))
     ends = np.append(starts[1:], len(index)) - 1
     valid = np.add.reduceat(pieces.valid, starts)
@@ -125,12 +134,25 @@ def aggregate_buckets(pieces: _Pieces, origin: int, width: int) -> Buckets:
     high[valid == 0] = np.nan
     return Buckets(
         width=width,
-        start=origin + index[starts] * width,
+        # index is 0 wherever width exceeds int64, so the product never overflows.
+        start=origin + index[starts] * min(width, MAX_STEP),
         min=low,
         max=high,
         last=pieces.last[ends],
         count=np.add.reduceat(pieces.count, starts),
     )
+
+
+def bucket_index(steps: NDArray[np.int64], origin: int, width: int) -> NDArray[np.int64]:
+    """Bucket of each step (≥ ``origin``); ``width`` is a Python int and may exceed int64.
+
+    Offsets fit int64 (steps are 0..``MAX_STEP``); a width above ``MAX_STEP`` (2⁶³: one
+    bucket over every possible step) is wider than any offset, so every step is in bucket 0.
+    """
+    offsets = steps - np.int64(origin)
+    if width > MAX_STEP:
+        return np.zeros_like(offsets)
+    return offsets // np.int64(width)
 
 
 def bucket_series(
@@ -152,6 +174,11 @@ def bucket_series(
 
 
 def _width(first: int, last: int, max_buckets: int) -> int:
+    """Steps per bucket so that at most ``max_buckets`` tile ``first..last``.
+
+    Python ints throughout: for ``0..MAX_STEP`` and one bucket the width is 2⁶³, beyond int64
+    (see :func:`bucket_index` and ``series_store.bucket_inner_blocks``).
+    """
     return -(-(last - first + 1) // max_buckets)
 
 

@@ -13,6 +13,7 @@ from typing import Any, cast
 import numpy as np
 from sqlalchemy import (
     ColumnElement,
+    SQLColumnExpression,
     Table,
     and_,
     func,
@@ -25,6 +26,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, aliased
 
+from gradwatch.wire import MAX_STEP
+
 from .block import BlockSummaries, StoredBlock
 from .metric import LAYER_ORDER_METRIC, Metric
 from .models import RUN_LEVEL, Block, Series
@@ -35,6 +38,7 @@ __all__ = [
     "SeriesKey",
     "SeriesState",
     "bucket_inner_blocks",
+    "bucket_of",
     "count_inner_blocks",
     "fetch_block_summaries",
     "fetch_blocks",
@@ -378,6 +382,20 @@ def _inside(series_id: int, lo: int, hi: int) -> list[ColumnElement[bool]]:
     ]
 
 
+def bucket_of(step: SQLColumnExpression[int], origin: int, width: int) -> ColumnElement[int]:
+    """SQL bucket index of ``step`` (≥ ``origin``) for buckets of ``width`` steps from ``origin``.
+
+    Every offset ``step - origin`` fits int64 (steps are 0..``MAX_STEP``), but ``width`` need
+    not: one bucket over every possible step is 2⁶³ wide, one more than a ``bigint`` parameter
+    can hold. Such a width puts every step in bucket 0, written as ``step - step`` so the
+    expression still depends on the row (a bare constant in ``GROUP BY`` is a column position
+    on PostgreSQL) and no out-of-range number is bound.
+    """
+    if width > MAX_STEP:
+        return step - step
+    return (step - origin) // width
+
+
 def bucket_inner_blocks(
     session: Session, series_id: int, lo: int, hi: int, origin: int, width: int
 ) -> BlockSummaries:
@@ -388,8 +406,8 @@ def bucket_inner_blocks(
     ``vmax`` (SQL's min/max skip NULL, i.e. all-NaN blocks) and the ``vlast`` of its last
     block (found by primary key). At most one row per bucket reaches Python.
     """
-    first_bucket = (Block.first_step - origin) // width
-    last_bucket = (Block.last_step - origin) // width
+    first_bucket = bucket_of(Block.first_step, origin, width)
+    last_bucket = bucket_of(Block.last_step, origin, width)
     grouped = (
         select(
             first_bucket.label("bucket"),
@@ -437,7 +455,7 @@ def fetch_split_blocks(
         select(*BLOCK_COLUMNS)
         .where(
             *_inside(series_id, lo, hi),
-            (Block.first_step - origin) // width != (Block.last_step - origin) // width,
+            bucket_of(Block.first_step, origin, width) != bucket_of(Block.last_step, origin, width),
         )
         .order_by(Block.first_step)
     )

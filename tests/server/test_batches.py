@@ -327,10 +327,11 @@ def test_post_batch_shape_error_message_is_explicit(client):
     body = make_batch([0, 1, 2, 3], layers=["a", "b", "c", "d"])
     body["grad_norm"][3] = [1.0] * 5
 
-    detail = post_batch(client, run_id, body).json()["detail"]
+    reply = post_batch(client, run_id, body).json()
 
-    assert detail[0]["loc"] == ["body", "grad_norm"]
-    assert "grad_norm: row 3 has 5 values, expected 4 (one per layer)" in detail[0]["msg"]
+    assert reply["errors"][0]["loc"] == ["body", "grad_norm"]
+    assert "grad_norm: row 3 has 5 values, expected 4 (one per layer)" in reply["errors"][0]["msg"]
+    assert reply["detail"].startswith("grad_norm: ")
 
 
 def test_post_batch_rejects_bare_nan_token(client):
@@ -341,7 +342,7 @@ def test_post_batch_rejects_bare_nan_token(client):
     response = post_batch(client, run_id, raw.encode())
 
     assert response.status_code == 422
-    assert "NaN" in response.json()["detail"][0]["msg"]
+    assert "NaN" in response.json()["errors"][0]["msg"]
 
 
 def test_post_batch_broken_gzip_is_400(client):

@@ -62,7 +62,7 @@ def test_create_run_normalises_uuid(client):
 def test_create_run_rejects_bad_fields(client, body, field):
     response = client.post("/api/v1/runs", json={"run_id": str(uuid.uuid4()), "name": "x", **body})
     assert response.status_code == 422
-    assert any(field in error["loc"] for error in response.json()["detail"])
+    assert any(field in error["loc"] for error in response.json()["errors"])
     assert client.get("/api/v1/runs").json()["runs"] == []
 
 
