@@ -4,7 +4,8 @@ Fills a SQLite database with one run of ``--layers`` layers × ``--steps`` steps
 ``--block`` steps (the agent's default ``flush_every``): the first batch goes through the real
 ingest (run, series, layer order, detectors), every later block is written straight into the
 ``blocks`` table in the store's format (packed float32 values plus summary columns), so the
-fill takes minutes instead of the hour HTTP ingest would. One layer gets a one-step spike.
+fill takes minutes instead of the hour HTTP ingest would, and the chunk rollups are then
+rebuilt from the blocks as migration 0004 does (timed). One layer gets a one-step spike.
 Then, on a real server (``EmbeddedServer``) on 127.0.0.1:
 
 * **server**: ``GET /heatmap`` (whole run, ``--buckets`` buckets; and a zoom to 1% of the
@@ -42,6 +43,7 @@ from gradwatch.server.query.run import create_run
 from gradwatch.server.schemas import RunCreate, StepBatch
 from gradwatch.server.store.db import Database, create_db_engine, upgrade_database
 from gradwatch.server.store.models import RUN_LEVEL
+from gradwatch.server.store.rollup import rebuild_rollups
 from tests.ui.conftest import CHROMIUM, CHROMIUM_ARGS
 
 _LIMITS = IngestOptions(max_steps=100_000, max_layers=10_000)
@@ -107,6 +109,10 @@ def fill(path: Path, layers: int, steps: int, block: int) -> str:
         raw.commit()
         raw.close()
         print(f"  fill: {time.perf_counter() - started:.0f} s", file=sys.stderr)
+        started = time.perf_counter()
+        with engine.begin() as connection:
+            rebuild_rollups(connection)  # what migration 0004 does to a database stored before
+        print(f"  rollups rebuilt: {time.perf_counter() - started:.0f} s", file=sys.stderr)
     finally:
         engine.dispose()
     return run_id

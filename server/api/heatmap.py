@@ -37,9 +37,10 @@ def get_heatmap(
     """Return the maximum of a per-layer metric per layer and step bucket (a heatmap).
 
     Every layer, in layer order, over at most ``buckets`` equal-width step buckets of
-    ``start..end`` (inclusive; omitted, the run's stored steps). Buckets are a whole number of
-    the run's blocks wide, so the maximum is exact and a one-step spike always shows; zoom in
-    (a narrower range) for finer buckets.
+    ``start..end`` (inclusive; omitted, the run's stored steps). Every value of a bucket is in
+    its maximum, so a one-step spike always shows: wide ranges get buckets a whole number of
+    1,024-step chunks or of the run's batches wide (fewer buckets than asked when the range
+    holds fewer), a range zoomed in to a few thousand steps gets exact narrow buckets.
     """
     out = read_heatmap(session, str(run_id), metric, start=start, end=end, buckets=buckets)
     # Serialised by the model itself so non-finite floats travel as "NaN"/"Infinity".

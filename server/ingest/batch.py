@@ -18,8 +18,7 @@ or not at all, whichever worker ingests.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -33,11 +32,12 @@ from ..errors import BatchConflictError, InvalidBatchError, RunNotFoundError
 from ..schemas import BatchAck, StepBatch, encode_float
 from ..store import runs as run_store
 from ..store import series as series_store
-from ..store.block import BlockSet, decode_blocks, encode_blocks
+from ..store.block import decode_blocks, encode_blocks
 from ..store.metric import METRICS, Metric, MetricKind, MetricSpec, Scope
 from ..store.models import RUN_LEVEL, Run
+from ..store.rollup import chunk_maxima
 from ..store.runs import BatchRecord
-from ..store.series import SeriesKey, SeriesState
+from .blocks import MetricBlocks, store_blocks
 
 __all__ = ["IngestOptions", "PreparedBatch", "ingest_batch", "ingest_batches", "prepare_batch"]
 
@@ -79,14 +79,6 @@ class _RunTotals:
 
 
 @dataclass(frozen=True, slots=True)
-class _MetricBlocks:
-    metric: Metric
-    layers: tuple[str, ...]
-    """Layer of each block column; ``("",)`` for run-level metrics."""
-    blocks: BlockSet
-
-
-@dataclass(frozen=True, slots=True)
 class PreparedBatch:
     """A validated batch turned into block rows, ready to store.
 
@@ -102,7 +94,7 @@ class PreparedBatch:
 
     record: BatchRecord
     steps: NDArray[np.int64]
-    metrics: tuple[_MetricBlocks, ...]
+    metrics: tuple[MetricBlocks, ...]
     totals: _RunTotals
     samples: int
     columns: StepColumns
@@ -130,15 +122,20 @@ def prepare_batch(batch: StepBatch, limits: IngestOptions) -> PreparedBatch:
         )
     steps = np.asarray(batch.step, dtype=np.int64)
     arrays = {spec.metric: _to_arrays(batch, spec, n) for spec in METRICS.values()}
-    prepared: list[_MetricBlocks] = []
+    prepared: list[MetricBlocks] = []
     for spec in METRICS.values():
         columns = arrays[spec.metric]
         if columns is None:
             continue
         values, present = columns
-        layers = tuple(batch.layers) if spec.scope is Scope.LAYER else (RUN_LEVEL,)
+        per_layer = spec.scope is Scope.LAYER
         prepared.append(
-            _MetricBlocks(spec.metric, layers, encode_blocks(steps, values, present, spec.kind))
+            MetricBlocks(
+                spec.metric,
+                tuple(batch.layers) if per_layer else (RUN_LEVEL,),
+                encode_blocks(steps, values, present, spec.kind),
+                chunk_maxima(steps, values, present) if per_layer else None,
+            )
         )
     totals = _total(arrays, n)
     detector_columns = _detector_columns(arrays, steps, tuple(batch.layers))
@@ -252,7 +249,7 @@ def _store(
         )
     _check_totals(run, prepared.totals)
     run_store.insert_batch(session, run_id, record, now)
-    _store_blocks(session, run_id, prepared)
+    store_blocks(session, run_id, prepared.metrics)
     if run.last_step is None or record.last_step > run.last_step:
         run.top_layers = _top_layers(prepared.columns, options.top_k_layers)
     _add_totals(run, prepared, now)
@@ -366,95 +363,6 @@ def _are_stored(session: Session, run_id: str, steps: NDArray[np.int64]) -> bool
 def _check_totals(run: Run, totals: _RunTotals) -> None:
     if run.nonfinite_values + totals.nonfinite_values > _INT64_MAX:
         raise InvalidBatchError("nonfinite: the run's total of non-finite values overflows int64")
-
-
-@dataclass(frozen=True, slots=True)
-class _BlockSummary:
-    """Summary of one block, NaN standing for "none" as in ``BlockSet``."""
-
-    count: int
-    nan_count: int
-    first_step: int
-    last_step: int
-    vmin: float
-    vmax: float
-    vlast: float
-    vsum: float
-
-
-def _store_blocks(session: Session, run_id: str, prepared: PreparedBatch) -> None:
-    states = series_store.get_series_states(session, run_id)
-    missing: list[SeriesKey] = [
-        (item.metric.value, layer)
-        for item in prepared.metrics
-        for layer, count in zip(item.layers, item.blocks.count.tolist(), strict=True)
-        if count > 0 and (item.metric.value, layer) not in states
-    ]
-    if missing:
-        series_store.insert_series(session, run_id, missing)
-        states = series_store.get_series_states(session, run_id)
-    rows: list[dict[str, object]] = []
-    updated: list[SeriesState] = []
-    for item in prepared.metrics:
-        blocks = item.blocks
-        summaries = map(
-            _BlockSummary,
-            blocks.count.tolist(),
-            blocks.nan_count.tolist(),
-            blocks.first_step.tolist(),
-            blocks.last_step.tolist(),
-            blocks.vmin.tolist(),
-            blocks.vmax.tolist(),
-            blocks.vlast.tolist(),
-            blocks.vsum.tolist(),
-        )
-        for j, (layer, summary) in enumerate(zip(item.layers, summaries, strict=True)):
-            if summary.count == 0:
-                continue
-            state = states[(item.metric.value, layer)]
-            rows.append(
-                {
-                    "series_id": state.id,
-                    "first_step": summary.first_step,
-                    "last_step": summary.last_step,
-                    "count": summary.count,
-                    "nan_count": summary.nan_count,
-                    "vmin": _null_if_nan(summary.vmin),
-                    "vmax": _null_if_nan(summary.vmax),
-                    "vlast": _null_if_nan(summary.vlast),
-                    "steps": blocks.steps[j],
-                    "values": blocks.values[j],
-                }
-            )
-            updated.append(_merge_state(state, summary))
-    series_store.insert_blocks(session, rows)
-    series_store.update_series_states(session, updated)
-
-
-def _null_if_nan(value: float) -> float | None:
-    return None if math.isnan(value) else value
-
-
-def _merge_state(state: SeriesState, block: _BlockSummary) -> SeriesState:
-    """Fold one block into a series' running summary (NULL conventions of ``models.Series``)."""
-    old_sum = 0.0 if state.count == 0 else (math.nan if state.vsum is None else state.vsum)
-    is_last = state.last_step is None or block.last_step > state.last_step
-    return SeriesState(
-        id=state.id,
-        count=state.count + block.count,
-        nan_count=state.nan_count + block.nan_count,
-        vmin=_fold(state.vmin, block.vmin, min),
-        vmax=_fold(state.vmax, block.vmax, max),
-        vsum=_null_if_nan(old_sum + block.vsum),
-        last_step=block.last_step if is_last else state.last_step,
-        vlast=_null_if_nan(block.vlast) if is_last else state.vlast,
-    )
-
-
-def _fold(old: float | None, new: float, pick: Callable[[float, float], float]) -> float | None:
-    if math.isnan(new):
-        return old
-    return new if old is None else pick(old, new)
 
 
 def _acknowledge(run_id: str, prepared: PreparedBatch, *, duplicate: bool) -> BatchAck:

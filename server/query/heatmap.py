@@ -1,18 +1,22 @@
 """Layer × step heatmap: the maximum of one per-layer metric per layer and step bucket.
 
-Every layer of a run is folded in one grouped query over block summaries
-(``heatmap_store.bucket_layer_blocks``), so a 500-layer heatmap costs one scan of the range's
-block summaries, never a query per layer nor a packed value decoded. The bucket width is
-rounded up to a whole number of blocks (the run's batch length) and the first bucket to a
-block boundary, so a block never straddles two buckets and the maximum of each cell is exact:
-a one-step spike always shows. Only when a bucket is narrower than a block and the range
-holds at most :data:`DECODE_BLOCKS` blocks (a view zoomed in to a few hundred or thousand
-steps) are the blocks decoded and folded in NumPy, for one bucket per step or so.
+Every layer of a run is read at once, never with a query per layer, in one of three ways
+chosen by how much the range holds:
+
+* **rollups** (:mod:`~gradwatch.server.store.rollup`), when the range holds more than
+  :data:`BLOCK_ROWS` blocks over all layers (a whole long run): buckets of whole 1,024-step
+  chunks, exact per step, a few rows per chunk whatever the number of layers;
+* **block summaries** folded in one grouped SQL query: buckets of whole blocks (the run's
+  batch length), a block counted in the bucket where it starts;
+* **decoded values** folded in NumPy, when a bucket is narrower than a block and the range
+  holds at most :data:`DECODE_BLOCKS` blocks (a view zoomed in to a few thousand steps).
+
+Each way takes the maximum over every value of a cell, so a one-step spike always shows.
 """
 
 from __future__ import annotations
 
-import math
+from typing import cast
 
 import numpy as np
 from numpy.typing import NDArray
@@ -21,12 +25,15 @@ from sqlalchemy.orm import Session
 from ..errors import InvalidQueryError, RunNotFoundError
 from ..schemas import HeatmapOut
 from ..store import heatmap as heatmap_store
+from ..store import rollup as rollup_store
 from ..store import runs as run_store
 from ..store.block import decode_blocks
 from ..store.heatmap import BucketCells
 from ..store.metric import METRICS, Metric, Scope
+from ..store.rollup import CHUNK_STEPS
+from .series import bucket_index
 
-__all__ = ["DECODE_BLOCKS", "MAX_BUCKETS", "read_heatmap"]
+__all__ = ["BLOCK_ROWS", "DECODE_BLOCKS", "MAX_BUCKETS", "four_significant_digits", "read_heatmap"]
 
 MAX_BUCKETS = 2000
 """Hard cap on the step buckets of one heatmap."""
@@ -35,7 +42,9 @@ DECODE_BLOCKS = 20_000
 """Most blocks (over all layers) decoded for buckets narrower than a block; a wider zoom gets
 buckets one block wide instead (fewer buckets than asked, each still exact)."""
 
-_SIGNIFICANT = "{:.4g}"
+BLOCK_ROWS = 250_000
+"""Most block summaries (over all layers) folded in SQL for one heatmap (about 0.3 s on
+SQLite); a wider range is read from the chunk rollups instead (a few rows per chunk)."""
 
 
 def read_heatmap(
@@ -83,14 +92,44 @@ def read_heatmap(
     if width < block_steps and (hi - lo + 1) // block_steps * len(stored) <= DECODE_BLOCKS:
         origin = lo
         cells = _decode_cells(session, stored, metric, lo, hi, origin, width, lookback)
+    elif (hi - lo + 1) // block_steps * len(stored) > BLOCK_ROWS:
+        # Buckets of whole rollup chunks; fewer than asked when the range holds fewer chunks.
+        origin = lo - lo % CHUNK_STEPS
+        width = _round_up(-(-(hi - origin + 1) // buckets), CHUNK_STEPS)
+        cells = _rollup_cells(session, run_id, metric, stored, origin, hi, width)
     else:
         # Buckets of whole blocks; fewer than asked when a range holds fewer blocks.
         origin = lo - lo % block_steps
-        width = -(-(hi - origin + 1) // buckets)
-        width = -(-width // block_steps) * block_steps
+        width = _round_up(-(-(hi - origin + 1) // buckets), block_steps)
         cells = heatmap_store.bucket_layer_blocks(session, stored, lo, hi, origin, width, lookback)
     count = (hi - origin) // width + 1
     return _out(run_id, metric, found.layers, found.series_ids, cells, origin, width, count, lo, hi)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _rollup_cells(
+    session: Session,
+    run_id: str,
+    metric: Metric,
+    series_ids: list[int],
+    origin: int,
+    hi: int,
+    width: int,
+) -> BucketCells:
+    """Fold the rollups of chunks ``origin..hi`` into buckets of ``width`` (whole chunks)."""
+    rollups = rollup_store.read_rollups(
+        session, run_id, metric, origin // CHUNK_STEPS, hi // CHUNK_STEPS
+    )
+    listed = np.isin(rollups.series_id, series_ids)
+    return _fold(
+        rollups.series_id[listed],
+        bucket_index(rollups.chunk[listed] * CHUNK_STEPS, origin, width),
+        rollups.vmax[listed],
+        rollups.nan_count[listed],
+    )
 
 
 def _decode_cells(
@@ -111,25 +150,37 @@ def _decode_cells(
     ).items():
         steps, raw = decode_blocks(series_blocks, kind)
         inside = (steps >= lo) & (steps <= hi)
-        parts.append((series_id, (steps[inside] - origin) // width, raw[inside].astype(np.float64)))
+        parts.append(
+            (series_id, bucket_index(steps[inside], origin, width), raw[inside].astype(np.float64))
+        )
     if not parts:
-        return heatmap_store.bucket_layer_blocks(session, [], lo, hi, origin, width, lookback)
-    series = np.concatenate([np.full(len(b), s, dtype=np.int64) for s, b, _ in parts])
-    bucket = np.concatenate([b for _, b, _ in parts])
+        return _fold(*(np.zeros(0, dtype=np.int64),) * 2, np.zeros(0), np.zeros(0, np.int64))
     value = np.concatenate([v for _, _, v in parts])
+    return _fold(
+        np.concatenate([np.full(len(b), s, dtype=np.int64) for s, b, _ in parts]),
+        np.concatenate([b for _, b, _ in parts]),
+        value,
+        np.isnan(value).astype(np.int64),
+    )
+
+
+def _fold(
+    series: NDArray[np.int64],
+    bucket: NDArray[np.int64],
+    vmax: NDArray[np.float64],
+    nan_count: NDArray[np.int64],
+) -> BucketCells:
+    """Reduce entries to one cell per (series, bucket): the largest ``vmax`` (NaN counts as
+    no value unless every entry is NaN) and the summed ``nan_count``."""
     key = series * (MAX_BUCKETS * 8) + bucket
     unique, index = np.unique(key, return_inverse=True)
-    nan = np.isnan(value)
-    vmax = np.full(len(unique), -np.inf)
-    np.maximum.at(vmax, index[~nan], value[~nan])
-    valid = np.bincount(index, weights=~nan, minlength=len(unique))
-    vmax[valid == 0] = np.nan
+    out = np.full(len(unique), np.nan)
+    np.fmax.at(out, index, vmax)
     return BucketCells(
         series_id=unique // (MAX_BUCKETS * 8),
         bucket=unique % (MAX_BUCKETS * 8),
-        count=np.bincount(index, minlength=len(unique)).astype(np.int64),
-        nan_count=np.bincount(index, weights=nan, minlength=len(unique)).astype(np.int64),
-        vmax=vmax,
+        nan_count=np.bincount(index, weights=nan_count, minlength=len(unique)).astype(np.int64),
+        vmax=out,
     )
 
 
@@ -145,38 +196,56 @@ def _out(
     lo: int,
     hi: int,
 ) -> HeatmapOut:
-    row_of = {series_id: row for row, series_id in enumerate(series_ids) if series_id is not None}
-    rows = np.array([row_of[int(s)] for s in cells.series_id], dtype=np.int64)
+    stored = np.array([s is not None for s in series_ids], dtype=bool)
+    ids = np.array([s for s in series_ids if s is not None], dtype=np.int64)
+    order = np.argsort(ids)
+    rows = np.flatnonzero(stored)[order][np.searchsorted(ids[order], cells.series_id)]
     keep = (cells.bucket >= 0) & (cells.bucket < count)
-    rows, bucket = rows[keep], cells.bucket[keep]
+    rows, bucket, nans = rows[keep], cells.bucket[keep], cells.nan_count[keep]
     grid = np.full((len(layers), count), np.nan)  # NaN where every value was NaN
     filled = np.zeros((len(layers), count), dtype=bool)
     grid[rows, bucket] = cells.vmax[keep]
     filled[rows, bucket] = True
-    nan_cells = [
-        [int(r), int(b), int(n)]
-        for r, b, n in zip(rows, bucket, cells.nan_count[keep], strict=True)
-        if n > 0
-    ]
+    with_nan = nans > 0
+    nan_cells = np.column_stack([rows[with_nan], bucket[with_nan], nans[with_nan]]).tolist()
     return HeatmapOut(
         run_id=run_id,
         metric=metric,
         start=lo,
         end=hi,
         bucket_width=width,
-        step=(origin + np.arange(count, dtype=np.int64) * width).tolist(),
+        step=[origin + index * width for index in range(count)],  # Python ints: width may be 2⁶³
         layers=layers,
-        max=[_row(grid[r], filled[r]) for r in range(len(layers))],
+        max=_rows(grid, filled),
         nan_cells=nan_cells,
     )
 
 
-def _row(values: NDArray[np.float64], filled: NDArray[np.bool_]) -> list[float | None]:
-    """Four significant digits (a colour scale needs no more; the reply stays small)."""
-    return [
-        (float(_SIGNIFICANT.format(v)) if math.isfinite(v) else float(v)) if f else None
-        for v, f in zip(values.tolist(), filled.tolist(), strict=True)
-    ]
+def _rows(grid: NDArray[np.float64], filled: NDArray[np.bool_]) -> list[list[float | None]]:
+    """The grid as JSON rows: four significant digits (a colour scale needs no more and the
+    reply stays small), ``None`` for empty cells."""
+    cells = four_significant_digits(grid).astype(object)
+    cells[~filled] = None
+    return cast(list[list[float | None]], cells.tolist())
+
+
+def four_significant_digits(values: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Round to four significant digits: the double nearest the 4-digit decimal, which prints
+    short. Vectorised where the power of ten that scales a value is exact (10**0..10**22,
+    magnitudes 1e-19..1e26); other magnitudes go through Python's correctly rounded format.
+    NaN, ±Inf and 0 are left as they are."""
+    out = values.copy()
+    magnitude = np.abs(values)
+    finite = np.isfinite(values) & (magnitude > 0)
+    shift = np.zeros(values.shape)
+    shift[finite] = 3 - np.floor(np.log10(magnitude[finite]))
+    fast = finite & (np.abs(shift) <= 22)
+    v, scale = values[fast], 10.0 ** np.abs(shift[fast])
+    up = shift[fast] >= 0  # multiply then divide by the exact power of ten, else the reverse
+    out[fast] = np.where(up, np.rint(v * scale) / scale, np.rint(v / scale) * scale)
+    slow = finite & ~fast
+    out[slow] = [float(f"{x:.4g}") for x in values[slow].tolist()]
+    return out
 
 
 def _empty(run_id: str, metric: Metric, layers: list[str]) -> HeatmapOut:

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from .block import StoredBlock
 from .metric import Metric
 from .models import Block, Series
-from .series import BLOCK_COLUMNS
+from .series import BLOCK_COLUMNS, bucket_of
 
 __all__ = [
     "BucketCells",
@@ -49,7 +49,6 @@ class BucketCells:
 
     series_id: NDArray[np.int64]
     bucket: NDArray[np.int64]
-    count: NDArray[np.int64]
     nan_count: NDArray[np.int64]
     vmax: NDArray[np.float64]
 
@@ -105,12 +104,11 @@ def bucket_layer_blocks(
     if not series_ids:
         return _empty_cells()
     position = case((Block.first_step < lo, lo), else_=Block.first_step)
-    bucket = ((position - origin) // width).label("bucket")
+    bucket = bucket_of(position, origin, width).label("bucket")
     statement = (
         select(
             Block.series_id,
             bucket,
-            func.sum(Block.count),
             func.sum(Block.nan_count),
             func.max(Block.vmax),
         )
@@ -126,8 +124,8 @@ def bucket_layer_blocks(
     if not rows:
         return _empty_cells()
     columns = list(zip(*rows, strict=True))
-    series, buckets, count, nan_count = (np.array(c, dtype=np.int64) for c in columns[:4])
-    return BucketCells(series, buckets, count, nan_count, np.array(columns[4], dtype=np.float64))
+    series, buckets, nan_count = (np.array(c, dtype=np.int64) for c in columns[:3])
+    return BucketCells(series, buckets, nan_count, np.array(columns[3], dtype=np.float64))
 
 
 def fetch_layer_blocks(
@@ -155,4 +153,4 @@ def fetch_layer_blocks(
 
 def _empty_cells() -> BucketCells:
     ints = np.zeros(0, dtype=np.int64)
-    return BucketCells(ints, ints, ints, ints, np.zeros(0))
+    return BucketCells(ints, ints, ints, np.zeros(0))

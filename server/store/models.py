@@ -210,6 +210,32 @@ class Block(Base):
     __table_args__ = ({"sqlite_with_rowid": False},)
 
 
+class Rollup(Base):
+    """Per-layer maxima of one per-layer metric of a run over one chunk of steps (see
+    :mod:`gradwatch.server.store.rollup`), for heatmaps wider than a chunk.
+
+    The three packed columns are parallel arrays over the series holding a value in the chunk,
+    in ascending series id. On SQLite the table is ``WITHOUT ROWID``, like ``blocks``.
+    """
+
+    __tablename__ = "rollups"
+
+    run_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True
+    )
+    metric: Mapped[str] = mapped_column(String(32), primary_key=True)
+    chunk: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    """Steps ``chunk * CHUNK_STEPS .. (chunk + 1) * CHUNK_STEPS - 1``."""
+    series: Mapped[bytes] = mapped_column(LargeBinary)
+    """Little-endian int64 series ids, ascending."""
+    vmax: Mapped[bytes] = mapped_column(LargeBinary)
+    """Little-endian float64 maximum of the non-NaN values; NaN when every value is NaN."""
+    nan_count: Mapped[bytes] = mapped_column(LargeBinary)
+    """Little-endian int64 count of NaN values."""
+
+    __table_args__ = ({"sqlite_with_rowid": False},)
+
+
 class Batch(Base):
     """One accepted ``StepBatch`` (the idempotency record)."""
 
