@@ -2,7 +2,8 @@
 
 - ``gradwatch.wire`` imports nothing of gradwatch and no framework: both sides load it.
 - The agent never imports the server, nor a server library.
-- The server imports the agent only in the commands that run it: ``demo`` and ``upload``.
+- The server imports the agent only in the commands that run it: ``demo``, ``upload`` and
+  the clipping study's training module (``server.study.train``).
 - ``server.store`` knows no HTTP and no domain; the domain (detect, ingest, query, export,
   auth, errors) knows no HTTP; the routes (``server.api``) hold no SQL.
 - The CLI's client commands (runs, show, check, open) talk HTTP only: no server module
@@ -28,7 +29,11 @@ SERVER_LIBRARIES = (*HTTP, "sqlalchemy", "alembic", "pydantic", "pydantic_settin
 DOMAIN = tuple(
     f"gradwatch.server.{name}" for name in ("detect", "ingest", "query", "export", "auth", "errors")
 )
-AGENT_USERS = ("gradwatch.server.cli.demo", "gradwatch.server.cli.upload")
+AGENT_USERS = (
+    "gradwatch.server.cli.demo",
+    "gradwatch.server.cli.upload",
+    "gradwatch.server.study.train",
+)
 SQL_IN_ROUTES = ("sqlalchemy",)
 SQL_ALLOWED_IN_ROUTES = ("sqlalchemy.orm", "sqlalchemy.exc")
 CLI_CLIENT = tuple(
@@ -101,7 +106,7 @@ def test_agent_never_imports_the_server_or_its_libraries():
     assert _violations(("gradwatch.agent",), ("gradwatch.server", *SERVER_LIBRARIES)) == []
 
 
-def test_server_imports_the_agent_only_in_demo_and_upload():
+def test_server_imports_the_agent_only_in_demo_upload_and_study():
     users = {
         module
         for module, names in IMPORTS.items()

@@ -23,6 +23,7 @@ from .placeholders import use_placeholders
 from .runs import runs
 from .server import db_app, server
 from .show import show
+from .study import study
 from .token import token_app
 from .upload import upload
 
@@ -71,6 +72,7 @@ app.add_typer(db_app, name="db", rich_help_panel="Server")
 app.add_typer(token_app, name="token", rich_help_panel="Server")
 app.command(rich_help_panel="Agent")(demo)
 app.command(rich_help_panel="Agent")(upload)
+app.command(rich_help_panel="Agent")(study)
 
 
 def build_command() -> Any:

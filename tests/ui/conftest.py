@@ -40,7 +40,7 @@ CHROMIUM_ARGS = [
 INSTALL = "apt-get install -y chromium && pip install playwright"
 
 
-def _missing() -> str | None:
+def chromium_missing() -> str | None:
     try:
         import playwright.sync_api  # noqa: F401
     except ImportError:
@@ -88,7 +88,7 @@ class Watched:
 
 @pytest.fixture(scope="module")
 def chromium() -> Iterator[Any]:
-    missing = _missing()
+    missing = chromium_missing()
     if missing:
         if os.environ.get("GRADWATCH_REQUIRE_CHROMIUM") == "1":
             pytest.fail(f"GRADWATCH_REQUIRE_CHROMIUM=1 but {missing}")
