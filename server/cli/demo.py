@@ -12,7 +12,6 @@ is generated here; nothing is downloaded.
 from __future__ import annotations
 
 import os
-import threading
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -23,6 +22,13 @@ from rich.table import Table
 
 from .client import ApiClient
 from .exits import report_errors
+from .training import (
+    EmbeddedDatabaseOption,
+    TrainingServerOption,
+    TrainingTokenOption,
+    serve_until_interrupted,
+    training_server,
+)
 
 __all__ = ["DemoRun", "demo", "run_demo"]
 
@@ -194,22 +200,12 @@ def run_demo(
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     console = Console()
-    embedded = None
-    chosen_database = database_url
-    if server is None:
-        import tempfile
-
-        from ..config import Settings
-        from ..embedded import EmbeddedServer
-
-        if database_url is None:
-            database_url = f"sqlite:///{tempfile.mkdtemp(prefix='gradwatch-demo-')}/demo.db"
-        embedded = EmbeddedServer(Settings(database_url=database_url)).start()
-        server = embedded.url
-        console.print(f"Embedded gradwatch server at {server} (database {database_url})")
     runs: list[dict[str, Any]] = []
     try:
-        with ApiClient(server, token) as client:
+        with (
+            training_server(server, database_url, "demo", console) as target,
+            ApiClient(target.url, token) as client,
+        ):
             client.get("/healthz")
             run_ids = []
             with Progress(
@@ -222,17 +218,13 @@ def run_demo(
                 for run in DEMO_RUNS:
                     run_ids.append(_train(run, client.server, epochs, progress, console, token))
             runs = _summarise(client, run_ids, console)
-        if embedded is not None:
-            if keep_serving:
-                console.print("[bold]Serving these URLs until Ctrl-C.[/bold]", highlight=False)
-                threading.Event().wait()
-            else:
-                console.print(_urls_die_note(chosen_database), highlight=False)
+            if target.embedded:
+                if keep_serving:
+                    serve_until_interrupted(console)
+                else:
+                    console.print(_urls_die_note(database_url), highlight=False)
     except KeyboardInterrupt:
         pass
-    finally:
-        if embedded is not None:
-            embedded.stop()
     return runs
 
 
@@ -253,25 +245,9 @@ def _urls_die_note(database_url: str | None) -> str:
 
 
 def demo(
-    server: Annotated[
-        str | None,
-        typer.Option(metavar="URL", help="Stream to this server instead of an embedded one."),
-    ] = None,
-    token: Annotated[
-        str | None,
-        typer.Option(
-            envvar="GRADWATCH_TOKEN",
-            metavar="TOKEN",
-            help="API token with the ingest and read scopes, for a --server that has tokens.",
-        ),
-    ] = None,
-    database_url: Annotated[
-        str | None,
-        typer.Option(
-            metavar="URL",
-            help="SQLAlchemy URL of the embedded server's database (default: a temp file).",
-        ),
-    ] = None,
+    server: TrainingServerOption = None,
+    token: TrainingTokenOption = None,
+    database_url: EmbeddedDatabaseOption = None,
     epochs: Annotated[
         int,
         typer.Option(

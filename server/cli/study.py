@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import shlex
 import sys
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -22,6 +21,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .client import ApiClient
 from .exits import CliError, ExitCode, report_errors
+from .training import (
+    EmbeddedDatabaseOption,
+    TrainingServerOption,
+    TrainingTokenOption,
+    serve_until_interrupted,
+    training_server,
+)
 
 if TYPE_CHECKING:
     from ..study.plan import StudyPlan
@@ -130,20 +136,11 @@ def run_study_command(
     from ..study.runner import run_study
 
     console = Console()
-    embedded = None
-    if server is None:
-        import tempfile
-
-        from ..config import Settings
-        from ..embedded import EmbeddedServer
-
-        if database_url is None:
-            database_url = f"sqlite:///{tempfile.mkdtemp(prefix='gradwatch-study-')}/study.db"
-        embedded = EmbeddedServer(Settings(database_url=database_url)).start()
-        server = embedded.url
-        console.print(f"Embedded gradwatch server at {server} (database {database_url})")
     try:
-        with ApiClient(server, token, timeout_seconds=30.0) as client:
+        with (
+            training_server(server, database_url, "study", console) as target,
+            ApiClient(target.url, token, timeout_seconds=30.0) as client,
+        ):
             client.get("/healthz")
             columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
             with Progress(*columns, TimeElapsedColumn(), console=console) as progress:
@@ -152,15 +149,11 @@ def run_study_command(
                     result = run_study(plan, client, token, bars)
                 except ProblemError as error:
                     raise CliError(str(error), ExitCode.USAGE) from None
-            _report(result, out, console, embedded is not None and not keep_serving)
-        if embedded is not None and keep_serving:
-            console.print("[bold]Serving these URLs until Ctrl-C.[/bold]", highlight=False)
-            threading.Event().wait()
+            _report(result, out, console, target.embedded and not keep_serving)
+            if target.embedded and keep_serving:
+                serve_until_interrupted(console)
     except KeyboardInterrupt:
         raise typer.Exit(code=130) from None
-    finally:
-        if embedded is not None:
-            embedded.stop()
     return result
 
 
@@ -216,22 +209,9 @@ def study(
         Path,
         typer.Option(metavar="DIR", help="Where study.json and report.html are written."),
     ] = Path("gradwatch-study"),
-    server: Annotated[
-        str | None,
-        typer.Option(metavar="URL", help="Stream to this server instead of an embedded one."),
-    ] = None,
-    token: Annotated[
-        str | None,
-        typer.Option(
-            envvar="GRADWATCH_TOKEN",
-            metavar="TOKEN",
-            help="API token with the ingest and read scopes, for a --server that has tokens.",
-        ),
-    ] = None,
-    database_url: Annotated[
-        str | None,
-        typer.Option(metavar="URL", help="Database of the embedded server (default: a temp file)."),
-    ] = None,
+    server: TrainingServerOption = None,
+    token: TrainingTokenOption = None,
+    database_url: EmbeddedDatabaseOption = None,
     keep_serving: Annotated[
         bool,
         typer.Option("--keep-serving", help="Keep the embedded server up after the study."),
