@@ -54,6 +54,8 @@ __all__ = [
     "LayerHealthOut",
     "LayerOut",
     "LayersOut",
+    "OnsetLayerOut",
+    "OnsetOut",
     "RawSeriesOut",
     "RunCreate",
     "RunHealthOut",
@@ -344,17 +346,55 @@ class HeatmapOut(_Out):
     nan_cells: list[list[int]]
 
 
+class OnsetLayerOut(_Out):
+    """A layer off its baseline when a run-level event started, from ``step`` (its first step
+    3σ out or non-finite); ``steps_before_global``: the global norm's departure step minus
+    ``step`` (negative: after it), ``null`` when the global norm had not departed."""
+
+    layer: str
+    step: int
+    steps_before_global: int | None
+
+
+class OnsetOut(_Out):
+    """Onset analysis of a run-level explosion, nonfinite or loss event at its first step.
+
+    Attributes:
+        summary: One line, e.g. "first: `model/dense_3` at step 41,012, 3 steps before the
+            global norm; loss at its baseline".
+        global_step: Step from which the global norm was off its baseline, or ``null``.
+        loss_step: The same for the loss (``null``: at its baseline, or no loss sent).
+        layers: The first departed layers (at most 10), by step, output side first on a tie;
+            ``departed_layers`` counts them all.
+        first_nonfinite_forward: Of the layers non-finite at the first step, the first in
+            the run's layer order (input side); ``first_nonfinite_backward`` the first from
+            the output side (where backpropagation made the step's first NaN/Inf).
+    """
+
+    summary: str
+    global_step: int | None
+    loss_step: int | None
+    layers: list[OnsetLayerOut]
+    departed_layers: int
+    first_nonfinite_forward: str | None
+    first_nonfinite_backward: str | None
+
+
 class EventOut(_Out):
     """One detector event: detections of ``rule`` on one series, merged within the cooldown.
 
     Attributes:
-        layer: The layer, or ``null`` for run-level events (global norm, clip rate).
+        layer: The layer, or ``null`` for run-level events (global norm, loss, clip rate).
         severity: The highest severity among the merged detections.
         count: Detections (steps on which the rule fired) merged into this event.
         value: The most extreme value seen: a gradient norm (explosion, vanishing), a count of
-            non-finite values (nonfinite) or a fraction of clipped steps (clip_rate).
+            non-finite values (nonfinite), a fraction of clipped steps (clip_rate) or a loss
+            (loss).
         baseline: What ``value`` was compared with (the running median estimate, the floor,
             the limit), or ``null``.
+        onset: For a run-level explosion, nonfinite or loss event, which layers (and whether
+            the global norm and the loss) had left their baselines when it started; ``null``
+            for other events and for events stored before the analysis existed.
     """
 
     id: int
@@ -368,6 +408,7 @@ class EventOut(_Out):
     baseline: float | None
     created_at: datetime
     updated_at: datetime
+    onset: OnsetOut | None = None
 
 
 class EventList(_Out):
@@ -400,6 +441,8 @@ class RunHealthOut(_Out):
         detections: Detections so far by rule, then severity (every rule and severity listed).
         worst_layers: Layers with the most detections, most first.
         last_event: The newest event (by first step), or ``null``.
+        onset: The onset summary of the newest run-level explosion, nonfinite or loss
+            event (``OnsetOut.summary`` prefixed with the event), or ``null``.
     """
 
     run_id: str
@@ -410,6 +453,7 @@ class RunHealthOut(_Out):
     detections: dict[str, dict[str, int]]
     worst_layers: list[LayerHealthOut]
     last_event: EventOut | None
+    onset: str | None = None
 
 
 class HealthOut(_Out):

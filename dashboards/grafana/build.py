@@ -358,7 +358,7 @@ def _gradient_panels() -> list[Builder[model.Panel]]:
     events = (
         _series(
             "Detector events",
-            "Events of the server's detectors (explosion, nonfinite, vanishing, clip_rate) "
+            "Events of the server's detectors (explosion, nonfinite, vanishing, clip_rate, loss) "
             "since the run started, by rule and severity.",
         )
         .with_target(

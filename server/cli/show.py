@@ -103,7 +103,10 @@ def render(details: dict[str, Any]) -> Group:
         f"clipped {run['clipped_steps']} · skipped {run['skipped_steps']} · "
         f"non-finite steps {run['nonfinite_steps']} ({run['nonfinite_values']} values)"
     )
-    parts: list[Any] = [title, state, totals, Text()]
+    parts: list[Any] = [title, state, totals]
+    if health.get("onset"):
+        parts.append(Text(f"onset: {health['onset']}"))
+    parts.append(Text())
     parts.extend(_norm_chart(details["global_norm"], run["last_step"]))
     if health["worst_layers"]:
         parts.append(_worst_layers(health["worst_layers"]))

@@ -2,8 +2,9 @@
 
 The pure part (no I/O, thread-safe) is re-exported here: :func:`detect` runs every rule over one
 batch (:mod:`.detector`, rules in :mod:`.rules`), with a project's :class:`DetectorConfig`
-(:mod:`.config`) and a run's :class:`DetectorState` (:mod:`.state`). :mod:`.service` stores
-the resulting events and reads and writes project configs.
+(:mod:`.config`) and a run's :class:`DetectorState` (:mod:`.state`); new run-level
+explosion, non-finite and loss events carry an :class:`Onset` (:mod:`.onset`). :mod:`.service`
+stores the resulting events and reads and writes project configs.
 """
 
 from .config import (
@@ -12,6 +13,7 @@ from .config import (
     ExplosionOverride,
     ExplosionThresholds,
     LayerOverride,
+    LossThresholds,
     NonFiniteOverride,
     NonFiniteThresholds,
     Thresholds,
@@ -20,6 +22,7 @@ from .config import (
 )
 from .detector import DetectResult, detect
 from .event import Detection, Rule, Severity, StepColumns
+from .onset import Onset
 from .state import DetectorState, StateFormatError
 
 __all__ = [
@@ -31,8 +34,10 @@ __all__ = [
     "ExplosionOverride",
     "ExplosionThresholds",
     "LayerOverride",
+    "LossThresholds",
     "NonFiniteOverride",
     "NonFiniteThresholds",
+    "Onset",
     "Rule",
     "Severity",
     "StateFormatError",

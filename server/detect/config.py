@@ -119,6 +119,32 @@ _CLIP_DOCS: Final = {
         "spikes but silently rescales the learning rate."
     ),
 }
+_LOSS_DOCS: Final = {
+    "enabled": "Run the loss-spike rule (run level only).",
+    "z_threshold": (
+        "Robust z-score, in standard deviations of log(loss), at or above which a step is a "
+        "loss spike (together with min_ratio). 6, as for gradient norms."
+    ),
+    "min_ratio": (
+        "Smallest loss / baseline median (a factor, ≥ 1) that can be a spike. 2: a loss that "
+        "doubles from one step to the next is a spike for any usual loss, and a constant loss "
+        "never alarms on jitter."
+    ),
+    "critical_ratio": (
+        "Loss / baseline median (a factor, ≥ min_ratio) from which a spike is critical. 10."
+    ),
+    "ceiling": (
+        "Absolute loss limit (loss units); above it a step is a critical loss spike, during "
+        "warm-up too. None (default): no absolute limit."
+    ),
+    "warmup_steps": (
+        "Baseline samples (finite, positive losses of new, not skipped steps) before the "
+        "z-score and ratio tests start. 200, as for gradient norms."
+    ),
+    "cooldown_steps": (
+        "Loss spikes within this many steps of the previous one merge into one event. 100."
+    ),
+}
 _NONFINITE_DOCS: Final = {"enabled": "Run the non-finite rule on this series."}
 _COOLDOWN_DOC: Final = (
     "Triggers of the same (rule, series) within this many steps of the previous trigger merge "
@@ -159,6 +185,22 @@ class ExplosionThresholds(_Frozen):
         return self
 
 
+class LossThresholds(ExplosionThresholds):
+    """Loss-spike rule (run level only): the explosion rule's robust log-space baseline and
+    tests, applied to the loss. Judged in log space, so only positive losses are samples: a
+    loss that is zero or negative (some likelihoods, GAN losses) never fires it, and a NaN
+    loss is a missing one. A loss that overflowed to +Inf on a step that was not skipped is a
+    critical spike. The other fields mean what they mean for ``explosion``."""
+
+    enabled: StrictBool = Field(default=True, description=_LOSS_DOCS["enabled"])
+    z_threshold: _Positive = Field(default=6.0, description=_LOSS_DOCS["z_threshold"])
+    min_ratio: _Ratio = Field(default=2.0, description=_LOSS_DOCS["min_ratio"])
+    critical_ratio: _Ratio = Field(default=10.0, description=_LOSS_DOCS["critical_ratio"])
+    ceiling: _Positive | None = Field(default=None, description=_LOSS_DOCS["ceiling"])
+    warmup_steps: _Steps = Field(default=200, description=_LOSS_DOCS["warmup_steps"])
+    cooldown_steps: _Cooldown = Field(default=100, description=_LOSS_DOCS["cooldown_steps"])
+
+
 class VanishingThresholds(_Frozen):
     """Vanishing rule: norm below an absolute floor for N consecutive samples."""
 
@@ -188,6 +230,7 @@ class Thresholds(_Frozen):
     vanishing: VanishingThresholds = VanishingThresholds()
     clip_rate: ClipRateThresholds = ClipRateThresholds()
     nonfinite: NonFiniteThresholds = NonFiniteThresholds()
+    loss: LossThresholds = LossThresholds()
     cooldown_steps: _Cooldown = Field(default=100, description=_COOLDOWN_DOC)
 
 
@@ -231,7 +274,7 @@ else:
 
 class LayerOverride(_Frozen):
     """Thresholds for the layers whose name matches ``pattern``; unset fields fall back to the
-    project defaults. There is no ``clip_rate`` section: the clip rate is run level only."""
+    project defaults. There is no ``clip_rate`` or ``loss`` section: both are run level only."""
 
     pattern: str = Field(
         min_length=1,

@@ -1,21 +1,34 @@
 """Runs every detection rule over one batch of one run: (state, batch, config) → result.
 
 Pure NumPy: no I/O, no clock, thread-safe, never blocks. The rules themselves are described
-in :mod:`.rules`."""
+in :mod:`.rules`, the onset analysis of run-level events in :mod:`.onset`.
+
+Columns: the global norm, the batch's layers in order, then the loss (:data:`LOSS_SERIES`)
+when the batch carries one. The loss runs through the explosion rule's baseline, in the same
+per-step pass as the norms, and its triggers are reported as ``Rule.LOSS``."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Final
 
 import numpy as np
 from numpy.typing import NDArray
 
 from ..store.models import RUN_LEVEL
 from .config import DetectorConfig
-from .event import RULE_INDEX, SEVERITIES, Detection, Rule, Severity, StepColumns
+from .event import (
+    LOSS_SERIES,
+    RULE_INDEX,
+    SEVERITIES,
+    Detection,
+    Rule,
+    Severity,
+    StepColumns,
+)
+from .onset import onset_at
 from .rules import (
     Triggers,
     clip_rate_triggers,
@@ -25,6 +38,9 @@ from .rules import (
     vanishing_triggers,
 )
 from .state import NO_STEP, DetectorState
+
+_ANALYSED: Final = frozenset({Rule.EXPLOSION, Rule.NONFINITE, Rule.LOSS})
+"""Rules whose new run-level events get an onset analysis."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,12 +80,17 @@ def detect(state: DetectorState | None, batch: StepColumns, config: DetectorConf
         The new state, the batch's events and its trigger counts.
     """
     state = DetectorState() if state is None else state
+    loss_values = batch.loss
+    with_loss = loss_values is not None and (
+        LOSS_SERIES in state._index or not bool(np.isnan(loss_values).all())
+    )
+    names = (RUN_LEVEL, *batch.layers, *((LOSS_SERIES,) if with_loss else ()))
     known = state.series
-    fresh = [name for name in (RUN_LEVEL, *batch.layers) if name not in state._index]
+    fresh = [name for name in names if name not in state._index]
     series = known + tuple(fresh)
     index = {name: i for i, name in enumerate(series)}
     grow = len(fresh)
-    cols = np.asarray([index[RUN_LEVEL], *(index[name] for name in batch.layers)], np.int64)
+    cols = np.asarray([index[name] for name in names], np.int64)
 
     def widen(values: NDArray[Any], fill: Any) -> NDArray[Any]:
         if not grow:
@@ -84,56 +105,89 @@ def detect(state: DetectorState | None, batch: StepColumns, config: DetectorConf
     rejected_all = widen(state._rejected, 0)
     streak_all = widen(state._streak, 0)
     last_trigger_all = widen(state._last_trigger, NO_STEP)
+    departure_all = widen(state._departure, NO_STEP)
 
-    params = resolve_params(config, batch.layers)
+    params = resolve_params(config, batch.layers, loss=with_loss)
     steps = np.asarray(batch.steps, np.int64)
-    rows = len(steps)
+    rows, width = len(steps), len(cols)
     new = steps > state.last_step if state.last_step is not None else np.ones(rows, np.bool_)
     skipped = np.asarray(batch.skipped, np.bool_)
-    norm = np.empty((rows, len(cols)), np.float64)
+    norm = np.empty((rows, width), np.float64)
     norm[:, 0] = batch.global_norm
-    norm[:, 1:] = batch.grad_norm
-    counts = np.asarray(batch.nonfinite, np.int64)
-    counts_total = counts.sum(axis=1)
-    series_counts = np.empty_like(norm, dtype=np.int64)
-    series_counts[:, 0] = counts_total
-    series_counts[:, 1:] = counts
+    norm[:, 1 : len(batch.layers) + 1] = batch.grad_norm
+    series_counts = np.zeros((rows, width), np.int64)
+    series_counts[:, 1 : len(batch.layers) + 1] = batch.nonfinite
+    series_counts[:, 0] = series_counts.sum(axis=1)
+    bad = ~np.isfinite(norm)
+    loss_column = None
+    if with_loss:
+        assert loss_values is not None
+        loss_column = width - 1
+        norm[:, loss_column] = loss_values
+        bad[:, loss_column] = np.isinf(norm[:, loss_column])  # NaN: no loss reported
+    bad &= ~skipped[:, None]
+    bad |= series_counts > 0
+    bad &= new[:, None]
 
     explosion = explosion_triggers(
         norm, series_counts, new, skipped, params,
-        n_all, mu_all, var_all, base_all, rejected_all, cols,
+        n_all, mu_all, var_all, base_all, rejected_all, cols, steps, bad, departure_all,
     )  # fmt: skip
+    loss = None
+    if loss_column is not None:
+        # The loss column's triggers are the loss rule's: one column, not a batch-wide copy.
+        column = slice(loss_column, None)
+        loss = Triggers(
+            fired=explosion.fired[:, column].copy(),
+            critical=explosion.critical[:, column],
+            value=explosion.value[:, column],
+            baseline=explosion.baseline[:, column],
+            log_baseline=None if (log := explosion.log_baseline) is None else log[:, column],
+        )
+        explosion.fired[:, loss_column] = False
     vanishing = vanishing_triggers(norm, new, skipped, params, streak_all, cols)
-    nonfinite = nonfinite_triggers(norm, counts, counts_total, skipped, params)
+    nonfinite = nonfinite_triggers(norm, series_counts, skipped, params)
     clip_bits, clip = clip_rate_triggers(
         batch.clip_coef, new, params.clip, state._clip_bits, len(cols)
     )
 
     triggers: dict[tuple[Rule, Severity], int] = {}
     events: list[tuple[int, int, int, Detection]] = []
-    names = (RUN_LEVEL, *batch.layers)
-    for rule, found in (
-        (Rule.EXPLOSION, explosion),
-        (Rule.NONFINITE, nonfinite),
-        (Rule.VANISHING, vanishing),
-        (Rule.CLIP_RATE, clip),
+    labels = tuple(RUN_LEVEL if name == LOSS_SERIES else name for name in names)
+    departure = explosion.departure
+    assert departure is not None
+    everything = slice(None)
+    for rule, found, part in (
+        (Rule.EXPLOSION, explosion, everything),
+        (Rule.NONFINITE, nonfinite, everything),
+        (Rule.VANISHING, vanishing, everything),
+        (Rule.CLIP_RATE, clip, everything),
+        (Rule.LOSS, loss, slice(loss_column, None)),
     ):
         if found is None:
             continue
+        offset = part.start or 0
+        part_cols = cols[part]
         critical = int(np.count_nonzero(found.critical & found.fired))
         warning = int(np.count_nonzero(found.fired)) - critical
         for severity, count in zip(SEVERITIES, (warning, critical), strict=True):
             if count:
                 triggers[rule, severity] = count
         rule_index = RULE_INDEX[rule]
-        last = last_trigger_all[cols, rule_index]
-        for position, detection in _merge(rule, found, steps, names, last, params.cooldown):
-            events.append((detection.first_step, rule_index, position, detection))
+        last = last_trigger_all[part_cols, rule_index]
+        merged = _merge(rule, found, steps, labels[part], last, params.cooldown[part])
+        for position, detection in merged:
+            if rule in _ANALYSED and detection.layer == RUN_LEVEL and not detection.continues:
+                # Only when a run-level event starts: one row of the departures, no loop.
+                row = int(np.searchsorted(steps, detection.first_step))
+                onset = onset_at(batch.layers, departure[row], bad[row], loss_column)
+                detection = replace(detection, onset=onset)
+            events.append((detection.first_step, rule_index, offset + position, detection))
         fired_any = found.fired.any(axis=0)
         if fired_any.any():
             last_row = rows - 1 - np.argmax(found.fired[::-1], axis=0)
             updated = np.where(fired_any, steps[last_row], last)
-            last_trigger_all[cols, rule_index] = updated
+            last_trigger_all[part_cols, rule_index] = updated
 
     events.sort(key=lambda item: item[:3])
     last_step = state.last_step
@@ -149,6 +203,7 @@ def detect(state: DetectorState | None, batch: StepColumns, config: DetectorConf
         rejected=rejected_all,
         streak=streak_all,
         last_trigger=last_trigger_all,
+        departure=departure_all,
         clip_bits=clip_bits,
         last_step=last_step,
     )

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 from numpy.typing import NDArray
 
 from ..store.models import RUN_LEVEL
+
+if TYPE_CHECKING:
+    from .onset import Onset
 
 
 class Rule(enum.StrEnum):
@@ -20,7 +23,13 @@ class Rule(enum.StrEnum):
     NONFINITE = "nonfinite"
     VANISHING = "vanishing"
     CLIP_RATE = "clip_rate"
+    LOSS = "loss"
+    """A loss spike (run level): the loss against its own baseline, like ``explosion``."""
 
+
+LOSS_SERIES: Final = "\x00loss"
+"""Series name of the loss in detector state; no layer may have it (the wire format forbids
+NUL in layer names)."""
 
 RULES: Final = tuple(Rule)
 RULE_INDEX: Final = {rule: i for i, rule in enumerate(RULES)}
@@ -78,6 +87,8 @@ class StepColumns:
         clip_coef: ``(n,)`` clip coefficient; < 1 means the step was clipped (NaN possible).
         skipped: ``(n,)`` the update was skipped (e.g. a mixed-precision loss-scale
             overflow: NaN norms, zero counts; never an explosion or a non-finite event).
+        loss: ``(n,)`` the loss, NaN where the step reported none; None when the batch
+            carries no loss at all.
 
     Raises:
         ValueError: Shapes disagree, steps are not strictly increasing, or a layer name is
@@ -91,11 +102,14 @@ class StepColumns:
     nonfinite: NDArray[np.int64]
     clip_coef: NDArray[np.floating[Any]]
     skipped: NDArray[np.bool_]
+    loss: NDArray[np.floating[Any]] | None = None
 
     def __post_init__(self) -> None:
         n, width = len(self.steps), len(self.layers)
         if np.shape(self.steps) != (n,):
             raise ValueError("steps: expected a 1-D array")
+        if self.loss is not None and np.shape(self.loss) != (n,):
+            raise ValueError(f"loss: expected shape ({n},)")
         for name in ("global_norm", "clip_coef", "skipped"):
             if np.shape(getattr(self, name)) != (n,):
                 raise ValueError(f"{name}: expected shape ({n},)")
@@ -106,6 +120,8 @@ class StepColumns:
             raise ValueError("steps: must be strictly increasing")
         if RUN_LEVEL in self.layers:
             raise ValueError("layers: the empty name is the run-level series")
+        if LOSS_SERIES in self.layers:
+            raise ValueError("layers: the name of the loss series is reserved")
         if len(set(self.layers)) != width:
             raise ValueError("layers: names must be unique")
 
@@ -132,6 +148,9 @@ class Detection:
         continues: The event extends the one still open from an earlier batch (the previous
             trigger of this (rule, layer) is within the cooldown of ``first_step``): update
             that stored event (:meth:`merged`) instead of inserting a new one.
+        onset: For a new run-level explosion, non-finite or loss event, which series had
+            left their baselines at its first step, and when (:mod:`.onset`); None for
+            other events and for continuations (the stored event keeps its own).
     """
 
     rule: Rule
@@ -143,13 +162,15 @@ class Detection:
     value: float
     baseline: float | None
     continues: bool
+    onset: Onset | None = None
 
     def merged(self, later: Detection) -> Detection:
         """Return this (stored) event extended by ``later``, its continuation from a later batch.
 
         Severity is the higher one, steps span both, counts add, and ``value``/``baseline``
         come from the more extreme value (the earlier one on a tie), exactly what one batch
-        holding both parts would have given. The result keeps this event's ``continues``.
+        holding both parts would have given. The result keeps this event's ``continues``
+        and ``onset`` (the onset is fixed when the event starts).
 
         Raises:
             ValueError: ``later`` is for another rule or layer.
@@ -169,4 +190,5 @@ class Detection:
             value=peak.value,
             baseline=peak.baseline,
             continues=self.continues,
+            onset=self.onset,
         )

@@ -75,20 +75,29 @@ for z-scores of gradient norms against a baseline that excludes the current step
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 from numpy.typing import NDArray
 
-from .config import ClipRateThresholds, DetectorConfig
+from .config import (
+    ClipRateThresholds,
+    DetectorConfig,
+    ExplosionThresholds,
+    LossThresholds,
+    Thresholds,
+)
+from .state import NO_STEP
 
 
 @dataclass(frozen=True, slots=True)
 class Params:
-    """Thresholds of the batch's series (run level first) as ``(S,)`` arrays."""
+    """Thresholds of the batch's series (run level first, the loss last when present) as
+    ``(S,)`` arrays; field order matters (:data:`_DTYPES`)."""
 
     explosion: NDArray[np.bool_]
     z_threshold: NDArray[np.float64]
@@ -110,41 +119,63 @@ class Params:
     clip: ClipRateThresholds
 
 
-def resolve_params(config: DetectorConfig, layers: Sequence[str]) -> Params:
-    """Resolve the thresholds of ``""`` + ``layers`` once per distinct override."""
+def resolve_params(config: DetectorConfig, layers: Sequence[str], loss: bool = False) -> Params:
+    """Resolve the thresholds of ``""`` + ``layers`` (+ the loss column when ``loss``) once
+    per distinct override."""
     if config.layers:
         matches = np.asarray([-1] + [config._match(layer) for layer in layers], np.int64)
     else:
         matches = np.full(len(layers) + 1, -1, np.int64)
     distinct, which = np.unique(matches, return_inverse=True)
-    table = [config.thresholds if i < 0 else config._resolved[int(i)] for i in distinct]
+    table = [_row(config.thresholds if i < 0 else config._resolved[int(i)]) for i in distinct]
+    if loss:
+        table.append(_loss_row(config.thresholds.loss))
+        which = np.append(which, len(table) - 1)
+    columns: dict[str, Any] = {
+        field.name: np.asarray(values, dtype)[which]
+        for field, values, dtype in zip(
+            dataclasses.fields(Params)[:-1], zip(*table, strict=True), _DTYPES, strict=True
+        )
+    }
+    return Params(**columns, clip=config.thresholds.clip_rate)
 
-    def column(read: Any, dtype: Any) -> NDArray[Any]:
-        return np.asarray([read(t) for t in table], dtype)[which]
 
-    return Params(
-        explosion=column(lambda t: t.explosion.enabled, np.bool_),
-        z_threshold=column(lambda t: t.explosion.z_threshold, np.float64),
-        log_min_ratio=column(lambda t: math.log(t.explosion.min_ratio), np.float64),
-        log_critical_ratio=column(lambda t: math.log(t.explosion.critical_ratio), np.float64),
-        ceiling=column(
-            lambda t: math.inf if t.explosion.ceiling is None else t.explosion.ceiling,
-            np.float64,
-        ),
-        warmup=column(lambda t: t.explosion.warmup_steps, np.int64),
-        alpha_var=column(lambda t: 2.0 / (t.explosion.window_steps + 1), np.float64),
-        alpha_mu=column(lambda t: 2.0 / (t.explosion.level_steps + 1), np.float64),
-        reject_z=column(lambda t: t.explosion.reject_z, np.float64),
-        sigma_floor=column(lambda t: t.explosion.sigma_floor, np.float64),
-        growth=column(lambda t: math.log(t.explosion.max_growth) / 1000.0, np.float64),
-        relearn=column(lambda t: t.explosion.relearn_steps, np.int64),
-        vanishing=column(lambda t: t.vanishing.enabled, np.bool_),
-        floor=column(lambda t: t.vanishing.floor, np.float64),
-        consecutive=column(lambda t: t.vanishing.consecutive_steps, np.int64),
-        nonfinite=column(lambda t: t.nonfinite.enabled, np.bool_),
-        cooldown=column(lambda t: t.cooldown_steps, np.int64),
-        clip=config.thresholds.clip_rate,
+_F, _I, _B = np.float64, np.int64, np.bool_
+_DTYPES: Final = (_B, _F, _F, _F, _F, _I, _F, _F, _F, _F, _F, _I, _B, _F, _I, _B, _I)
+"""Dtypes of the per-series fields of :class:`Params`, in order."""
+
+
+def _explosion_row(t: ExplosionThresholds) -> tuple[Any, ...]:
+    return (
+        t.enabled,
+        t.z_threshold,
+        math.log(t.min_ratio),
+        math.log(t.critical_ratio),
+        math.inf if t.ceiling is None else t.ceiling,
+        t.warmup_steps,
+        2.0 / (t.window_steps + 1),
+        2.0 / (t.level_steps + 1),
+        t.reject_z,
+        t.sigma_floor,
+        math.log(t.max_growth) / 1000.0,
+        t.relearn_steps,
     )
+
+
+def _row(t: Thresholds) -> tuple[Any, ...]:
+    return (
+        *_explosion_row(t.explosion),
+        t.vanishing.enabled,
+        t.vanishing.floor,
+        t.vanishing.consecutive_steps,
+        t.nonfinite.enabled,
+        t.cooldown_steps,
+    )
+
+
+def _loss_row(t: LossThresholds) -> tuple[Any, ...]:
+    # The explosion rule on the loss; the gradient-only rules are off for it.
+    return (*_explosion_row(t), False, -math.inf, 1, False, t.cooldown_steps)
 
 
 @dataclass(slots=True)
@@ -158,6 +189,9 @@ class Triggers:
     """NaN where the detection has no baseline (or where ``log_baseline`` gives it)."""
     log_baseline: NDArray[np.float64] | None = None
     """Natural log of the baseline where not NaN (explosion: exponentiated per event)."""
+    departure: NDArray[np.int64] | None = None
+    """Explosion only: each series' departure step after each step (``NO_STEP``: at its
+    baseline; see :mod:`.onset`)."""
 
 
 def explosion_triggers(
@@ -172,14 +206,22 @@ def explosion_triggers(
     base_all: NDArray[np.float64],
     rejected_all: NDArray[np.int64],
     cols: NDArray[np.int64],
+    steps: NDArray[np.int64],
+    bad: NDArray[np.bool_],
+    departure_all: NDArray[np.int64],
 ) -> Triggers:
-    """Explosion triggers; updates the baseline arrays of the batch's series in place.
+    """Explosion triggers; updates the baseline and departure arrays of the batch's series
+    in place.
 
     One pass per step, vectorised over the series. Entries that are not samples are given
     ``log(1) = 0`` and zero weight, so every update is plain arithmetic that leaves them
     bit-for-bit unchanged. While some series is young (in warm-up, or its weights still
     ``1/(n+1)``), extra ``where`` terms handle first samples, warm-up and winsorising; past
     that they would be identities, so skipping them gives the same bits whatever the batching.
+
+    Departures (:mod:`.onset`): a series departs at a new step where it is non-finite
+    (``bad``) or its sample is 3σ out (``z > reject_z``, after warm-up), and returns at its
+    next accepted sample or re-learnt level.
     """
     rows, width = norm.shape
     positive = np.isfinite(norm) & (norm > 0)
@@ -192,19 +234,24 @@ def explosion_triggers(
     deviations = np.zeros((rows, width), np.float64)
     log_base = np.empty((rows, width), np.float64)
     samples = np.empty((rows, width), np.int64)
+    departures = np.empty((rows, width), np.int64)
 
     n = n_all[cols]
     mu = mu_all[cols]
     var = var_all[cols]
     base = base_all[cols]
     rejected = rejected_all[cols]
+    departure = departure_all[cols]
     horizon = np.maximum(p.warmup + 1, np.ceil(1.0 / np.minimum(p.alpha_mu, p.alpha_var)))
     young = bool((n < horizon).any())
-    active: NDArray[np.bool_] = np.any(evaluate | learn, axis=1)
+    judged = evaluate | learn
+    bad_rows = np.any(bad, axis=1)
+    active: NDArray[np.bool_] = np.any(judged, axis=1) | bad_rows
     for i in range(rows):
         log_base[i] = base
         samples[i] = n
         if not active[i]:
+            departures[i] = departure
             continue
         x = np.log(safe[i])
         sigma = np.sqrt(var)
@@ -222,9 +269,15 @@ def explosion_triggers(
         statistical[i] = fire
         deviations[i] = deviation
         reject |= fire
+        departs = reject & judged[i]
+        if bad_rows[i]:
+            departs |= bad[i]
+        departs &= departure == NO_STEP
         candidate = learn[i]
         reject &= candidate
         accept = candidate ^ reject
+        np.putmask(departure, departs, steps[i])
+        np.putmask(departure, accept, NO_STEP)
         limit = p.reject_z * sigma
         delta = x - mu
         np.minimum(delta, limit, out=delta)
@@ -252,12 +305,15 @@ def explosion_triggers(
             mu = np.where(relearn, x, mu)
             base = np.where(relearn, np.minimum(x, base + p.relearn * p.growth), base)
             rejected = np.where(relearn, 0, rejected)
+            np.putmask(departure, relearn, NO_STEP)
+        departures[i] = departure
 
     n_all[cols] = n
     mu_all[cols] = mu
     var_all[cols] = var
     base_all[cols] = base
     rejected_all[cols] = rejected
+    departure_all[cols] = departure
 
     limit_hit = (above | overflow) & p.explosion
     return Triggers(
@@ -266,6 +322,7 @@ def explosion_triggers(
         value=norm,
         baseline=np.where(above, p.ceiling, np.nan),
         log_baseline=np.where(statistical | (overflow & (samples > 0)), log_base, np.nan),
+        departure=departures,
     )
 
 
@@ -301,24 +358,19 @@ def vanishing_triggers(
 
 def nonfinite_triggers(
     norm: NDArray[np.float64],
-    counts: NDArray[np.int64],
-    counts_total: NDArray[np.int64],
+    series_counts: NDArray[np.int64],
     skipped: NDArray[np.bool_],
     p: Params,
 ) -> Triggers:
     """Non-finite triggers (stateless): per layer by count, at run level by count or norm."""
     rows, width = norm.shape
-    fired = np.empty((rows, width), np.bool_)
-    fired[:, 0] = (counts_total > 0) | (~np.isfinite(norm[:, 0]) & ~skipped)
-    fired[:, 1:] = counts > 0
+    fired = series_counts > 0
+    fired[:, 0] |= ~np.isfinite(norm[:, 0]) & ~skipped
     fired &= p.nonfinite
-    value = np.empty((rows, width), np.float64)
-    value[:, 0] = counts_total
-    value[:, 1:] = counts
     return Triggers(
         fired=fired,
         critical=np.ones((rows, width), np.bool_),
-        value=value,
+        value=series_counts.astype(np.float64),
         baseline=np.full((rows, width), np.nan),
     )
 

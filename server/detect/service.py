@@ -4,7 +4,9 @@ The detectors themselves are pure (``detect``); this module is their storage. Pe
 detector state is one row (``detector_states``) read and written in the ingest transaction,
 under the run's lock, so a restart or another worker continues exactly where the last batch
 left off. Detections of one (rule, layer) merge into one stored event while they keep coming
-within the rule's cooldown; ``detector_counts`` counts every detection, and only grows.
+within the rule's cooldown; ``detector_counts`` counts every detection, and only grows. A
+run-level explosion, non-finite or loss event stores its onset analysis (``Event.onset``)
+when it is created; merging never changes it.
 Reading events and health back is :mod:`gradwatch.server.query.health`.
 
 Functions take a :class:`~sqlalchemy.orm.Session`, block on the database and never commit
@@ -106,6 +108,7 @@ def _store_events(
                 baseline=detection.baseline,
                 created_at=now,
                 updated_at=now,
+                onset=None if detection.onset is None else detection.onset.to_json(),
             )
             session.add(event)
             open_events[(detection.rule.value, detection.layer)] = event

@@ -13,7 +13,8 @@ from numpy.typing import NDArray
 from .event import RULES
 
 NO_STEP: Final = np.iinfo(np.int64).min
-"""``last_trigger`` of a (rule, series) that never triggered."""
+"""``last_trigger`` of a (rule, series) that never triggered; ``departure`` of a series at its
+baseline."""
 
 
 class StateFormatError(ValueError):
@@ -23,9 +24,11 @@ class StateFormatError(ValueError):
 # --------------------------------------------------------------------------- state
 
 _MAGIC: Final = b"GWDS"
-_VERSION: Final = 1
+_VERSION: Final = 2
 _HEADER: Final = struct.Struct("<4sB")
-_BODY: Final = struct.Struct("<?qII")
+_BODY_V1: Final = struct.Struct("<?qII")
+_BODY: Final = struct.Struct("<?qIIB")
+"""Version 2 adds the count of rule columns (version 1 had 4) and the departure steps."""
 _FLOAT: Final = np.dtype("<f8")
 _INT: Final = np.dtype("<i8")
 _COUNT: Final = np.dtype("<u4")
@@ -37,15 +40,18 @@ class DetectorState:
     one it is given, so a state may be shared between threads.
 
     Per series: the explosion baseline (samples ``n``, level ``mu``, scale ``var``, baseline
-    ``b`` in log units, consecutive rejected samples), the vanishing streak and the step of the
-    last trigger of each rule; per run: the clip-rate window bits and ``last_step``. About 80
-    bytes per series plus its name before compression; :meth:`to_bytes` is compact, versioned
-    and lossless.
+    ``b`` in log units, consecutive rejected samples), the vanishing streak, the step of the
+    last trigger of each rule and the departure step (:mod:`.onset`); per run: the clip-rate
+    window bits and ``last_step``. The loss has a series of its own
+    (:data:`.event.LOSS_SERIES`) once a batch carried one. About 90 bytes per series plus its
+    name before compression;
+    :meth:`to_bytes` is compact, versioned and lossless.
     """
 
     __slots__ = (
         "_base",
         "_clip_bits",
+        "_departure",
         "_index",
         "_last_step",
         "_last_trigger",
@@ -68,6 +74,7 @@ class DetectorState:
         rejected: NDArray[np.int64] | None = None,
         streak: NDArray[np.int64] | None = None,
         last_trigger: NDArray[np.int64] | None = None,
+        departure: NDArray[np.int64] | None = None,
         clip_bits: NDArray[np.bool_] | None = None,
         last_step: int | None = None,
     ) -> None:
@@ -76,7 +83,9 @@ class DetectorState:
         Args:
             series: Series names (unique; ``""`` is the run level).
             n, mu, var, base, rejected, streak: ``(S,)`` per-series values.
-            last_trigger: ``(S, 4)`` step of the last trigger per rule (``Rule`` order).
+            last_trigger: ``(S, R)`` step of the last trigger per rule (``Rule`` order).
+            departure: ``(S,)`` step from which each series is off its baseline, or
+                ``NO_STEP``.
             clip_bits: The clip window, oldest first (True = clipped).
             last_step: Last step processed by the stateful rules.
         """
@@ -94,9 +103,10 @@ class DetectorState:
         self._last_trigger = (
             np.full((size, len(RULES)), NO_STEP, np.int64) if last_trigger is None else last_trigger
         )
+        self._departure = np.full(size, NO_STEP, np.int64) if departure is None else departure
         self._clip_bits = np.zeros(0, np.bool_) if clip_bits is None else clip_bits
         self._last_step = last_step
-        for name in ("_n", "_mu", "_var", "_base", "_rejected", "_streak"):
+        for name in ("_n", "_mu", "_var", "_base", "_rejected", "_streak", "_departure"):
             if getattr(self, name).shape != (size,):
                 raise ValueError(f"{name[1:]}: expected shape ({size},)")
         if self._last_trigger.shape != (size, len(RULES)):
@@ -135,6 +145,7 @@ class DetectorState:
                     "_rejected",
                     "_streak",
                     "_last_trigger",
+                    "_departure",
                     "_clip_bits",
                 )
             )
@@ -149,7 +160,7 @@ class DetectorState:
         )
 
     def to_bytes(self) -> bytes:
-        """Serialise losslessly: a 5-byte header (magic ``GWDS``, version 1), then a zlib
+        """Serialise losslessly: a 5-byte header (magic ``GWDS``, version 2), then a zlib
         stream of little-endian fields and arrays. Pure; about 25-40 bytes per series
         (12.7 kB for 500 layers)."""
         names = [name.encode("utf-8") for name in self._series]
@@ -159,6 +170,7 @@ class DetectorState:
                 0 if self._last_step is None else self._last_step,
                 len(names),
                 len(self._clip_bits),
+                len(RULES),
             ),
             np.asarray([len(name) for name in names], _COUNT).tobytes(),
             b"".join(names),
@@ -169,32 +181,44 @@ class DetectorState:
             self._rejected.astype(_INT).tobytes(),
             self._streak.astype(_INT).tobytes(),
             self._last_trigger.astype(_INT).tobytes(),
+            self._departure.astype(_INT).tobytes(),
             np.packbits(self._clip_bits).tobytes(),
         ]
         return _HEADER.pack(_MAGIC, _VERSION) + zlib.compress(b"".join(parts), 6)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> DetectorState:
-        """Read what :meth:`to_bytes` wrote.
+        """Read what :meth:`to_bytes` wrote, or a version 1 state (before the loss rule and
+        departures: every series at its baseline, the loss rule never triggered).
 
         Raises:
-            StateFormatError: Not a detector state, an unknown version, or truncated.
+            StateFormatError: Not a detector state, an unknown version, more rules than this
+                server knows, or truncated.
         """
         if len(data) < _HEADER.size:
             raise StateFormatError("detector state: too short")
         magic, version = _HEADER.unpack_from(data)
         if magic != _MAGIC:
             raise StateFormatError("detector state: bad magic (not a gradwatch detector state)")
-        if version != _VERSION:
+        if version not in (1, _VERSION):
             raise StateFormatError(
-                f"detector state: unsupported version {version} (this server reads {_VERSION})"
+                f"detector state: unsupported version {version} (this server reads 1 to {_VERSION})"
             )
         try:
             body = zlib.decompress(data[_HEADER.size :])
         except zlib.error as error:
             raise StateFormatError(f"detector state: corrupt ({error})") from None
         reader = _Reader(body)
-        has_last, last_step, size, clip_len = reader.unpack(_BODY)
+        if version == 1:
+            has_last, last_step, size, clip_len = reader.unpack(_BODY_V1)
+            rules = 4
+        else:
+            has_last, last_step, size, clip_len, rules = reader.unpack(_BODY)
+        if rules > len(RULES):
+            raise StateFormatError(
+                f"detector state: {rules} rules, this server knows {len(RULES)} (written by a "
+                "newer server)"
+            )
         lengths = reader.array(_COUNT, size)
         blob = reader.take(int(lengths.sum()))
         ends = np.cumsum(lengths)
@@ -211,7 +235,9 @@ class DetectorState:
         base = reader.array(_FLOAT, size)
         rejected = reader.array(_INT, size)
         streak = reader.array(_INT, size)
-        last_trigger = reader.array(_INT, size * len(RULES)).reshape(size, len(RULES))
+        last_trigger = np.full((size, len(RULES)), NO_STEP, np.int64)
+        last_trigger[:, :rules] = reader.array(_INT, size * rules).reshape(size, rules)
+        departure = reader.array(_INT, size) if version > 1 else None
         packed = reader.array(np.dtype(np.uint8), (clip_len + 7) // 8)
         reader.finish()
         try:
@@ -224,6 +250,7 @@ class DetectorState:
                 rejected=rejected,
                 streak=streak,
                 last_trigger=last_trigger,
+                departure=departure,
                 clip_bits=np.unpackbits(packed, count=clip_len).astype(np.bool_),
                 last_step=int(last_step) if has_last else None,
             )

@@ -261,7 +261,7 @@ def _store(
 
 
 def _required(arrays: _Arrays, metric: Metric) -> NDArray[np.float32] | NDArray[np.int64]:
-    """The values of a metric every batch carries."""
+    """The values of a metric every batch carries (or that this one is known to carry)."""
     columns = arrays[metric]
     assert columns is not None, f"{metric} is required"
     return columns[0]
@@ -283,6 +283,7 @@ def _detector_columns(
         nonfinite=_required(arrays, Metric.NONFINITE).astype(np.int64, copy=False),
         clip_coef=_required_floats(arrays, Metric.CLIP_COEF)[:, 0],
         skipped=_required(arrays, Metric.SKIPPED)[:, 0] != 0,
+        loss=None if arrays[Metric.LOSS] is None else _required_floats(arrays, Metric.LOSS)[:, 0],
     )
 
 

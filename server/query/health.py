@@ -17,14 +17,19 @@ from ..store import events as event_store
 from ..store import runs as run_store
 from ..store import series as series_store
 from ..store.events import EventFilter
-from ..store.models import Event, Run, RunStatus
+from ..store.models import RUN_LEVEL, Event, Run, RunStatus
 from ..store.series import LayerStats
 from .cursor import decode_cursor, encode_cursor
+from .onset import event_summary, onset_out
 from .summary import last_value, max_value
 
 __all__ = ["get_run_health", "list_events"]
 
 _ENDPOINT = "GET /api/v1/runs/{run_id}/events"
+_ANALYSED = EventFilter(
+    rules=[Rule.EXPLOSION.value, Rule.NONFINITE.value, Rule.LOSS.value], layer=RUN_LEVEL
+)
+"""The events that carry an onset analysis: run-level explosion, nonfinite and loss."""
 
 
 def list_events(
@@ -53,7 +58,8 @@ def get_run_health(session: Session, run_id: str, recent_steps: int, worst: int)
     """Return a one-look summary of a run's gradient health.
 
     ``verdict`` is the highest severity among events that reach the last ``recent_steps``
-    steps of the run, ``no_data`` for a run without steps, or ``healthy``.
+    steps of the run, ``no_data`` for a run without steps, or ``healthy``. ``onset`` is the
+    onset summary of the newest run-level explosion, nonfinite or loss event.
 
     Raises:
         RunNotFoundError: No run has this id.
@@ -63,6 +69,7 @@ def get_run_health(session: Session, run_id: str, recent_steps: int, worst: int)
         raise RunNotFoundError(run_id)
     counts = event_store.get_detector_counts(session, run_id)
     latest = event_store.list_events(session, run_id, EventFilter(), None, 1)
+    incident = event_store.list_events(session, run_id, _ANALYSED, None, 1)
     layers = {stats.name: stats for stats in series_store.list_layer_stats(session, run_id)}
     worst_layers = [
         _layer_health(layer, detections, events, severity, layers.get(layer))
@@ -82,6 +89,7 @@ def get_run_health(session: Session, run_id: str, recent_steps: int, worst: int)
         },
         worst_layers=worst_layers,
         last_event=_event_out(latest[0]) if latest else None,
+        onset=event_summary(incident[0]) if incident else None,
     )
 
 
@@ -129,6 +137,7 @@ def _event_out(event: Event) -> EventOut:
         baseline=event.baseline,
         created_at=event.created_at,
         updated_at=event.updated_at,
+        onset=onset_out(event),
     )
 
 

@@ -311,6 +311,10 @@ class Event(Base):
     """What ``value`` was compared with, when the rule has a baseline."""
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    onset: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
+    """Onset analysis of a run-level explosion, non-finite or loss event (``detect.Onset``
+    as JSON), fixed when the event starts; NULL for other events and for events stored
+    before revision 0005."""
 
     __table_args__ = (
         Index(None, "run_id", "first_step", "id"),

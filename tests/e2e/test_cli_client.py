@@ -231,6 +231,17 @@ def test_show_draws_the_norm_with_inf_marked(seeded, env):
     assert f"/runs/{seeded.critical}" in result.stdout
 
 
+def test_show_says_which_layer_went_first(seeded, env):
+    result = gradwatch("show", "exploding-run", "--width", "50", env=env)
+
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())  # rich wraps the line at the terminal's width
+    # The newest run-level event is the Inf planted in the second layer at step 350; both
+    # layers left their baselines with the ×10⁴ jump at step 300.
+    assert "onset: nonfinite from step 350: first: `dense_1` at step 300" in text, text
+    assert "first non-finite layer: `dense_1` from the output side" in text, text
+
+
 def test_show_finds_a_run_by_id_prefix_and_says_when_a_name_is_ambiguous(seeded, env):
     by_prefix = gradwatch("show", seeded.healthy[:8], "--json", env=env)
     with httpx.Client(base_url=seeded.url, timeout=10.0) as api:

@@ -551,8 +551,8 @@ def test_detector_state_round_trips_through_bytes():
 def test_detector_state_from_bytes_rejects_unknown_versions_and_damage():
     blob = detect(None, _columns(0, _lognormal(16, 10, 2)), DetectorConfig()).state.to_bytes()
 
-    with pytest.raises(StateFormatError, match="unsupported version 2"):
-        DetectorState.from_bytes(blob[:4] + bytes([2]) + blob[5:])
+    with pytest.raises(StateFormatError, match="unsupported version 3"):
+        DetectorState.from_bytes(blob[:4] + bytes([3]) + blob[5:])
     with pytest.raises(StateFormatError, match="magic"):
         DetectorState.from_bytes(b"XXXX" + blob[4:])
     with pytest.raises(StateFormatError):

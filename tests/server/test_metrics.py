@@ -152,7 +152,7 @@ def _check_detector_counters(client: TestClient) -> None:
     }
     assert combinations == {
         (rule, severity)
-        for rule in ("explosion", "nonfinite", "vanishing", "clip_rate")
+        for rule in ("explosion", "nonfinite", "vanishing", "clip_rate", "loss")
         for severity in ("warning", "critical")
     }
     assert all(s.value == 0 for s in before)

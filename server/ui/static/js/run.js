@@ -116,6 +116,7 @@ export async function renderRun(view, runId, params) {
         el("dt", { text: "value" }), el("dd", { text: fmt(event.value) }),
         el("dt", { text: "baseline" }), el("dd", { text: fmt(event.baseline) }),
         el("dt", { text: "seen" }), el("dd", { text: ago(event.updated_at) }),
+        event.onset ? [el("dt", { text: "onset" }), el("dd", { class: "onset", text: event.onset.summary })] : "",
       ),
       el(
         "div",
@@ -209,6 +210,7 @@ export async function renderRun(view, runId, params) {
       health.worst_layers.length
         ? el("p", {}, "Worst layers: ", ...health.worst_layers.map((l, i) => [i ? ", " : "", el("a", { href: "#", onclick: (e) => { e.preventDefault(); openLayer(l.layer); }, text: `${l.layer} (${l.detections})` })]))
         : "",
+      health.onset ? el("p", { class: "onset", text: `Onset: ${health.onset}` }) : "",
     );
     $.range.textContent = state.from !== null || state.to !== null ? `steps ${fmt(state.from ?? 0)}–${state.to === null ? "end" : fmt(state.to)}` : "whole run";
   }
