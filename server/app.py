@@ -16,6 +16,7 @@ from .auth import Authenticator
 from .config import Settings
 from .export.prometheus import RunStateCollector, ServerMetrics
 from .ratelimit import BucketStore, FileBuckets, MemoryBuckets, RateLimiter
+from .retention import Retainer
 from .store.db import Database, create_db_engine, upgrade_database
 from .ui.routes import install_ui
 
@@ -29,7 +30,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """Build a gradwatch server app; nothing touches the database until its lifespan starts.
 
     On startup the lifespan creates the engine and upgrades the schema to the newest
-    migration (blocking until done); on shutdown it disposes of the engine. Every app has its
+    migration (blocking until done) and, with ``settings.retention_days``, starts the
+    background prune (:class:`~gradwatch.server.retention.Retainer`, ``app.state.retainer``);
+    on shutdown it stops that and disposes of the engine. Every app has its
     own Prometheus registry and its own token authenticator and rate limiter, so several apps
     can live in one process. The web UI is served at ``/``, OpenAPI docs at ``/docs`` and
     ``/redoc`` (local assets); replies over 4 KiB are gzipped (level :data:`GZIP_LEVEL`) for
@@ -99,15 +102,28 @@ def _lifespan(
             collector = RunStateCollector(database, settings)
             metrics.registry.register(collector)
             app.state.database = database
+            retainer = _start_retainer(database, settings)
+            app.state.retainer = retainer
             try:
                 yield
             finally:
+                if retainer is not None:
+                    await to_thread.run_sync(retainer.stop)
                 metrics.registry.unregister(collector)
                 del app.state.database
         finally:
             engine.dispose()
 
     return lifespan
+
+
+def _start_retainer(database: Database, settings: Settings) -> Retainer | None:
+    """Start the background prune when ``retention_days`` is set; None when it is off."""
+    if settings.retention_days is None:
+        return None
+    retainer = Retainer(database, settings.retention_days, settings.retention_interval_seconds)
+    retainer.start()
+    return retainer
 
 
 def _version() -> str:

@@ -51,6 +51,12 @@ class Settings(BaseSettings):
         norm_window_seconds: Window of ``gradwatch_global_grad_norm_window_max`` in seconds
             (ingest time): the largest global norm of the current and previous window, so a
             spike stays visible for at least this long whatever the scrape interval.
+        retention_days: When set, the server deletes every finished or failed run last
+            active more than this many days ago (its samples, events and the run itself), in
+            the background, like ``gradwatch db prune --older-than``; None (the default)
+            keeps every run.
+        retention_interval_seconds: Seconds between two background prunes (the first runs
+            when the server starts).
     """
 
     model_config = SettingsConfigDict(env_prefix="GRADWATCH_", frozen=True, extra="ignore")
@@ -70,3 +76,5 @@ class Settings(BaseSettings):
     finished_run_grace_seconds: float = Field(default=600.0, ge=0)
     inactive_run_seconds: float = Field(default=86_400.0, gt=0)
     norm_window_seconds: float = Field(default=60.0, gt=0)
+    retention_days: float | None = Field(default=None, gt=0)
+    retention_interval_seconds: float = Field(default=3600.0, gt=0)

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Annotated
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from .exits import ExitCode
+from .exits import CliError, ExitCode
 
-__all__ = ["DatabaseUrlOption", "database_errors"]
+if TYPE_CHECKING:
+    from ..store.db import Database
+
+__all__ = ["DatabaseUrlOption", "database_errors", "open_database"]
 
 DatabaseUrlOption = Annotated[
     str | None,
@@ -37,6 +41,43 @@ def database_errors(command: str, database_url: str) -> Iterator[None]:
             raise
         typer.echo(f"gradwatch {command}: {message}", err=True)
         raise typer.Exit(code=int(ExitCode.USAGE)) from None
+
+
+@contextmanager
+def open_database(url: str, command: str, *, must_exist: bool = True) -> Iterator[Database]:
+    """Open the database for a CLI command, schema upgraded first.
+
+    With ``must_exist`` (maintenance commands), a SQLite URL naming a file that does not
+    exist raises :class:`CliError` (exit 2) rather than creating an empty database; without
+    it (``token create`` before the first ``gradwatch server``) the file is created. Open
+    failures end the command as :func:`database_errors` does. The engine is disposed of on
+    exit. Blocks while migrating.
+    """
+    from sqlalchemy.engine import make_url
+
+    from ..store.db import Database, create_db_engine, upgrade_database
+
+    with database_errors(command, url):
+        parsed = make_url(url)
+        path = parsed.database or ""
+        if (
+            must_exist
+            and parsed.get_backend_name() == "sqlite"
+            and path not in ("", ":memory:")
+            and not path.startswith("file:")
+            and not Path(path).is_file()
+        ):
+            raise CliError(f"no SQLite database at {path} (check --database-url)", ExitCode.USAGE)
+        engine = create_db_engine(url)
+        try:
+            upgrade_database(engine)
+        except BaseException:
+            engine.dispose()
+            raise
+    try:
+        yield Database(engine)
+    finally:
+        engine.dispose()
 
 
 def _describe(error: Exception, database_url: str) -> str | None:

@@ -1,4 +1,5 @@
-"""``gradwatch server`` and ``gradwatch db upgrade``: serve the API, migrate the schema."""
+"""``gradwatch server`` and the ``gradwatch db`` group: serve the API, migrate the schema
+(``db prune`` and ``db backup`` live in ``maintenance.py``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Annotated
 import typer
 
 from .database import DatabaseUrlOption, database_errors
+from .maintenance import db_backup, db_prune
 
 __all__ = ["db_app", "server"]
 
@@ -82,7 +84,7 @@ def server(
         serve_workers(settings, host=host, port=port, workers=workers)
 
 
-db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema, retention and backups.", no_args_is_help=True)
 """The ``gradwatch db`` group."""
 
 
@@ -96,3 +98,7 @@ def db_upgrade(database_url: DatabaseUrlOption = None) -> None:
     with database_errors("db upgrade", url):
         upgrade_database(url)
     typer.echo("database schema is up to date", err=True)
+
+
+db_app.command("prune")(db_prune)
+db_app.command("backup")(db_backup)

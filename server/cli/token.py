@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from .database import DatabaseUrlOption, database_errors
+from .database import DatabaseUrlOption, open_database
 
 if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
     from ..store.db import Database
 
 __all__ = ["token_app"]
@@ -44,7 +44,7 @@ def token_create(
         ) from None
     if not re.match(PROJECT_PATTERN, project):
         raise typer.BadParameter("letters, digits and ._- only (1-100)", param_hint="--project")
-    with _database(database_url, "token create") as database, database.write_session() as session:
+    with _open(database_url, "token create") as database, database.write_session() as session:
         created = create_token(session, project, scopes, name, datetime.now(UTC))
     typer.echo(
         f"token {created.key} for project {created.project!r}, scopes "
@@ -64,7 +64,7 @@ def token_list(
 
     from ..auth import list_tokens
 
-    with _database(database_url, "token list") as database, database.read_session() as session:
+    with _open(database_url, "token list") as database, database.read_session() as session:
         tokens = list_tokens(session)
     table = Table("key", "project", "scopes", "name", "created", "revoked")
     for info in tokens:
@@ -89,7 +89,7 @@ def token_revoke(
     """Revoke a token; requests with it get 401 from then on."""
     from ..auth import revoke_token
 
-    with _database(database_url, "token revoke") as database, database.write_session() as session:
+    with _open(database_url, "token revoke") as database, database.write_session() as session:
         revoked = revoke_token(session, key, datetime.now(UTC))
     if not revoked:
         typer.echo(f"no valid token has key {key!r}", err=True)
@@ -97,21 +97,8 @@ def token_revoke(
     typer.echo(f"token {key} revoked", err=True)
 
 
-@contextmanager
-def _database(database_url: str | None, command: str) -> Iterator[Database]:
-    """Open the database (schema upgraded first) for a CLI command; disposed on exit."""
+def _open(database_url: str | None, command: str) -> AbstractContextManager[Database]:
+    """The database for a token command, created when missing (tokens come before a server)."""
     from ..config import Settings
-    from ..store.db import Database, create_db_engine, upgrade_database
 
-    url = database_url or Settings().database_url
-    with database_errors(command, url):
-        engine = create_db_engine(url)
-        try:
-            upgrade_database(engine)
-        except BaseException:
-            engine.dispose()
-            raise
-    try:
-        yield Database(engine)
-    finally:
-        engine.dispose()
+    return open_database(database_url or Settings().database_url, command, must_exist=False)
