@@ -8,8 +8,13 @@ Idempotency:
     * by ``batch_id``: a resend of a stored batch id stores nothing (409 if the same id arrives
       with a different step range);
     * by natural key: a batch whose every step is already stored stores nothing, whatever its
-      id; a batch that overlaps stored steps but also carries new ones is a conflict (409),
-      because stored blocks of a series never overlap.
+      id;
+    * a resumed run (restored from a checkpoint older than its last sent step) resends steps
+      it sent before the new ones: when every step of a batch up to the last stored step is
+      stored and the rest come after it, only the rest is stored (first write wins; the
+      batch's id is recorded for those steps, so resending it is a no-op);
+    * any other overlap with stored steps is a conflict (409), because stored blocks of a
+      series never overlap.
 
 Detection: every stored batch runs the detectors (``events.detect_batch``) in the same
 transaction, under the run's lock, so events, detector state and samples are stored together
@@ -25,6 +30,8 @@ from datetime import datetime, timedelta
 import numpy as np
 from numpy.typing import NDArray
 from sqlalchemy.orm import Session
+
+from gradwatch.wire import LAYER_FIELDS, RUN_FIELDS
 
 from ..detect import StepColumns
 from ..detect import service as events
@@ -205,7 +212,7 @@ def ingest_batches(
     prepared = [prepare_batch(batch, options) for batch in batches]
     with session.begin():
         return [
-            _store(session, run_id, item, batch.dropped_batches or {}, options, now)
+            _store(session, run_id, batch, item, options, now)
             for item, batch in zip(prepared, batches, strict=True)
         ]
 
@@ -213,8 +220,8 @@ def ingest_batches(
 def _store(
     session: Session,
     run_id: str,
+    batch: StepBatch,
     prepared: PreparedBatch,
-    dropped_batches: Mapping[str, int],
     options: IngestOptions,
     now: datetime,
 ) -> BatchAck:
@@ -224,11 +231,7 @@ def _store(
         raise RunNotFoundError(run_id)
     stored = run_store.get_batch(session, run_id, record.batch_id)
     if stored is not None:
-        if (stored.first_step, stored.last_step, stored.n_steps) != (
-            record.first_step,
-            record.last_step,
-            record.n_steps,
-        ):
+        if not _same_batch(stored, prepared.steps):
             raise BatchConflictError(
                 f"batch_id {record.batch_id} was already used for steps "
                 f"{stored.first_step}..{stored.last_step} ({stored.n_steps} steps); this batch "
@@ -238,15 +241,21 @@ def _store(
     overlapping = run_store.find_overlapping_batches(
         session, run_id, record.first_step, record.last_step
     )
+    whole = prepared
     if overlapping:
         if _are_stored(session, run_id, prepared.steps):
             return _acknowledge(run_id, prepared, duplicate=True)
-        first = overlapping[0]
-        raise BatchConflictError(
-            f"step: steps {record.first_step}..{record.last_step} overlap steps "
-            f"{first.first_step}..{first.last_step} already stored by batch {first.batch_id}, "
-            "and the batch is not a resend of stored steps; send only new steps"
-        )
+        resumed = _new_steps(session, run_id, batch, prepared, overlapping, options)
+        if resumed is None:
+            first = overlapping[0]
+            raise BatchConflictError(
+                f"step: steps {record.first_step}..{record.last_step} overlap steps "
+                f"{first.first_step}..{first.last_step} already stored by batch "
+                f"{first.batch_id}, and the batch is neither a resend of stored steps nor "
+                "stored steps followed by new ones; send only new steps"
+            )
+        prepared, record = resumed, resumed.record
+    dropped_batches = batch.dropped_batches or {}
     _check_totals(run, prepared.totals)
     run_store.insert_batch(session, run_id, record, now)
     store_blocks(session, run_id, prepared.metrics)
@@ -257,7 +266,56 @@ def _store(
     events.detect_batch(session, run, prepared.columns, now)
     if dropped_batches:
         run_store.upsert_agent_drops(session, run_id, dropped_batches, record.last_step)
+    if prepared is not whole:
+        return _partial_ack(run_id, whole, prepared)
     return _acknowledge(run_id, prepared, duplicate=False)
+
+
+def _same_batch(stored: BatchRecord, steps: NDArray[np.int64]) -> bool:
+    """Whether a batch with these steps is the stored batch of its id: the same steps, or
+    (a resumed run's batch stored in part) the same steps from the stored first step on."""
+    tail = steps[steps >= stored.first_step]
+    return (
+        tail.size == stored.n_steps
+        and int(steps[-1]) == stored.last_step
+        and (tail.size == steps.size or int(steps[0]) < stored.first_step)
+    )
+
+
+def _new_steps(
+    session: Session,
+    run_id: str,
+    batch: StepBatch,
+    prepared: PreparedBatch,
+    overlapping: Sequence[BatchRecord],
+    options: IngestOptions,
+) -> PreparedBatch | None:
+    """The part of a resumed run's batch after the stored steps, prepared; None unless every
+    step up to the last stored one is stored and some come after it."""
+    stored_end = max(item.last_step for item in overlapping)
+    split = int(np.searchsorted(prepared.steps, stored_end, side="right"))
+    if split >= prepared.steps.size or not _are_stored(session, run_id, prepared.steps[:split]):
+        return None
+    return prepare_batch(_steps_from(batch, split), options)
+
+
+def _steps_from(batch: StepBatch, start: int) -> StepBatch:
+    """``batch`` without its first ``start`` steps (every per-step field sliced)."""
+    fields = ("step", *RUN_FIELDS, *LAYER_FIELDS)
+    update = {name: getattr(batch, name)[start:] for name in fields if getattr(batch, name)}
+    return batch.model_copy(update=update)
+
+
+def _partial_ack(run_id: str, whole: PreparedBatch, stored: PreparedBatch) -> BatchAck:
+    """The reply to a resumed run's batch of which ``stored`` (its new steps) was stored."""
+    return BatchAck(
+        run_id=run_id,
+        batch_id=whole.record.batch_id,
+        steps=whole.record.n_steps,
+        stored_samples=stored.samples,
+        duplicate_samples=whole.samples - stored.samples,
+        duplicate=False,
+    )
 
 
 def _required(arrays: _Arrays, metric: Metric) -> NDArray[np.float32] | NDArray[np.int64]:

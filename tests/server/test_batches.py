@@ -141,15 +141,39 @@ def test_post_batch_resend_under_new_id_stores_nothing(client):
     assert _snapshot(client, run_id) == before
 
 
+def test_post_batch_of_a_resumed_run_stores_only_the_steps_after_the_stored_ones(client):
+    """A run restored from a checkpoint older than its last sent step resends some steps."""
+    run_id = create_run(client)
+    post_batch(client, run_id, make_batch([10, 11, 12], global_norm=[1.0, 2.0, 3.0]))
+    resumed = make_batch([11, 12, 13, 14], global_norm=[9.0, 9.0, 4.0, 5.0])
+
+    first = post_batch(client, run_id, resumed)
+    again = post_batch(client, run_id, resumed)
+    under_new_id = post_batch(client, run_id, make_batch([12, 13, 14]))
+
+    assert first.status_code == 200, first.text
+    per_step = 5 + 2 * 2  # run-level fields, plus grad_norm and nonfinite of 2 layers
+    assert first.json()["steps"] == 4
+    assert first.json()["duplicate"] is False
+    assert first.json()["stored_samples"] == 2 * per_step
+    assert first.json()["duplicate_samples"] == 2 * per_step
+    for response in (again, under_new_id):
+        assert response.status_code == 200, response.text
+        assert response.json()["duplicate"] is True
+    series = get_series(client, run_id, "global_norm")
+    assert series["step"] == [10, 11, 12, 13, 14]
+    assert series["value"] == [1.0, 2.0, 3.0, 4.0, 5.0]  # first write wins
+
+
 def test_post_batch_partial_overlap_is_409_and_stores_nothing(client):
     run_id = create_run(client)
     post_batch(client, run_id, make_batch([10, 11, 12]))
     before = _snapshot(client, run_id)
 
-    overlapping = post_batch(client, run_id, make_batch([12, 13]))
+    missing_before = post_batch(client, run_id, make_batch([9, 12, 13]))
     interleaved = post_batch(client, run_id, make_batch([9, 11, 14]))
 
-    for response in (overlapping, interleaved):
+    for response in (missing_before, interleaved):
         assert response.status_code == 409, response.text
         assert response.json()["code"] == "batch_conflict"
         assert "10..12" in response.json()["detail"]
@@ -443,7 +467,7 @@ def test_ingest_batches_stores_all_in_one_transaction_or_nothing(database_url):
         with database.write_session() as session:
             runs.create_run(session, RunCreate(run_id=uuid.UUID(run_id), name="bulk"), now)
         first, second = make_batch([0, 1]), make_batch([2, 3])
-        conflicting = make_batch([3, 4])
+        conflicting = make_batch([1, 4], batch_id=first["batch_id"])
         with database.write_session() as session, pytest.raises(BatchConflictError):
             ingest_batches(
                 session,

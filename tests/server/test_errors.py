@@ -22,7 +22,7 @@ _JSON = {"Content-Type": "application/json"}
 @pytest.fixture
 def run_id(client):
     run_id = create_run(client)
-    assert post_batch(client, run_id, make_batch([0, 1])).status_code == 200
+    assert post_batch(client, run_id, make_batch([1, 2])).status_code == 200
     return run_id
 
 
@@ -57,7 +57,7 @@ def _cases(run_id):
         ("POST", batches, here, {"content": b"garbage", "headers": gz}, 400),
         ("POST", batches, here, {"content": b"[]", "headers": {"Content-Type": "x/y"}}, 415),
         ("POST", batches, unknown, {"json": make_batch([0])}, 404),
-        ("POST", batches, here, {"json": make_batch([1, 2])}, 409),
+        ("POST", batches, here, {"json": make_batch([0, 2])}, 409),
         ("POST", batches, here, {"json": make_batch([5], global_norm=[1e300])}, 422),
     ]
 

@@ -96,10 +96,10 @@ def test_metrics_labels_never_carry_steps(client):
 
 def test_metrics_counts_ingest_and_rejections(client):
     run_id = create_run(client)
-    post_batch(client, run_id, make_batch([0, 1], layers=["a"]))
-    bad = make_batch([2], layers=["a"], schema=2)
+    post_batch(client, run_id, make_batch([0, 2], layers=["a"]))
+    bad = make_batch([3], layers=["a"], schema=2)
     post_batch(client, run_id, bad)
-    post_batch(client, run_id, make_batch([1, 2], layers=["a"]))
+    post_batch(client, run_id, make_batch([1, 2], layers=["a"]))  # 1 is not stored, 2 is: 409
     client.post(
         f"/api/v1/runs/{run_id}/batches",
         content=b"junk",
