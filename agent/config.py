@@ -45,8 +45,10 @@ class MonitorConfig:
         server: Base URL of a gradwatch server (``http://host:port``), or
             ``None`` for local mode (JSON lines under ``local_dir``).
         project: Project the run belongs to (letters, digits, ``._-``).
-        run_id: UUID of the run; generated when not given. Pass the id of an
-            earlier run to keep streaming into it after a restart.
+        run_id: UUID of the run; generated when not given (on a multi-worker cluster,
+            derived from the project, the run name and ``TF_CONFIG``'s addresses, so every
+            worker names the same run: :func:`~gradwatch.agent.cluster.shared_run_id`).
+            Pass the id of an earlier run to keep streaming into it after a restart.
         flush_every: Steps per host read and per batch sent (>= 1).
         stats_every: Steps between measurements of the per-layer weight norm
             and update ratio ‖Δw‖/‖w‖ (>= 0; 0 turns them off).

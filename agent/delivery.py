@@ -48,11 +48,30 @@ def _check_token(token: str | None) -> str | None:
     return token
 
 
+class _ChiefDelivers:
+    """A non-chief worker's transport: the chief delivers the (identical) steps, so nothing
+    is sent from here. Never blocks."""
+
+    def create_run(self, run: RunInfo) -> None:
+        pass
+
+    def send_batch(self, run_id: str, batch: dict[str, Any]) -> None:
+        pass
+
+    def set_status(self, run_id: str, status: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def build_delivery(
     config: MonitorConfig,
     run_config: dict[str, Any],
     transport: Transport | None = None,
     token: str | None = None,
+    *,
+    delivers: bool = True,
 ) -> Delivery:
     """Build the sender for ``config``'s run and start its thread.
 
@@ -64,16 +83,20 @@ def build_delivery(
         run_config: JSON-able settings sent with the run (policy, intervals).
         transport: A transport to use instead of the default one (tests).
         token: Bearer token with the ``ingest`` scope; default ``$GRADWATCH_TOKEN``.
+        delivers: False on a multi-worker cluster's non-chief workers: their sender sends
+            nothing and keeps no spool (the chief delivers the run).
 
     Raises:
         ConfigError: ``token`` is invalid, or ``local_dir``/``spool_dir``
             cannot be written to (the message names it).
     """
     spool = None
-    if config.server is not None and config.spool_max_bytes > 0:
+    printer = None
+    if not delivers:
+        transport = _ChiefDelivers()
+    elif config.server is not None and config.spool_max_bytes > 0:
         check_writable_directory("spool_dir", config.spool_dir)
         spool = Spool(config.spool_dir, config.run_id, config.spool_max_bytes)
-    printer = None
     if transport is None:
         if config.server is None:
             check_writable_directory("local_dir", config.local_dir)

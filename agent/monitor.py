@@ -43,6 +43,7 @@ import keras
 
 from . import _keras_compat as compat
 from .clip import ClipPolicy
+from .cluster import cluster_task, shared_run_id
 from .config import ConfigError, MonitorClosedError, MonitorConfig
 from .delivery import build_delivery
 from .layers import layer_paths
@@ -123,7 +124,14 @@ class GradientMonitor(keras.callbacks.Callback, compat.Trackable):  # type: igno
         if unknown:
             raise TypeError(f"GradientMonitor() got unexpected keyword arguments: {unknown}")
         given = {k: v for k, v in settings.items() if v is not None or k not in _NONE_IS_DEFAULT}
-        self.config = MonitorConfig(run=run, server=server, **given)
+        config = MonitorConfig(run=run, server=server, **given)
+        # Multi-worker: every worker derives the same run id; only the chief delivers.
+        self.cluster = cluster_task()
+        if self.cluster is not None and not given.get("run_id"):
+            run_id = shared_run_id(config.project, config.run, self.cluster)
+            config = dataclasses.replace(config, run_id=run_id)
+        self.config = config
+        delivers = self.cluster is None or self.cluster.is_chief
         if policy is not None and not isinstance(policy, ClipPolicy):
             raise ConfigError(
                 "policy: expected a policy from gradwatch.agent.clip "
@@ -135,7 +143,9 @@ class GradientMonitor(keras.callbacks.Callback, compat.Trackable):  # type: igno
             "stats_every": self.config.stats_every,
             "policy": policy.describe() if policy else None,
         }
-        delivery = build_delivery(self.config, run_config, transport, token)
+        if self.cluster is not None:
+            run_config["cluster"] = self.cluster.describe()
+        delivery = build_delivery(self.config, run_config, transport, token, delivers=delivers)
         self._sender = delivery.sender
         self._printer = delivery.printer
         # What tf.train.Checkpoint saves: the step counter and the policy state.
@@ -163,7 +173,13 @@ class GradientMonitor(keras.callbacks.Callback, compat.Trackable):  # type: igno
         self._steps_per_call = 1  # steps_per_execution of the current fit (groups)
         self._fit_first_step = 0  # recorded_steps when it began
         close_at_exit(self._close_at_exit)  # weak: the monitor can still be collected
-        if self.config.server is not None:
+        if not delivers:
+            assert self.cluster is not None
+            say(
+                f"run {run!r} ({self.run_id}): {self.cluster.name} of {self.cluster.workers} "
+                f"workers; the chief ({self.cluster.chief}) delivers the run's steps"
+            )
+        elif self.config.server is not None:
             say(f"run {run!r} ({self.run_id}) streams to {self.run_url}")
 
     # -- public API ------------------------------------------------------------------------
@@ -353,7 +369,7 @@ class GradientMonitor(keras.callbacks.Callback, compat.Trackable):  # type: igno
         self._sender.set_status(status)
         self._print_local_summary()
         self._delivered = self._sender.close(timeout_seconds)
-        if self.config.server is not None:
+        if self.config.server is not None and (self.cluster is None or self.cluster.is_chief):
             say_delivery(self.config.run, self.run_url, self._sender)
         return self._delivered
 
