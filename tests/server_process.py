@@ -1,7 +1,7 @@
 """``gradwatch server`` as a real subprocess on 127.0.0.1, for tests and benchmarks.
 
-The process is the console command a user runs, on a SQLite file, so a test can stop it
-(gracefully or with SIGKILL) and start it again on the same port and data.
+The process is the console command a user runs, on a SQLite file (or any database URL), so a
+test can stop it (gracefully or with SIGKILL) and start it again on the same port and data.
 """
 
 from __future__ import annotations
@@ -29,7 +29,11 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """``gradwatch server`` in a subprocess on a fixed port and SQLite file; restartable."""
+    """``gradwatch server`` in a subprocess on a fixed port and SQLite file; restartable.
+
+    ``database_url`` serves another database instead (PostgreSQL); ``database`` then only
+    names the log file (``database`` with the suffix ``.log``).
+    """
 
     def __init__(
         self,
@@ -39,8 +43,10 @@ class ServerProcess:
         command: Sequence[str] = (sys.executable, "-m", "gradwatch.server.cli"),
         args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
+        database_url: str | None = None,
     ) -> None:
         self.database = database
+        self.database_url = database_url or f"sqlite:///{database}"
         self.port = port or free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self.log = database.with_suffix(".log")
@@ -65,7 +71,7 @@ class ServerProcess:
                     "--port",
                     str(self.port),
                     "--database-url",
-                    f"sqlite:///{self.database}",
+                    self.database_url,
                     *self._args,
                 ],
                 stdout=log,

@@ -175,17 +175,19 @@ def detect(state: DetectorState | None, batch: StepColumns, config: DetectorConf
                 triggers[rule, severity] = count
         rule_index = RULE_INDEX[rule]
         last = last_trigger_all[part_cols, rule_index]
-        merged = _merge(rule, found, steps, labels[part], last, params.cooldown[part])
+        merged = _merge(rule, found, steps, new, labels[part], last, params.cooldown[part])
         for position, detection in merged:
             if rule in _ANALYSED and detection.layer == RUN_LEVEL and not detection.continues:
                 # Only when a run-level event starts: one row of the departures, no loop.
                 row = int(np.searchsorted(steps, detection.first_step))
-                onset = onset_at(batch.layers, departure[row], bad[row], loss_column)
-                detection = replace(detection, onset=onset)
+                if new[row]:  # a late step's departures would be today's, not its own
+                    onset = onset_at(batch.layers, departure[row], bad[row], loss_column)
+                    detection = replace(detection, onset=onset)
             events.append((detection.first_step, rule_index, offset + position, detection))
-        fired_any = found.fired.any(axis=0)
+        fired_new = found.fired & new[:, None]  # late triggers leave the cooldown clock alone
+        fired_any = fired_new.any(axis=0)
         if fired_any.any():
-            last_row = rows - 1 - np.argmax(found.fired[::-1], axis=0)
+            last_row = rows - 1 - np.argmax(fired_new[::-1], axis=0)
             updated = np.where(fired_any, steps[last_row], last)
             last_trigger_all[part_cols, rule_index] = updated
 
@@ -214,11 +216,16 @@ def _merge(
     rule: Rule,
     found: Triggers,
     steps: NDArray[np.int64],
+    new: NDArray[np.bool_],
     names: Sequence[str],
     last: NDArray[np.int64],
     cooldown: NDArray[np.int64],
 ) -> list[tuple[int, Detection]]:
-    """Group one rule's triggers into events per series (vectorised), with ``continues``."""
+    """Group one rule's triggers into events per series (vectorised), with ``continues``.
+
+    Only a trigger on a new step continues the stored event of an earlier batch; a late
+    step's trigger starts an event of its own (merged with the batch's other triggers).
+    """
     series, row = np.nonzero(found.fired.T)
     if not len(series):
         return []
@@ -228,7 +235,9 @@ def _merge(
     first_of_series[1:] = series[1:] != series[:-1]
     previous = np.empty_like(at)
     previous[1:] = at[:-1]
-    previous[first_of_series] = last[series[first_of_series]]
+    previous[first_of_series] = np.where(
+        new[row[first_of_series]], last[series[first_of_series]], NO_STEP
+    )
     had_previous = previous != NO_STEP
     within = had_previous & (np.abs(at - np.where(had_previous, previous, 0)) <= gap_limit)
     starts = first_of_series | ~within
@@ -272,6 +281,7 @@ def _merge(
                         else plain
                     ),
                     continues=bool(continues[g]),
+                    after_step=int(previous[begin]) if continues[g] else None,
                 ),
             )
         )

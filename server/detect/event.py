@@ -143,14 +143,18 @@ class Detection:
             never NaN.
         baseline: What ``value`` was compared with at that step (explosion: the baseline
             median, or the ceiling for a ceiling-only trigger, None for an overflow before
-            any baseline sample; vanishing: the floor; clip_rate: ``max_fraction``;
-            nonfinite: None).
+            any baseline sample or on a late step; vanishing: the floor; clip_rate:
+            ``max_fraction``; nonfinite: None).
         continues: The event extends the one still open from an earlier batch (the previous
             trigger of this (rule, layer) is within the cooldown of ``first_step``): update
-            that stored event (:meth:`merged`) instead of inserting a new one.
+            that stored event (:meth:`merged`) instead of inserting a new one. Only triggers
+            on new steps continue; a late step's trigger starts its own event.
+        after_step: With ``continues``: the step of that previous trigger, which is the
+            ``last_step`` of the stored event to extend (None otherwise).
         onset: For a new run-level explosion, non-finite or loss event, which series had
             left their baselines at its first step, and when (:mod:`.onset`); None for
-            other events and for continuations (the stored event keeps its own).
+            other events, for continuations (the stored event keeps its own) and for events
+            of late steps (their departures are not known).
     """
 
     rule: Rule
@@ -163,14 +167,15 @@ class Detection:
     baseline: float | None
     continues: bool
     onset: Onset | None = None
+    after_step: int | None = None
 
     def merged(self, later: Detection) -> Detection:
         """Return this (stored) event extended by ``later``, its continuation from a later batch.
 
         Severity is the higher one, steps span both, counts add, and ``value``/``baseline``
         come from the more extreme value (the earlier one on a tie), exactly what one batch
-        holding both parts would have given. The result keeps this event's ``continues``
-        and ``onset`` (the onset is fixed when the event starts).
+        holding both parts would have given. The result keeps this event's ``continues``,
+        ``after_step`` and ``onset`` (the onset is fixed when the event starts).
 
         Raises:
             ValueError: ``later`` is for another rule or layer.
@@ -191,4 +196,5 @@ class Detection:
             baseline=peak.baseline,
             continues=self.continues,
             onset=self.onset,
+            after_step=self.after_step,
         )

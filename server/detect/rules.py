@@ -54,11 +54,13 @@ not clipped) among the last ``window_steps`` new steps is above ``max_fraction``
 once the window is full. The window is kept exactly, one bit per step.
 
 Cooldown: triggers of one (rule, series) merge into one :class:`Detection` while each is
-within ``cooldown_steps`` of the previous one (in processing order, so also for late steps),
-across batches too (``continues``). Steps at or below the state's ``last_step`` (resent or
-late) skip the stateful rules (explosion baseline, vanishing streak, clip window); non-finite,
-the ceiling and overflow still apply to them. New series start fresh; series missing from a
-batch keep their state.
+within ``cooldown_steps`` of the previous one, across batches too (``continues``). Steps at
+or below the state's ``last_step`` (late: a gap filled after later steps were stored) skip
+the stateful rules (explosion baseline, vanishing streak, clip window); non-finite, the
+ceiling and overflow still apply to them, judged without a baseline or an onset, and their
+triggers form events of their own: they never continue an earlier event nor move the
+cooldown clock. So a late batch changes no other event, and its own events do not depend on
+when it arrives. New series start fresh; series missing from a batch keep their state.
 
 Measured with the defaults (``bench/detect.py``, ``tests/server/test_detect.py``): no false
 alarm on constant norms (σ = 0, or 1e-6 relative jitter); 0.015 events per 10,000 steps of a
@@ -321,7 +323,10 @@ def explosion_triggers(
         critical=(statistical & (deviations >= p.log_critical_ratio)) | limit_hit,
         value=norm,
         baseline=np.where(above, p.ceiling, np.nan),
-        log_baseline=np.where(statistical | (overflow & (samples > 0)), log_base, np.nan),
+        # A late step's overflow is not judged against today's baseline: no baseline.
+        log_baseline=np.where(
+            statistical | (overflow & (samples > 0) & new[:, None]), log_base, np.nan
+        ),
         departure=departures,
     )
 

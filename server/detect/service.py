@@ -4,7 +4,9 @@ The detectors themselves are pure (``detect``); this module is their storage. Pe
 detector state is one row (``detector_states``) read and written in the ingest transaction,
 under the run's lock, so a restart or another worker continues exactly where the last batch
 left off. Detections of one (rule, layer) merge into one stored event while they keep coming
-within the rule's cooldown; ``detector_counts`` counts every detection, and only grows. A
+within the rule's cooldown (a continuation names the step its stored event ends at, so a late
+batch's events, which never continue and are never continued, cannot capture it);
+``detector_counts`` counts every detection, and only grows. A
 run-level explosion, non-finite or loss event stores its onset analysis (``Event.onset``)
 when it is created; merging never changes it.
 Reading events and health back is :mod:`gradwatch.server.query.health`.
@@ -88,30 +90,40 @@ def _load_state(session: Session, run_id: str) -> DetectorState | None:
 def _store_events(
     session: Session, run_id: str, detections: list[Detection], now: datetime
 ) -> None:
-    open_events = event_store.get_latest_events(
-        session, run_id, [(d.rule.value, d.layer) for d in detections if d.continues]
+    """Insert new events; extend the stored event each continuation names (the one ending
+    at its ``after_step``, which a late batch's event never is)."""
+    open_events = event_store.get_events_ending_at(
+        session,
+        run_id,
+        [
+            (d.rule.value, d.layer, d.after_step)
+            for d in detections
+            if d.continues and d.after_step is not None
+        ],
     )
     for detection in detections:
-        stored = open_events.get((detection.rule.value, detection.layer))
-        if detection.continues and stored is not None:
+        stored = None
+        if detection.continues and detection.after_step is not None:
+            stored = open_events.get((detection.rule.value, detection.layer, detection.after_step))
+        if stored is not None:
             _merge(stored, detection, now)
         else:
-            event = Event(
-                run_id=run_id,
-                rule=detection.rule.value,
-                layer=detection.layer,
-                severity=detection.severity.value,
-                first_step=detection.first_step,
-                last_step=detection.last_step,
-                count=detection.count,
-                value=detection.value,
-                baseline=detection.baseline,
-                created_at=now,
-                updated_at=now,
-                onset=None if detection.onset is None else detection.onset.to_json(),
+            session.add(
+                Event(
+                    run_id=run_id,
+                    rule=detection.rule.value,
+                    layer=detection.layer,
+                    severity=detection.severity.value,
+                    first_step=detection.first_step,
+                    last_step=detection.last_step,
+                    count=detection.count,
+                    value=detection.value,
+                    baseline=detection.baseline,
+                    created_at=now,
+                    updated_at=now,
+                    onset=None if detection.onset is None else detection.onset.to_json(),
+                )
             )
-            session.add(event)
-            open_events[(detection.rule.value, detection.layer)] = event
 
 
 def _merge(event: Event, detection: Detection, now: datetime) -> None:

@@ -32,7 +32,7 @@ __all__ = [
     "add_detector_counts",
     "get_detector_counts",
     "get_detector_state",
-    "get_latest_events",
+    "get_events_ending_at",
     "get_project_detectors",
     "list_events",
     "put_detector_state",
@@ -83,19 +83,27 @@ def put_detector_state(session: Session, run_id: str, state: bytes, now: datetim
         stored.updated_at = now
 
 
-def get_latest_events(
-    session: Session, run_id: str, keys: Sequence[tuple[str, str]]
-) -> dict[tuple[str, str], Event]:
-    """Return the latest stored event of each (rule, layer) in ``keys`` that has one."""
+def get_events_ending_at(
+    session: Session, run_id: str, keys: Sequence[tuple[str, str, int]]
+) -> dict[tuple[str, str, int], Event]:
+    """Return the stored event of each (rule, layer, last step) in ``keys`` that has one.
+
+    Events of one (rule, layer) never share a last step (a step's trigger belongs to one
+    event), so the key names at most one event; the newest wins should old data disagree.
+    """
     if not keys:
         return {}
-    latest = (
-        select(func.max(Event.id))
-        .where(Event.run_id == run_id, tuple_(Event.rule, Event.layer).in_(list(keys)))
-        .group_by(Event.rule, Event.layer)
+    statement = (
+        select(Event)
+        .where(
+            Event.run_id == run_id,
+            tuple_(Event.rule, Event.layer, Event.last_step).in_(list(keys)),
+        )
+        .order_by(Event.id)
     )
-    events = session.scalars(select(Event).where(Event.id.in_(latest)))
-    return {(event.rule, event.layer): event for event in events}
+    return {
+        (event.rule, event.layer, event.last_step): event for event in session.scalars(statement)
+    }
 
 
 def add_detector_counts(
