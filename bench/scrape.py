@@ -1,40 +1,62 @@
-"""Scrape benchmark: the time of ``GET /metrics`` with many live runs.
+"""Scrape benchmark: the time of ``GET /metrics`` with many live runs, against its baseline.
 
 ``--runs`` running runs of ``--layers`` layers each get ``--batches`` batches of ``--steps``
-steps (stored through the server's own ingest path, detectors included). Then a real uvicorn
-server on 127.0.0.1 (``EmbeddedServer``) with the scrape cache turned off answers
-``--scrapes`` scrapes, one after the other, as Prometheus would; the median and 95th
-percentile wall time of a whole request (queries, exposition, HTTP) are printed, with the body
-size and the number of series. Target: median ≤ 50 ms for 200 runs × 100 layers.
+steps (stored through the server's own ingest path, detectors included); ``--batches 2,20``
+repeats everything on a second database holding 10× the steps, to show that a scrape costs
+the same whatever the runs hold. Then a real uvicorn server on 127.0.0.1 (``EmbeddedServer``)
+with the scrape cache turned off answers ``--scrapes`` rounds of three scrapes, one after the
+other as Prometheus would, each a whole HTTP request (queries, exposition, gzip, HTTP):
 
-PostgreSQL runs too when its binaries are installed (a throwaway cluster on 127.0.0.1).
+* ``baseline``: the path ``/metrics`` took before its own exposition (a bench-only route): a
+  fresh collector (nothing reused), ``prometheus_client`` families and ``generate_latest``;
+* ``every run changed``: ``/metrics`` after every run's row changed (its
+  ``last_ingest_at`` is moved, untimed, before the scrape, as if each had sent a batch), so
+  every run is formatted again;
+* ``no run changed``: ``/metrics`` again, every run's formatted lines reused.
 
-    python -m bench.scrape [--runs 200] [--layers 100] [--scrapes 30] [--backends sqlite,postgresql]
+The median and 95th percentile of each are printed side by side, with the body size and the
+number of samples. Target: p95 ≤ 50 ms for 200 runs × 100 layers.
+
+PostgreSQL runs too when its binaries are installed (a throwaway cluster on 127.0.0.1, default
+durability).
+
+    python -m bench.scrape [--runs 200] [--layers 100] [--batches 2,20] [--scrapes 60]
+        [--backends sqlite,postgresql]
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 import uuid
-from datetime import UTC, datetime
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 import numpy as np
-from ingest import postgres_databases  # bench/ingest.py, beside this script
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import update
 
+from gradwatch.server.app import create_app
 from gradwatch.server.config import Settings
 from gradwatch.server.embedded import EmbeddedServer
+from gradwatch.server.export.prometheus import RunStateCollector, ServerMetrics
 from gradwatch.server.ingest.batch import IngestOptions, ingest_batches
 from gradwatch.server.query.run import create_run
 from gradwatch.server.schemas import RunCreate, StepBatch
 from gradwatch.server.store.db import Database, create_db_engine, upgrade_database
+from gradwatch.server.store.models import Run
+from tests.server.postgres import PostgresCluster, find_postgres_bin
 
 _OPTIONS = IngestOptions(max_steps=100_000, max_layers=10_000)
+_BASELINE_PATH = "/bench/metrics-baseline"
+_MODES = ("baseline", "every run changed", "no run changed")
 
 
 def _batches(
@@ -98,56 +120,121 @@ def _populate(url: str, runs: int, layers: int, batches: int, steps: int) -> flo
     return time.perf_counter() - started
 
 
-def _scrape(url: str, scrapes: int) -> tuple[float, float, int, int]:
-    """Return (median ms, p95 ms, body bytes, samples) of ``scrapes`` uncached scrapes."""
-    times = []
+def _baseline_app(settings: Settings) -> FastAPI:
+    """The server's app plus the bench-only route that answers as ``/metrics`` did before its
+    own exposition: a fresh collector per scrape, ``prometheus_client``'s encoder."""
+    app = create_app(settings)
+
+    @app.get(_BASELINE_PATH, include_in_schema=False)
+    def baseline(request: Request) -> Response:
+        metrics: ServerMetrics = request.app.state.metrics
+        registry = CollectorRegistry()
+        registry.register(metrics.own_registry)
+        registry.register(RunStateCollector(request.app.state.database, settings))
+        encode, content_type = choose_encoder(request.headers.get("accept", ""))
+        return Response(content=encode(registry), media_type=content_type)
+
+    return app
+
+
+def _touch_every_run(url: str) -> Callable[[], None]:
+    """A function that moves every run's ``last_ingest_at`` on by a microsecond (one UPDATE)."""
+    engine = create_db_engine(url)
+    moment = [datetime.now(UTC)]
+
+    def touch() -> None:
+        moment[0] += timedelta(microseconds=1)
+        with engine.begin() as connection:
+            connection.execute(update(Run).values(last_ingest_at=moment[0]))
+
+    return touch
+
+
+def _scrape(url: str, scrapes: int) -> dict[str, tuple[float, float, int, int]]:
+    """Per mode: (median ms, p95 ms, body bytes, samples) of ``scrapes`` uncached scrapes."""
     settings = Settings(database_url=url, metrics_cache_seconds=0)
+    times: dict[str, list[float]] = {mode: [] for mode in _MODES}
+    bodies: dict[str, httpx.Response] = {}
+    touch = _touch_every_run(url)
     with (
-        EmbeddedServer(settings) as server,
+        EmbeddedServer(settings, app=_baseline_app(settings)) as server,
         httpx.Client(base_url=server.url, timeout=60) as client,
     ):
-        client.get("/metrics").raise_for_status()  # warm caches and connections
+        for path in ("/metrics", _BASELINE_PATH):  # warm caches and connections
+            client.get(path).raise_for_status()
         for _ in range(scrapes):
+            touch()
+            for mode, path in zip(_MODES[1:], ("/metrics", "/metrics"), strict=True):
+                started = time.perf_counter()
+                bodies[mode] = client.get(path)
+                times[mode].append(time.perf_counter() - started)
             started = time.perf_counter()
-            response = client.get("/metrics")
-            times.append(time.perf_counter() - started)
-            response.raise_for_status()
-    samples = sum(len(f.samples) for f in text_string_to_metric_families(response.text))
-    p95 = float(np.percentile(times, 95))
-    return statistics.median(times) * 1000, p95 * 1000, len(response.content), samples
+            bodies[_MODES[0]] = client.get(_BASELINE_PATH)
+            times[_MODES[0]].append(time.perf_counter() - started)
+            for response in bodies.values():
+                response.raise_for_status()
+    out = {}
+    for mode, response in bodies.items():
+        samples = sum(len(f.samples) for f in text_string_to_metric_families(response.text))
+        median, p95 = np.percentile(times[mode], [50, 95]) * 1000
+        out[mode] = (float(median), float(p95), len(response.content), samples)
+    return out
+
+
+@contextmanager
+def _postgres() -> Iterator[Callable[[], str] | None]:
+    """A function making fresh databases in a throwaway cluster, or None without PostgreSQL."""
+    bin_dir = find_postgres_bin()
+    if bin_dir is None:
+        yield None
+        return
+    with PostgresCluster(bin_dir, durable=True) as cluster:
+        yield cluster.create_database
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--layers", type=int, default=100)
-    parser.add_argument("--batches", type=int, default=2, help="batches per run")
+    parser.add_argument(
+        "--batches", default="2,20", help="batches per run; a list measures each in turn"
+    )
     parser.add_argument("--steps", type=int, default=50, help="steps per batch")
-    parser.add_argument("--scrapes", type=int, default=30)
+    parser.add_argument("--scrapes", type=int, default=60, help="rounds of the three scrapes")
     parser.add_argument("--backends", default="sqlite,postgresql")
     args = parser.parse_args()
+    batch_counts = [int(value) for value in args.batches.split(",")]
     print(
-        f"{args.runs} running runs × {args.layers} layers, {args.batches} batches of "
-        f"{args.steps} steps each; {args.scrapes} uncached scrapes over HTTP"
+        f"{args.runs} running runs × {args.layers} layers, {args.steps} steps per batch; "
+        f"{args.scrapes} rounds of uncached scrapes over HTTP (gzip)"
     )
-    with (
-        tempfile.TemporaryDirectory(prefix="gradwatch-scrape-") as workdir,
-        postgres_databases(None) as pg,
-    ):
+    print(
+        f"{'backend':>10} {'steps/run':>9}  "
+        + "  ".join(f"{mode + ' median / p95':>33}" for mode in _MODES)
+        + "  body, samples"
+    )
+    with tempfile.TemporaryDirectory(prefix="gradwatch-scrape-") as workdir, _postgres() as pg:
         for backend in args.backends.split(","):
-            if backend == "sqlite":
-                url = f"sqlite:///{Path(workdir) / 'scrape.db'}"
-            elif pg is None:
-                print("postgresql: skipped (no PostgreSQL binaries; apt-get install postgresql)")
-                continue
-            else:
-                url = pg()
-            seconds = _populate(url, args.runs, args.layers, args.batches, args.steps)
-            median, p95, size, samples = _scrape(url, args.scrapes)
-            print(
-                f"{backend:>10}: /metrics median {median:.1f} ms, p95 {p95:.1f} ms, "
-                f"{size / 1024:.0f} KiB, {samples} samples (stored in {seconds:.1f} s)"
-            )
+            for batches in batch_counts:
+                if backend == "sqlite":
+                    url = f"sqlite:///{Path(workdir) / f'scrape-{batches}.db'}"
+                elif pg is None:
+                    print(
+                        "postgresql: skipped (no PostgreSQL binaries; apt-get install postgresql)"
+                    )
+                    break
+                else:
+                    url = pg()
+                seconds = _populate(url, args.runs, args.layers, batches, args.steps)
+                result = _scrape(url, args.scrapes)
+                cells = "  ".join(
+                    f"{f'{result[mode][0]:.1f} / {result[mode][1]:.1f} ms':>33}" for mode in _MODES
+                )
+                _, _, size, samples = result[_MODES[2]]
+                print(
+                    f"{backend:>10} {batches * args.steps:>9}  {cells}  "
+                    f"{size / 1024:.0f} KiB, {samples} (stored in {seconds:.0f} s)"
+                )
 
 
 if __name__ == "__main__":

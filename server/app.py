@@ -100,7 +100,7 @@ def _lifespan(
             await to_thread.run_sync(upgrade_database, engine)
             database = Database(engine)
             collector = RunStateCollector(database, settings)
-            metrics.registry.register(collector)
+            metrics.attach(collector)
             app.state.database = database
             retainer = _start_retainer(database, settings)
             app.state.retainer = retainer
@@ -109,7 +109,7 @@ def _lifespan(
             finally:
                 if retainer is not None:
                     await to_thread.run_sync(retainer.stop)
-                metrics.registry.unregister(collector)
+                metrics.detach(collector)
                 del app.state.database
         finally:
             engine.dispose()

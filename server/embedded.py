@@ -14,6 +14,7 @@ import time
 from types import TracebackType
 
 import uvicorn
+from fastapi import FastAPI
 
 from .app import create_app
 from .config import Settings
@@ -28,18 +29,30 @@ class EmbeddedServer:
         settings: Server settings (database URL and limits).
         host: Address to bind; loopback by default.
         port: Port to bind; ``0`` picks a free one.
+        app: The app to serve (built by ``create_app(settings)`` and perhaps given extra
+            routes, as benchmarks do); None builds it.
 
     Thread-safety: start and stop from one thread. ``start`` blocks until the
     server accepts connections (or raises after ``timeout_seconds``).
     """
 
-    def __init__(self, settings: Settings, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        app: FastAPI | None = None,
+    ) -> None:
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host, port))
         self.host, self.port = self._sock.getsockname()[:2]
         config = uvicorn.Config(
-            create_app(settings), log_level="warning", lifespan="on", access_log=False
+            create_app(settings) if app is None else app,
+            log_level="warning",
+            lifespan="on",
+            access_log=False,
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
-from prometheus_client.exposition import choose_encoder
 
 from ..schemas import HealthOut
 from ..store.db import check_database
@@ -29,5 +28,5 @@ def health(database: DatabaseDep, response: Response) -> HealthOut:
 @router.get("/metrics", response_class=Response, include_in_schema=False)
 def metrics(request: Request, server_metrics: MetricsDep) -> Response:
     """Prometheus exposition of stored run state and server self-metrics."""
-    encode, content_type = choose_encoder(request.headers.get("accept", ""))
-    return Response(content=encode(server_metrics.registry), media_type=content_type)
+    body, content_type = server_metrics.expose(request.headers.get("accept", ""))
+    return Response(content=body, media_type=content_type)
