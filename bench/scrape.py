@@ -15,7 +15,8 @@ other as Prometheus would, each a whole HTTP request (queries, exposition, gzip,
 * ``no run changed``: ``/metrics`` again, every run's formatted lines reused.
 
 The median and 95th percentile of each are printed side by side, with the body size and the
-number of samples. Target: p95 ≤ 50 ms for 200 runs × 100 layers.
+number of samples (and a warning should the baseline's body differ from ``/metrics``').
+Target: p95 ≤ 50 ms for 200 runs × 100 layers.
 
 PostgreSQL runs too when its binaries are installed (a throwaway cluster on 127.0.0.1, default
 durability).
@@ -150,8 +151,9 @@ def _touch_every_run(url: str) -> Callable[[], None]:
     return touch
 
 
-def _scrape(url: str, scrapes: int) -> dict[str, tuple[float, float, int, int]]:
-    """Per mode: (median ms, p95 ms, body bytes, samples) of ``scrapes`` uncached scrapes."""
+def _scrape(url: str, scrapes: int) -> tuple[dict[str, tuple[float, float, int, int]], bool]:
+    """Per mode: (median ms, p95 ms, body bytes, samples) of ``scrapes`` uncached scrapes; and
+    whether the baseline's last body has the same bytes as the last ``/metrics`` body."""
     settings = Settings(database_url=url, metrics_cache_seconds=0)
     times: dict[str, list[float]] = {mode: [] for mode in _MODES}
     bodies: dict[str, httpx.Response] = {}
@@ -178,7 +180,7 @@ def _scrape(url: str, scrapes: int) -> dict[str, tuple[float, float, int, int]]:
         samples = sum(len(f.samples) for f in text_string_to_metric_families(response.text))
         median, p95 = np.percentile(times[mode], [50, 95]) * 1000
         out[mode] = (float(median), float(p95), len(response.content), samples)
-    return out
+    return out, bodies[_MODES[0]].content == bodies[_MODES[2]].content
 
 
 @contextmanager
@@ -226,7 +228,7 @@ def main() -> None:
                 else:
                     url = pg()
                 seconds = _populate(url, args.runs, args.layers, batches, args.steps)
-                result = _scrape(url, args.scrapes)
+                result, same = _scrape(url, args.scrapes)
                 cells = "  ".join(
                     f"{f'{result[mode][0]:.1f} / {result[mode][1]:.1f} ms':>33}" for mode in _MODES
                 )
@@ -234,6 +236,7 @@ def main() -> None:
                 print(
                     f"{backend:>10} {batches * args.steps:>9}  {cells}  "
                     f"{size / 1024:.0f} KiB, {samples} (stored in {seconds:.0f} s)"
+                    + ("" if same else "  BODIES DIFFER from the baseline's")
                 )
 
 

@@ -185,14 +185,19 @@ class RunSamples:
         """
         samples = _run_samples(run, detections, drops, top_k)
         run_id = _escape(run.run_id)  # the first label of every family
-        lines = tuple(
-            "".join(
-                template.format(run_id, *map(_escape, labels[1:]), _go_float(value))
-                for labels, value in family
-            )
-            for template, family in zip(_LINE_TEMPLATES, samples, strict=True)
-        )
-        return cls(samples, lines)
+        run_only = f'{{run_id="{run_id}"}} '  # the labels of most families' one sample
+        lines = []
+        for spec, template, family in zip(FAMILIES, _LINE_TEMPLATES, samples, strict=True):
+            if len(spec.labels) == 1:
+                name = spec.sample_name
+                text = "".join(f"{name}{run_only}{_go_float(value)}\n" for _, value in family)
+            else:
+                text = "".join(
+                    template.format(run_id, *map(_escape, labels[1:]), _go_float(value))
+                    for labels, value in family
+                )
+            lines.append(text)
+        return cls(samples, tuple(lines))
 
 
 def build_families(runs: Iterable[RunSamples]) -> list[Metric]:
