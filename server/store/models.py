@@ -119,6 +119,8 @@ class Run(Base):
     status: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    """Set with ``created_at``, by every ingested batch (with ``last_ingest_at``) and by every
+    status change, so never older than either (the scrape's window relies on it)."""
     config: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
     last_step: Mapped[int | None] = mapped_column(BigInteger)
     """Highest step stored, or NULL before the first batch."""
@@ -150,6 +152,7 @@ class Run(Base):
         ),
         Index(None, "created_at", "id"),
         Index(None, "project", "created_at", "id"),
+        Index(None, "updated_at"),  # the scrape's window (store.scrape), retention
     )
 
 

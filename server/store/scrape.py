@@ -46,6 +46,7 @@ class RunScrape:
     """What the Prometheus collector exports for one run: plain values, compared as a whole to
     tell whether the run changed since the last scrape."""
 
+    created_at: datetime
     run_id: str
     project: str
     name: str
@@ -82,14 +83,31 @@ class RunScrape:
 def _exported() -> ColumnElement[bool]:
     """Runs still exported: running ones that ingested (or were created) since
     ``:ingested_since``, and any whose status changed since ``:finished_since`` (finished or
-    failed ones within their grace period)."""
-    return or_(
-        and_(
-            Run.status == RunStatus.RUNNING.value,
-            func.coalesce(Run.last_ingest_at, Run.created_at) >= bindparam("ingested_since"),
+    failed ones within their grace period).
+
+    ``updated_at`` is never older than ``last_ingest_at`` nor ``created_at`` (see
+    ``Run.updated_at``), so every such run also has ``updated_at >= :active_since``, the
+    earlier of the two moments: that redundant range lets the database read only recently
+    active runs from ``ix_runs_updated_at`` instead of every run ever stored.
+    """
+    return and_(
+        Run.updated_at >= bindparam("active_since"),
+        or_(
+            and_(
+                Run.status == RunStatus.RUNNING.value,
+                func.coalesce(Run.last_ingest_at, Run.created_at) >= bindparam("ingested_since"),
+            ),
+            Run.updated_at >= bindparam("finished_since"),
         ),
-        Run.updated_at >= bindparam("finished_since"),
     )
+
+
+def _window(finished_since: datetime, ingested_since: datetime) -> dict[str, datetime]:
+    return {
+        "finished_since": finished_since,
+        "ingested_since": ingested_since,
+        "active_since": min(finished_since, ingested_since),
+    }
 
 
 @cache
@@ -105,6 +123,7 @@ def _runs_statement() -> Select[*tuple[Any, ...]]:
 
     return (
         select(
+            Run.created_at,
             Run.id,
             Run.project,
             Run.name,
@@ -128,8 +147,7 @@ def _runs_statement() -> Select[*tuple[Any, ...]]:
         .outerjoin(global_norm, run_level(global_norm, Metric.GLOBAL_NORM))
         .outerjoin(clipped, run_level(clipped, Metric.GLOBAL_NORM_CLIPPED))
         .outerjoin(loss, run_level(loss, Metric.LOSS))
-        .where(_exported())
-        .order_by(Run.created_at, Run.id)
+        .where(_exported())  # no ORDER BY: SQLite would then scan runs in created_at order
     )
 
 
@@ -139,7 +157,6 @@ def _drops_statement() -> Select[str, str, int]:
         select(AgentDrop.run_id, AgentDrop.reason, AgentDrop.count)
         .join(Run, Run.id == AgentDrop.run_id)
         .where(_exported())
-        .order_by(AgentDrop.run_id, AgentDrop.reason)
     )
 
 
@@ -160,11 +177,16 @@ def scrape_runs(
     """Return the exported columns of every exported run (see ``_exported``), with its last
     global norm (before and after clipping) and loss.
 
-    One query: ``runs`` left-joined three times to ``series`` on the full unique key, so each
-    run costs three index probes.
+    One query: recently active ``runs`` (a range of ``ix_runs_updated_at``) left-joined three
+    times to ``series`` on the full unique key, so each run costs three index probes. In
+    creation order.
     """
-    window = {"finished_since": finished_since, "ingested_since": ingested_since}
-    return [RunScrape(*tuple(row)) for row in session.execute(_runs_statement(), window)]
+    rows = session.execute(_runs_statement(), _window(finished_since, ingested_since))
+    return sorted((RunScrape(*tuple(row)) for row in rows), key=_creation_order)
+
+
+def _creation_order(run: RunScrape) -> tuple[datetime, str]:
+    return run.created_at, run.run_id
 
 
 def scrape_agent_drops(
@@ -172,15 +194,13 @@ def scrape_agent_drops(
 ) -> list[tuple[str, str, int]]:
     """Return (run_id, reason, count) for every agent drop count of an exported run, by run
     and reason."""
-    window = {"finished_since": finished_since, "ingested_since": ingested_since}
-    rows = session.execute(_drops_statement(), window)
-    return [(run_id, reason, count) for run_id, reason, count in rows]
+    rows = session.execute(_drops_statement(), _window(finished_since, ingested_since))
+    return sorted((run_id, reason, count) for run_id, reason, count in rows)
 
 
 def scrape_detector_counts(
     session: Session, *, finished_since: datetime, ingested_since: datetime
 ) -> list[tuple[str, str, str, int]]:
     """Return (run_id, rule, severity, count) for every detection count of an exported run."""
-    window = {"finished_since": finished_since, "ingested_since": ingested_since}
-    rows = session.execute(_detections_statement(), window)
+    rows = session.execute(_detections_statement(), _window(finished_since, ingested_since))
     return [(run_id, rule, severity, count) for run_id, rule, severity, count in rows]

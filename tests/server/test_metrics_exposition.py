@@ -4,16 +4,20 @@ scrapes, and every change to a run in the next uncached scrape."""
 from __future__ import annotations
 
 import math
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import update
 
 from gradwatch.server.app import create_app
 from gradwatch.server.config import Settings
 from gradwatch.server.export.prometheus import RunStateCollector, ServerMetrics
-from gradwatch.server.store.db import Database, create_db_engine
+from gradwatch.server.store import scrape as scrape_store
+from gradwatch.server.store.db import Database, create_db_engine, upgrade_database
+from gradwatch.server.store.models import Run
 from tests.server.wire import create_run, make_batch, post_batch
 
 ACCEPT_HEADERS = [
@@ -209,3 +213,66 @@ def test_metrics_collector_forgets_runs_no_longer_exported(make_database_url):
             assert collector._runs == {}
         finally:
             engine.dispose()
+
+
+def test_metrics_scrape_queries_read_only_recently_active_runs(tmp_path):
+    """Every scrape query starts from a range of ``ix_runs_updated_at``, never a scan of all
+    runs ever stored (SQLite's plan; PostgreSQL's planner picks the index once it pays)."""
+    url = f"sqlite:///{tmp_path / 'plan.db'}"
+    upgrade_database(url)
+    engine = create_db_engine(url)
+    now = datetime.now(UTC)
+    window = scrape_store._window(now - timedelta(seconds=600), now - timedelta(days=1))
+    statements = (
+        scrape_store._runs_statement(),
+        scrape_store._drops_statement(),
+        scrape_store._detections_statement(),
+    )
+    try:
+        with engine.connect() as connection:
+            for statement in statements:
+                compiled = statement.compile(engine)
+                params = compiled.construct_params(window)
+                values = tuple(
+                    params[name].isoformat(" ")
+                    if isinstance(params[name], datetime)
+                    else params[name]
+                    for name in compiled.positiontup
+                )
+                plan = [
+                    row[3]
+                    for row in connection.exec_driver_sql(
+                        f"EXPLAIN QUERY PLAN {compiled.string}", values
+                    )
+                ]
+                assert any("runs USING INDEX ix_runs_updated_at" in step for step in plan), plan
+                assert not any(step.startswith("SCAN") for step in plan), plan
+    finally:
+        engine.dispose()
+
+
+def _sqlite_value(value):
+    return value.isoformat(" ") if isinstance(value, datetime) else value
+
+
+def test_metrics_scrape_window_keeps_old_runs_that_are_active(make_database_url):
+    """A run created long ago is exported while it ingests; one that went quiet is not."""
+    url = make_database_url()
+    settings = _uncached(url, inactive_run_seconds=3600.0, finished_run_grace_seconds=60.0)
+    with TestClient(create_app(settings)) as client:
+        active = create_run(client, name="active")
+        quiet = create_run(client, name="quiet")
+        engine = create_db_engine(url)
+        try:
+            long_ago = datetime.now(UTC) - timedelta(days=30)
+            with engine.begin() as connection:
+                connection.execute(update(Run).values(created_at=long_ago, updated_at=long_ago))
+            post_batch(client, active, make_batch([0]))
+            collector = RunStateCollector(Database(engine), settings)
+            families = _text(collector)
+        finally:
+            engine.dispose()
+
+    names = {s.labels["name"] for s in families["gradwatch_run_info"]}
+    assert names == {"active"}
+    assert quiet not in {s.labels["run_id"] for s in families["gradwatch_run_info"]}
