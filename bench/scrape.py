@@ -14,6 +14,9 @@ other as Prometheus would, each a whole HTTP request (queries, exposition, gzip,
   every run is formatted again;
 * ``no run changed``: ``/metrics`` again, every run's formatted lines reused.
 
+``--old-runs`` adds that many finished runs last updated 30 days ago (rows only, written
+straight into ``runs``), which a scrape must not read.
+
 The median and 95th percentile of each are printed side by side, with the body size and the
 number of samples (and a warning should the baseline's body differ from ``/metrics``').
 Target: p95 ≤ 50 ms for 200 runs × 100 layers.
@@ -22,7 +25,7 @@ PostgreSQL runs too when its binaries are installed (a throwaway cluster on 127.
 durability).
 
     python -m bench.scrape [--runs 200] [--layers 100] [--batches 2,20] [--scrapes 60]
-        [--backends sqlite,postgresql]
+        [--old-runs 0] [--backends sqlite,postgresql]
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from fastapi import FastAPI, Request, Response
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import update
+from sqlalchemy import insert, update
 
 from gradwatch.server.app import create_app
 from gradwatch.server.config import Settings
@@ -119,6 +122,40 @@ def _populate(url: str, runs: int, layers: int, batches: int, steps: int) -> flo
     finally:
         engine.dispose()
     return time.perf_counter() - started
+
+
+def _add_old_runs(url: str, count: int) -> None:
+    """Insert ``count`` finished runs last updated 30 days ago (no series, no blocks)."""
+    if count == 0:
+        return
+    engine = create_db_engine(url)
+    moment = datetime.now(UTC) - timedelta(days=30)
+    top = {"layers": 100, "top": [[f"model/block_{i}/dense", 1.0] for i in range(10)]}
+    rows = [
+        {
+            "id": str(uuid.uuid4()),
+            "project": "bench",
+            "name": f"old-{index}",
+            "status": "finished",
+            "created_at": moment,
+            "updated_at": moment,
+            "config": {"learning_rate": 1e-3, "layers": 100},
+            "last_step": 99_999,
+            "last_ingest_at": moment,
+            "num_steps": 100_000,
+            "clipped_steps": 0,
+            "skipped_steps": 0,
+            "nonfinite_steps": 0,
+            "nonfinite_values": 0,
+            "top_layers": top,
+        }
+        for index in range(count)
+    ]
+    try:
+        with engine.begin() as connection:
+            connection.execute(insert(Run), rows)
+    finally:
+        engine.dispose()
 
 
 def _baseline_app(settings: Settings) -> FastAPI:
@@ -203,12 +240,14 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=50, help="steps per batch")
     parser.add_argument("--scrapes", type=int, default=60, help="rounds of the three scrapes")
+    parser.add_argument("--old-runs", type=int, default=0, help="finished runs, 30 days old")
     parser.add_argument("--backends", default="sqlite,postgresql")
     args = parser.parse_args()
     batch_counts = [int(value) for value in args.batches.split(",")]
     print(
         f"{args.runs} running runs × {args.layers} layers, {args.steps} steps per batch; "
-        f"{args.scrapes} rounds of uncached scrapes over HTTP (gzip)"
+        f"{args.scrapes} rounds of uncached scrapes over HTTP (gzip); "
+        f"{args.old_runs} old finished runs beside them"
     )
     print(
         f"{'backend':>10} {'steps/run':>9}  "
@@ -228,6 +267,7 @@ def main() -> None:
                 else:
                     url = pg()
                 seconds = _populate(url, args.runs, args.layers, batches, args.steps)
+                _add_old_runs(url, args.old_runs)
                 result, same = _scrape(url, args.scrapes)
                 cells = "  ".join(
                     f"{f'{result[mode][0]:.1f} / {result[mode][1]:.1f} ms':>33}" for mode in _MODES
