@@ -25,7 +25,7 @@ import random
 import sys
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +64,9 @@ _LATE = (0, 5)
 _HEADERS = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
 _ENV = {"GRADWATCH_METRICS_CACHE_SECONDS": "0"}
 _TIMEOUT = httpx.Timeout(30.0)
+_LIMITS = httpx.Limits(keepalive_expiry=2.0)
+"""Idle connections are dropped before uvicorn's 5 s keep-alive timeout closes them, so a
+request never races the server closing its connection."""
 _VOLATILE = {
     "gradwatch_run_last_ingest_timestamp_seconds",  # ingest time differs from the reference
     "gradwatch_global_grad_norm_window_max",  # windows of ingest time, likewise
@@ -131,13 +134,19 @@ class _Cluster:
     def __init__(self, urls: list[str]) -> None:
         self.urls = urls
         self._local = threading.local()
+        self._lock = threading.Lock()
+        self._opened: list[httpx.Client] = []
 
     def client(self, index: int) -> httpx.Client:
         clients: dict[int, httpx.Client] | None = getattr(self._local, "clients", None)
         if clients is None:
             clients = self._local.clients = {}
         if index not in clients:
-            clients[index] = httpx.Client(base_url=self.urls[index], timeout=_TIMEOUT)
+            clients[index] = httpx.Client(
+                base_url=self.urls[index], timeout=_TIMEOUT, limits=_LIMITS
+            )
+            with self._lock:
+                self._opened.append(clients[index])
         return clients[index]
 
     def post_batch(self, index: int, run_id: str, body: dict[str, Any]) -> httpx.Response:
@@ -145,26 +154,31 @@ class _Cluster:
         return self.client(index).post(path, content=_gzip(body), headers=_HEADERS)
 
     def close(self) -> None:
-        for clients in getattr(self._local, "clients", {}).values():
-            clients.close()
+        """Close every client any thread opened."""
+        with self._lock:
+            opened, self._opened = self._opened, []
+        for client in opened:
+            client.close()
 
 
 def _race(
-    cluster: _Cluster, send: Any, count: int = 2
-) -> list[httpx.Response]:  # send(index) -> Response
-    """Call ``send(i)`` for i in 0..count-1 from ``count`` threads released together."""
-    barrier = threading.Barrier(count, timeout=WAIT_SECONDS)
-    clients: list[_Cluster] = [_Cluster(cluster.urls) for _ in range(count)]
+    cluster: _Cluster, send: Callable[[_Cluster, int], httpx.Response]
+) -> list[httpx.Response]:
+    """``send(own clients, i)`` for i = 0 and 1 from two threads released together, each
+    with fresh connections (so neither waits behind the other's keep-alive connection)."""
+    barrier = threading.Barrier(2, timeout=WAIT_SECONDS)
+    clusters = [_Cluster(cluster.urls) for _ in range(2)]
 
     def one(i: int) -> httpx.Response:
         barrier.wait()
-        try:
-            return send(clients[i], i)  # type: ignore[no-any-return]
-        finally:
-            clients[i].close()
+        return send(clusters[i], i)
 
-    with ThreadPoolExecutor(max_workers=count) as pool:
-        return list(pool.map(one, range(count), timeout=WAIT_SECONDS))
+    try:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            return list(pool.map(one, range(2), timeout=WAIT_SECONDS))
+    finally:
+        for own in clusters:
+            own.close()
 
 
 def _stream_run(cluster: _Cluster, index: int, run_id: str, bodies: list[dict[str, Any]]) -> _Sent:
@@ -185,7 +199,7 @@ def _stream_run(cluster: _Cluster, index: int, run_id: str, bodies: list[dict[st
         sent.first_order.append(batch)
         roll = rng.random()
         if roll < 0.25:  # the same batch at both processes at once
-            replies = _race(cluster, lambda c, i: c.post_batch(i % n, run_id, body), count=2)
+            replies = _race(cluster, lambda c, i: c.post_batch(i % n, run_id, body))
             for reply in replies:
                 record(reply)
             sent.raced_stored.append(
