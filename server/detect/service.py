@@ -21,6 +21,7 @@ import logging
 from datetime import datetime
 
 from pydantic import ValidationError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ..store import events as event_store
@@ -52,9 +53,19 @@ def set_detector_config(
     session: Session, project: str, config: DetectorConfig, now: datetime
 ) -> DetectorConfig:
     """Store a project's thresholds in one transaction (committed here); they apply from the
-    next ingested batch on, and detector state (baselines) is kept."""
-    with session.begin():
-        event_store.put_project_detectors(session, project, config.model_dump(mode="json"), now)
+    next ingested batch on, and detector state (baselines) is kept.
+
+    When another process stores the first thresholds of the same project at the same moment
+    (PostgreSQL: a unique violation once it commits), this one then replaces them: the last
+    writer wins, as for a project that had some. Blocks on the database.
+    """
+    detectors = config.model_dump(mode="json")
+    try:
+        with session.begin():
+            event_store.put_project_detectors(session, project, detectors, now)
+    except IntegrityError:
+        with session.begin():  # the other writer's row is committed: update it
+            event_store.put_project_detectors(session, project, detectors, now)
     return config
 
 

@@ -13,7 +13,8 @@ batch id, and one batch of one run held back and delivered last (a gap filled la
 * ``/metrics`` of both processes gives the same run families (the scrape cache off).
 
 Real console-script processes on 127.0.0.1, the session's throwaway PostgreSQL cluster
-(``tests/server/postgres.py``); every wait is bounded.
+(``tests/server/postgres.py``); every wait is bounded. A last test stores a new project's
+detector thresholds from two sessions at once (two processes' ``PUT``), which was a 500.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ import math
 import random
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +39,14 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import text
 
 from gradwatch.server.app import create_app
 from gradwatch.server.config import Settings
+from gradwatch.server.detect import DetectorConfig
+from gradwatch.server.detect.service import get_detector_config, set_detector_config
+from gradwatch.server.store import events as event_store
+from gradwatch.server.store.db import Database, create_db_engine
 from tests.server.conftest import PostgresServer
 from tests.server.wire import decode_float, make_batch
 from tests.server_process import WAIT_SECONDS, ServerProcess
@@ -416,3 +424,50 @@ def test_scale_out_stores_every_step_once_and_detects_as_one_server(processes):
         assert stable == expected["metrics"]
     finally:
         cluster.close()
+
+
+def test_scale_out_detector_thresholds_of_a_new_project_set_by_two_processes_at_once(postgres):
+    """Two processes store the first thresholds of a project at the same moment: the second
+    waits on the first's new row, then replaces it (before: a unique violation, a 500)."""
+    cluster = postgres.cluster
+    url = cluster.create_database(template=postgres.template)
+    engine = create_db_engine(url)
+    database = Database(engine)
+    first = DetectorConfig.model_validate({"thresholds": {"cooldown_steps": 11}})
+    second = DetectorConfig.model_validate({"thresholds": {"cooldown_steps": 22}})
+    now = datetime.now(UTC)
+    try:
+        with database.write_session() as holder, ThreadPoolExecutor(max_workers=1) as pool:
+            holder.begin()
+            event_store.put_project_detectors(holder, "new", first.model_dump(mode="json"), now)
+            holder.flush()  # the row exists, uncommitted: the other insert must wait for it
+
+            def other_process() -> DetectorConfig:
+                with database.write_session() as session:
+                    return set_detector_config(session, "new", second, now)
+
+            waiting = pool.submit(other_process)
+            _wait_for_lock_wait(engine, timeout=WAIT_SECONDS)
+            holder.commit()
+            assert waiting.result(timeout=WAIT_SECONDS) == second
+        with database.read_session() as session:
+            assert get_detector_config(session, "new") == second
+    finally:
+        engine.dispose()
+        cluster.drop_database(url.rsplit("/", 1)[1])
+
+
+def _wait_for_lock_wait(engine: Any, timeout: float) -> None:
+    """Poll until some connection of the database waits for a lock (bounded)."""
+    deadline = time.monotonic() + timeout
+    query = text(
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    with engine.connect() as connection:
+        while time.monotonic() < deadline:
+            if connection.execute(query).scalar_one():
+                return
+            connection.rollback()
+            threading.Event().wait(0.02)  # the poll's pause
+    raise AssertionError("the second writer never waited for the first")
