@@ -67,6 +67,14 @@ class MonitorConfig:
             a batch that would exceed it is dropped as ``queue_full``.
         close_timeout_seconds: Default timeout of ``close()`` and of the close
             run at interpreter exit, seconds (> 0).
+        max_incidents: Incident bundles written per run (>= 0; 0 turns capture off): the
+            weights, optimizer state and batch of a step whose gradient was non-finite or
+            that a policy skipped, captured before its update (:mod:`gradwatch.agent.incident`).
+        incident_max_bytes: Cap on the memory held for that capture, bytes (> 0); a model
+            whose weights and optimizer state take more is not captured (said at build).
+        incident_dir: Root of the bundles; default ``$GRADWATCH_INCIDENT_DIR``, else
+            ``<local_dir>/incidents``.
+        recorder_steps: Recorded steps (norms, loss) kept in a bundle, up to the bad one.
     """
 
     run: str
@@ -83,6 +91,10 @@ class MonitorConfig:
     spool_max_bytes: int = 256 * 2**20
     queue_max_bytes: int = 64 * 2**20
     close_timeout_seconds: float = 10.0
+    max_incidents: int = 1
+    incident_max_bytes: int = 2**30
+    incident_dir: Path | None = None
+    recorder_steps: int = 64
 
     def __post_init__(self) -> None:
         if not isinstance(self.run, str) or not 1 <= len(self.run) <= 200:
@@ -111,6 +123,13 @@ class MonitorConfig:
         _check_positive_int("queue_max_bytes", self.queue_max_bytes)
         object.__setattr__(self, "local_dir", _to_path("local_dir", self.local_dir))
         object.__setattr__(self, "spool_dir", _to_path("spool_dir", self.spool_dir))
+        _check_int_or_off("max_incidents", self.max_incidents, "incident capture")
+        _check_positive_int("incident_max_bytes", self.incident_max_bytes)
+        _check_positive_int("recorder_steps", self.recorder_steps)
+        incidents = self.incident_dir or os.environ.get("GRADWATCH_INCIDENT_DIR") or None
+        if incidents is None:
+            incidents = self.local_dir / "incidents"
+        object.__setattr__(self, "incident_dir", _to_path("incident_dir", incidents))
 
 
 def check_writable_directory(name: str, path: Path) -> Path:

@@ -63,7 +63,7 @@ log = logging.getLogger("gradwatch.agent")
 
 
 #: Settings that accept ``None`` for "the MonitorConfig default" (as they always have).
-_NONE_IS_DEFAULT = frozenset({"run_id", "local_dir", "spool_dir"})
+_NONE_IS_DEFAULT = frozenset({"run_id", "local_dir", "spool_dir", "incident_dir"})
 
 #: The keyword arguments GradientMonitor passes on to MonitorConfig.
 _SETTINGS = frozenset(f.name for f in dataclasses.fields(MonitorConfig)) - {"run", "server"}
@@ -152,7 +152,12 @@ class GradientMonitor(keras.callbacks.Callback, compat.Trackable):  # type: igno
         self._checkpointed = compat.AutoTrackable()
         compat.track(self, self._checkpointed, "gradwatch")
         self._recorder = StepRecorder(
-            self.config, policy, self._sender.submit, self._checkpointed, self._layer_owners
+            self.config,
+            policy,
+            self._sender.submit,
+            self._checkpointed,
+            self._layer_owners,
+            model=lambda: self.model,
         )
         self._groups = OptimizerGroups(
             self.config,
@@ -312,6 +317,20 @@ class GradientMonitor(keras.callbacks.Callback, compat.Trackable):  # type: igno
             self._groups.record_loss(loss)
         else:
             self._recorder.record_loss(loss)
+
+    def capture_batch(self, data: Any) -> None:
+        """Custom loops: offer the step's batch to the incident capture (in-graph, cheap).
+
+        Call it in the step function after ``apply_gradients``, with the batch as ``fit``
+        would get it (``x``, ``(x, y)`` or ``(x, y, sample_weight)``): if that step was bad,
+        the batch goes into its incident bundle. A no-op on healthy steps and with groups.
+        """
+        self._recorder.incidents.capture_batch(data)
+
+    @property
+    def incidents(self) -> tuple[str, ...]:
+        """Directories of the incident bundles written so far (see ``max_incidents``)."""
+        return tuple(str(path) for path in self._recorder.incidents.written)
 
     def on_step(self, step: int | None = None) -> None:
         """Custom loops: call after each training step (host side, cheap).

@@ -126,6 +126,7 @@ class MonitoredOptimizer(keras.optimizers.Optimizer):  # type: ignore[misc]
         if replicas > 1:
             grads = _all_reduce_sum(replica, grads)
         new_grads, skip, row = self._gradwatch_recorder.process(grads, variables)
+        self._gradwatch_recorder.before_update(row)
         if replicas > 1:
             new_grads = [_scale_gradient(g, 1.0 / replicas) for g in new_grads]
         if skip is None:

@@ -28,6 +28,7 @@ from . import _keras_compat as compat
 from .clip import ClipContext, ClipPolicy
 from .clip.base import state_variable
 from .config import ConfigError, MonitorConfig
+from .incident import IncidentCapture, IncidentSettings
 from .layers import LayerLayout, layout_of
 from .records import StepBatch
 from .ring import Ring, StepRow
@@ -75,6 +76,7 @@ class StepRecorder:
         checkpointed: Any,
         owners: Callable[[], Mapping[object, str] | None] = lambda: None,
         group: str | None = None,
+        model: Callable[[], Any] = lambda: None,
     ) -> None:
         self._config = config
         self._owners = owners
@@ -82,6 +84,19 @@ class StepRecorder:
         self._policy = policy
         self._submit = submit
         self._checkpointed = checkpointed
+        self._model = model
+        assert config.incident_dir is not None
+        self.incidents = IncidentCapture(
+            IncidentSettings(
+                directory=config.incident_dir,
+                max_incidents=config.max_incidents if group is None else 0,
+                max_bytes=config.incident_max_bytes,
+                recorder_steps=config.recorder_steps,
+                run_id=config.run_id,
+                run=config.run,
+                policy=policy.describe() if policy is not None else None,
+            )
+        )
         self.ring: Ring | None = None
         self.steps_per_call = 1  # steps per host callback (steps_per_execution)
         self.weights_in_step = False  # trace time: the step measures itself (see module doc)
@@ -144,6 +159,7 @@ class StepRecorder:
                     self._checkpointed, self._policy_attribute, self._policy.init(variables, layout)
                 )
             self._read_count = 0
+            self.incidents.build(variables, inner)
             if self._weights_on:
                 step = int(self._checkpointed.step.numpy())
                 keys = [compat.variable_key(v) for v in variables]
@@ -239,6 +255,10 @@ class StepRecorder:
             layer_nonfinite=stats.layer_nonfinite,
         )
         return grads, skip, row
+
+    def before_update(self, row: StepRow) -> None:
+        """In-graph, after the policy and before the update: capture the state of a bad step."""
+        self.incidents.before_update(row.step, row.global_norm, row.layer_nonfinite, row.skipped)
 
     def record_row(self, row: StepRow, variables: Sequence[Any]) -> None:
         """In-graph, after the update: write ``row`` into the ring and advance the step counter.
@@ -338,7 +358,9 @@ class StepRecorder:
             )
         for batch in read.batches:
             self._read_steps += len(batch)
+            self.incidents.remember(batch)
             self._submit(batch)
+        self.incidents.write_if_pending(self._model())
 
     def _collect_if_due(self) -> None:
         """Read once ``flush_every`` steps may be pending (micro-batches counted by the caller)."""

@@ -81,6 +81,8 @@ class LossCapture:
                     recorder.record_late_loss(seen[-1])
             if wrote and grouped():
                 wrote[0].advance_step()  # one step per train_step, however many groups
+            for recorder in wrote:
+                recorder.incidents.capture_batch(data)
             return logs
 
         compat.shadow(model, "train_step", captured_train_step)

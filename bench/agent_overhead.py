@@ -11,9 +11,12 @@ the best of the repeats are kept, the best being robust to other load on a share
 (d) the naive way: an eager train step calling ``float(tf.norm(g))`` per variable;
 (e) plain ``Adam`` and (f) ``Adam`` + monitor with no policy: the cost of monitoring alone;
 (g) (b) measuring weight norms and update ratios every step (``stats_every=1``) and
-(h) (b) without them (``stats_every=0``): the cost of the weight statistics.
+(h) (b) without them (``stats_every=0``): the cost of the weight statistics;
+(i) (b) with incident capture off (``max_incidents=0``): the cost of keeping the capture
+    armed (one predicate per step and the shadow copies' memory; nothing is copied while
+    every step is healthy).
 
-(b), (c) and (f) use the monitor's default ``stats_every``.
+(b), (c) and (f) use the monitor's defaults (``stats_every``, one incident bundle).
 
     python -m bench.agent_overhead [--steps 30] [--repeats 5] [--jit]
 
@@ -77,6 +80,7 @@ MONITORED: dict[str, dict[str, Any]] = {
     "f": {},
     "g": {"stats_every": 1},
     "h": {"stats_every": 0},
+    "i": {"max_incidents": 0},
 }
 
 
@@ -114,6 +118,7 @@ LABELS = {
     "f": "(f) gradwatch, no policy",
     "g": "(g) (b), stats_every=1",
     "h": "(h) (b), stats_every=0",
+    "i": "(i) (b), max_incidents=0",
 }
 
 
@@ -159,6 +164,7 @@ def main() -> None:
         ("monitoring alone, (f) ÷ (e)", "f", "e"),
         ("weight statistics every step, (g) ÷ (h)", "g", "h"),
         ("weight statistics at the default stats_every, (b) ÷ (h)", "b", "h"),
+        ("incident capture armed, (b) ÷ (i)", "b", "i"),
     ):
         print(f"{text}: {median[num] / median[den]:.3f} (best {best[num] / best[den]:.3f})")
 

@@ -6,11 +6,14 @@ need TensorFlow, so it is only configured when it is installed.
 """
 
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+# Incident bundles of monitors made by tests go to a temporary directory, not ./gradwatch-runs.
+os.environ.setdefault("GRADWATCH_INCIDENT_DIR", tempfile.mkdtemp(prefix="gradwatch-incidents-"))
 
 try:
     import tensorflow as tf

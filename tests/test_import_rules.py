@@ -2,8 +2,8 @@
 
 - ``gradwatch.wire`` imports nothing of gradwatch and no framework: both sides load it.
 - The agent never imports the server, nor a server library.
-- The server imports the agent only in the commands that run it: ``demo``, ``upload`` and
-  the clipping study's training module (``server.study.train``).
+- The server imports the agent only in the commands that run it: ``demo``, ``upload``,
+  ``replay`` and the clipping study's training module (``server.study.train``).
 - ``server.store`` knows no HTTP and no domain; the domain (detect, ingest, query, export,
   auth, errors) knows no HTTP; the routes (``server.api``) hold no SQL.
 - The CLI's client commands (runs, show, check, open) talk HTTP only: no server module
@@ -32,6 +32,7 @@ DOMAIN = tuple(
 AGENT_USERS = (
     "gradwatch.server.cli.demo",
     "gradwatch.server.cli.upload",
+    "gradwatch.server.cli.replay",
     "gradwatch.server.study.train",
 )
 SQL_IN_ROUTES = ("sqlalchemy",)
@@ -106,7 +107,7 @@ def test_agent_never_imports_the_server_or_its_libraries():
     assert _violations(("gradwatch.agent",), ("gradwatch.server", *SERVER_LIBRARIES)) == []
 
 
-def test_server_imports_the_agent_only_in_demo_upload_and_study():
+def test_server_imports_the_agent_only_in_demo_upload_replay_and_study():
     users = {
         module
         for module, names in IMPORTS.items()

@@ -20,6 +20,7 @@ from .check import check
 from .demo import demo
 from .open import open_run
 from .placeholders import use_placeholders
+from .replay import replay
 from .runs import runs
 from .server import db_app, server
 from .show import show
@@ -73,6 +74,7 @@ app.add_typer(token_app, name="token", rich_help_panel="Server")
 app.command(rich_help_panel="Agent")(demo)
 app.command(rich_help_panel="Agent")(upload)
 app.command(rich_help_panel="Agent")(study)
+app.command(rich_help_panel="Agent")(replay)
 
 
 def build_command() -> Any:

@@ -180,8 +180,13 @@ def train(
     clock = _StepClock(on_step)
     quiet = io.StringIO()
     with contextlib.redirect_stderr(quiet):
-        monitor = GradientMonitor(
-            run=run_name, server=server, policy=policy, project=project, token=token
+        monitor = GradientMonitor(  # no incident bundles: the study measures, it does not debug
+            run=run_name,
+            server=server,
+            policy=policy,
+            project=project,
+            token=token,
+            max_incidents=0,
         )
         try:
             model.fit(

@@ -170,7 +170,12 @@ def test_wrap_rejects_loss_scale_optimizer(transport):
     monitor.close()
 
 
-def test_repeated_fit_with_callback_reuses_its_trace(transport, monkeypatch):
+@pytest.mark.parametrize(("max_incidents", "expected_traces"), [(0, 1), (1, 2)])
+def test_repeated_fit_with_callback_reuses_its_trace(
+    transport, monkeypatch, max_incidents, expected_traces
+):
+    """One trace per monitor; with incident capture on, the first fit traces twice (the batch
+    buffers it creates at its first trace make tf.function trace again), and no fit after."""
     traces = []
     original = MonitoredOptimizer.apply
 
@@ -182,11 +187,11 @@ def test_repeated_fit_with_callback_reuses_its_trace(transport, monkeypatch):
     x, y = _data(n=32)
     model = small_model()
     model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
-    monitor = _monitor(transport, flush_every=3)
+    monitor = _monitor(transport, flush_every=3, max_incidents=max_incidents)
     for _ in range(3):
         model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[monitor])
         assert type(model.optimizer) is keras.optimizers.SGD
     model.fit(x, y, batch_size=8, epochs=1, verbose=0)  # unmonitored: the plain function
     monitor.close()
-    assert len(traces) == 1
+    assert len(traces) == expected_traces
     assert transport.steps() == list(range(12))

@@ -1,0 +1,338 @@
+"""Incident capture: the state just before the first bad step, kept so the step can be replayed.
+
+A step is bad when its gradient holds a NaN/±Inf or a skip policy skipped it. In-graph, between
+the clip policy and the inner optimizer's update (:meth:`IncidentCapture.before_update`), a
+``tf.cond`` that is false on every healthy step copies the trainable weights and the optimizer's
+variables into shadow variables made at build time; at the end of the train step
+(:meth:`IncidentCapture.capture_batch`) the batch is copied the same way into flat buffers (XLA
+cannot change a variable's shape, so each input keeps a buffer of the first traced batch's size
+plus its shape). On the host, the next ring read (:meth:`IncidentCapture.write_if_pending`, one
+scalar read) writes the bundle:
+
+    <incident_dir>/<run_id>/step-<N>/manifest.json   what and where (format below)
+    <incident_dir>/<run_id>/step-<N>/state.*         tf.train.Checkpoint: weights/i,
+                                                     optimizer/i, batch/i, batch_shape/i
+
+Cost: one scalar predicate per step; memory: one copy of the weights, the optimizer state and
+one batch, held from the first build (``incident_max_bytes`` caps it; over it, or under
+``tf.distribute`` with several replicas, or with gradient accumulation, capture is off and the
+monitor says so once). Writing blocks the training thread once, for the checkpoint write.
+
+Not thread-safe: the training thread owns it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from .notice import say
+from .records import StepBatch
+
+__all__ = ["BUNDLE_FORMAT", "IncidentCapture", "IncidentSettings"]
+
+log = logging.getLogger("gradwatch.agent")
+
+BUNDLE_FORMAT = "gradwatch-incident/1"
+"""``manifest.json``'s ``format``: bump when a field changes meaning."""
+
+_CAUSES = ("nonfinite", "skipped")
+
+
+@dataclass(frozen=True, slots=True)
+class IncidentSettings:
+    """What the capture may keep and where it writes (from ``MonitorConfig``).
+
+    Attributes:
+        directory: Root of the bundles (one subdirectory per run).
+        max_incidents: Bundles per run (0 turns capture off).
+        max_bytes: Cap on the memory held for one capture (weights, optimizer state, batch).
+        recorder_steps: Recorded steps kept in the bundle, up to and including the bad one.
+        run_id: The run's id; ``run``: its name; ``policy``: the policy's description.
+    """
+
+    directory: Path
+    max_incidents: int
+    max_bytes: int
+    recorder_steps: int
+    run_id: str
+    run: str
+    policy: dict[str, Any] | None
+
+
+class IncidentCapture:
+    """Shadow copies of one optimizer's variables and of a batch, filled on the first bad step."""
+
+    def __init__(self, settings: IncidentSettings) -> None:
+        self._settings = settings
+        self._variables: list[Any] = []
+        self._shadows: list[tf.Variable] = []
+        self._inner: Any = None
+        self._buffers: list[tf.Variable | None] | None = None  # None: no batch traced yet
+        self._shapes: list[tf.Variable] = []
+        self._structure = ""
+        self._recent: deque[dict[str, Any]] = deque(maxlen=max(1, settings.recorder_steps))
+        self.written: list[Path] = []
+        self.enabled = False
+
+    # -- building ------------------------------------------------------------------------
+
+    def build(self, variables: Sequence[Any], inner: keras.optimizers.Optimizer) -> None:
+        """Create the shadow variables (eagerly, once), or say why capture is off."""
+        if self.enabled or self._settings.max_incidents == 0:
+            return
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        if replicas > 1 or inner.gradient_accumulation_steps:
+            why = "tf.distribute" if replicas > 1 else "gradient_accumulation_steps"
+            log.info("gradwatch: incident capture is off under %s (not supported yet)", why)
+            return
+        watched = [*variables, *inner.variables]
+        size = sum(int(np.prod(v.shape)) * tf.as_dtype(v.dtype).size for v in watched)
+        if size > self._settings.max_bytes:
+            say(
+                f"incident capture is off: the weights and optimizer state take {size:,} bytes, "
+                f"more than incident_max_bytes={self._settings.max_bytes:,}"
+            )
+            return
+        with tf.init_scope():
+            self._shadows = [
+                tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False, name="incident_copy")
+                for v in watched
+            ]
+            self._armed = tf.Variable(True, trainable=False, name="incident_armed")
+            self._pending = tf.Variable(False, trainable=False, name="incident_pending")
+            self._batch_due = tf.Variable(False, trainable=False, name="incident_batch_due")
+            self._batch_ok = tf.Variable(False, trainable=False, name="incident_batch_ok")
+            self._step = tf.Variable(tf.constant(-1, tf.int64), trainable=False)
+            self._cause = tf.Variable(0, trainable=False, name="incident_cause")
+        self._variables, self._inner = watched, inner
+        self._trainable = len(variables)
+        self.enabled = True
+
+    # -- in-graph ------------------------------------------------------------------------
+
+    def before_update(self, step: Any, global_norm: Any, nonfinite: Any, skipped: Any) -> None:
+        """In-graph, before the inner optimizer's update: copy the state if this step is bad.
+
+        Args:
+            step: The step (int64 scalar); ``global_norm``: its norm before the policy;
+            nonfinite: per-layer non-finite counts; ``skipped``: the policy's skip flag.
+        """
+        if not self.enabled:
+            return
+        bad_gradient = tf.logical_or(
+            tf.logical_not(tf.math.is_finite(global_norm)), tf.reduce_any(nonfinite > 0)
+        )
+        trigger = tf.logical_and(tf.logical_or(bad_gradient, skipped), self._armed)
+
+        def copy() -> tf.Tensor:
+            for shadow, variable in zip(self._shadows, self._variables, strict=True):
+                shadow.assign(variable)
+            self._armed.assign(False)
+            self._pending.assign(True)
+            self._batch_due.assign(True)
+            self._batch_ok.assign(False)
+            self._step.assign(tf.cast(step, tf.int64))
+            self._cause.assign(tf.where(bad_gradient, 0, 1))
+            return tf.constant(True)
+
+        tf.cond(trigger, copy, lambda: tf.constant(False))
+
+    def capture_batch(self, data: Any) -> None:
+        """In-graph, at the end of a train step: copy its batch if that step was captured."""
+        if not self.enabled:
+            return
+        leaves = tf.nest.flatten(data)
+        if self._buffers is None:
+            self._make_buffers(leaves, data)
+        buffers = self._buffers
+        assert buffers is not None
+        if len(leaves) != len(buffers):
+            return  # another structure than the first traced batch's: not captured
+
+        def copy() -> tf.Tensor:
+            self._batch_due.assign(False)
+            fits = tf.constant(True)
+            for leaf, buffer in zip(leaves, buffers, strict=True):
+                if buffer is None:
+                    continue
+                size = leaf.shape.num_elements()
+                if size is not None and size > buffer.shape[0]:
+                    return tf.constant(False)  # a larger batch than the buffer (known now)
+                fits = tf.logical_and(fits, tf.size(leaf, tf.int64) <= buffer.shape[0])
+
+            def assign() -> tf.Tensor:
+                for index, (leaf, buffer) in enumerate(zip(leaves, buffers, strict=True)):
+                    if buffer is None:
+                        continue
+                    flat = tf.reshape(tf.cast(leaf, buffer.dtype), [-1])
+                    pad = buffer.shape[0] - tf.size(flat)
+                    buffer.assign(tf.pad(flat, [[0, pad]]))
+                    self._shapes[index].assign(tf.shape(leaf, out_type=tf.int64))
+                self._batch_ok.assign(True)
+                return tf.constant(True)
+
+            tf.cond(fits, assign, lambda: tf.constant(False))
+            return tf.constant(True)
+
+        tf.cond(self._batch_due, copy, lambda: tf.constant(False))
+
+    def _make_buffers(self, leaves: list[Any], data: Any) -> None:
+        """One flat buffer per numeric input, the size of the first traced batch (trace time)."""
+        buffers: list[tf.Variable | None] = []
+        with tf.init_scope():
+            for leaf in leaves:
+                tensor_like = hasattr(leaf, "shape") and hasattr(leaf, "dtype")
+                dtype = tf.as_dtype(leaf.dtype) if tensor_like else None
+                size = leaf.shape.num_elements() if tensor_like else None
+                if dtype is None or not (dtype.is_floating or dtype.is_integer or dtype.is_bool):
+                    size = None
+                if size is None:
+                    buffers.append(None)
+                    self._shapes.append(tf.Variable(tf.zeros([0], tf.int64), trainable=False))
+                    continue
+                buffers.append(tf.Variable(tf.zeros([size], dtype), trainable=False))
+                self._shapes.append(
+                    tf.Variable(tf.zeros([leaf.shape.rank or 0], tf.int64), trainable=False)
+                )
+        self._buffers = buffers
+        self._structure = _structure(data)
+
+    # -- host side -----------------------------------------------------------------------
+
+    def remember(self, batch: StepBatch) -> None:
+        """Host: keep the last ``recorder_steps`` recorded rows for the next bundle."""
+        for i in range(len(batch.step)):
+            self._recent.append(
+                {
+                    "step": int(batch.step[i]),
+                    "loss": _number(batch.loss[i]) if batch.loss_known[i] else None,
+                    "global_norm": _number(batch.global_norm[i]),
+                    "clip_coef": _number(batch.clip_coef[i]),
+                    "skipped": bool(batch.skipped[i]),
+                    "grad_norm": [_number(v) for v in batch.grad_norm[i]],
+                    "nonfinite": [int(v) for v in batch.nonfinite[i]],
+                }
+            )
+        self._layers = list(batch.layers)
+
+    def write_if_pending(self, model: Any) -> Path | None:
+        """Host, after a ring read: write the bundle of a captured step (one scalar read when
+        there is none). Blocks on the checkpoint write; never raises (logs instead)."""
+        if not self.enabled or not bool(self._pending.numpy()):
+            return None
+        self._pending.assign(False)
+        try:
+            path = self._write(model)
+        except Exception:
+            log.exception("gradwatch: could not write the incident bundle")
+            return None
+        self.written.append(path)
+        if len(self.written) < self._settings.max_incidents:
+            self._armed.assign(True)
+        return path
+
+    def _write(self, model: Any) -> Path:
+        started = time.perf_counter()
+        step = int(self._step.numpy())
+        settings = self._settings
+        directory = settings.directory / settings.run_id / f"step-{step}"
+        directory.mkdir(parents=True, exist_ok=True)
+        buffers = [b for b in self._buffers or [] if b is not None]
+        batch_ok = bool(self._batch_ok.numpy()) and bool(buffers)
+        checkpoint = tf.train.Checkpoint(
+            weights=self._shadows[: self._trainable],
+            optimizer=self._shadows[self._trainable :],
+            batch=list(self._buffers or []) if batch_ok else [],
+            batch_shape=self._shapes if batch_ok else [],
+        )
+        prefix = checkpoint.write(str(directory / "state"))
+        size = sum(p.stat().st_size for p in directory.glob("state*"))
+        manifest = {
+            "format": BUNDLE_FORMAT,
+            "run_id": settings.run_id,
+            "run": settings.run,
+            "step": step,
+            "cause": _CAUSES[int(self._cause.numpy())],
+            "captured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "checkpoint": Path(prefix).name,
+            "bytes": size,
+            "policy": settings.policy,
+            "learning_rate": _learning_rate(self._inner),
+            "optimizer": keras.optimizers.serialize(self._inner),
+            "model": _model_description(model),
+            "weights": [_describe(v) for v in self._variables[: self._trainable]],
+            "optimizer_variables": [_describe(v) for v in self._variables[self._trainable :]],
+            "batch": (
+                {
+                    "structure": self._structure,
+                    "inputs": [
+                        None if b is None else {"dtype": b.dtype.name} for b in self._buffers or []
+                    ],
+                }
+                if batch_ok
+                else None
+            ),
+            "layers": getattr(self, "_layers", []),
+            "recorded": [row for row in self._recent if row["step"] <= step],
+        }
+        (directory / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        say(
+            f"step {step} had a {manifest['cause']} gradient: its weights, optimizer state "
+            f"and batch are in {directory} ({size / 2**20:.1f} MiB, written in "
+            f"{time.perf_counter() - started:.2f} s); replay it with "
+            f"`gradwatch replay {directory}`"
+        )
+        return directory
+
+
+def _structure(data: Any) -> str:
+    """How a batch unpacks: ``x``, ``x,y`` or ``x,y,sample_weight`` (Keras' convention)."""
+    if isinstance(data, tuple | list) and 1 <= len(data) <= 3:
+        return ",".join(("x", "y", "sample_weight")[: len(data)])
+    return "x"
+
+
+def _describe(variable: Any) -> dict[str, Any]:
+    return {
+        "path": str(getattr(variable, "path", variable.name)),
+        "shape": [int(d) for d in variable.shape],
+        "dtype": tf.as_dtype(variable.dtype).name,
+    }
+
+
+def _number(value: Any) -> float | str:
+    number = float(value)
+    return number if math.isfinite(number) else str(number)
+
+
+def _learning_rate(optimizer: Any) -> float | None:
+    try:
+        return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+    except Exception:
+        return None
+
+
+def _model_description(model: Any) -> dict[str, Any] | None:
+    if model is None:
+        return None
+    description: dict[str, Any] = {"class": type(model).__qualname__, "json": None}
+    with contextlib.suppress(Exception):  # subclassed models without get_config
+        description["json"] = model.to_json()
+    try:
+        description["compile"] = model.get_compile_config()
+    except Exception:
+        description["compile"] = None
+    return description

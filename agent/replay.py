@@ -1,0 +1,486 @@
+"""Replay an incident bundle (:mod:`gradwatch.agent.incident`): the bad step, run again.
+
+:func:`replay` rebuilds the model (the user's ``model_fn``, else the model JSON the bundle
+holds), restores the weights and optimizer state from just before the step, and runs the
+model's own ``train_step`` on the captured batch three ways, eagerly, without ever updating
+a weight (the optimizer's ``apply`` is intercepted):
+
+1. plain: the gradients, per-layer norms in float32 and recomputed in float64 from the same
+   gradients, next to the norms recorded during training;
+2. under ``tf.debugging.enable_check_numerics``: the first operation whose output holds a
+   NaN/±Inf, the layer whose ``call`` was running, and the innermost frame of the user's code;
+3. the remedies: the replayed gradient after ``global_norm``, ``by_value`` and ``zclip`` at the
+   run's thresholds (its policy's when it had one, else from the recorded norms), finite or not.
+
+Blocks (runs TensorFlow eagerly); not thread-safe (enables check_numerics process-wide while
+it runs). Imports TensorFlow and Keras.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import re
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from .incident import BUNDLE_FORMAT
+
+__all__ = ["BundleError", "FirstBadOp", "LayerNorms", "Remedy", "ReplayReport", "replay"]
+
+
+class BundleError(Exception):
+    """The bundle cannot be read or replayed (the message says why and what to do)."""
+
+
+@dataclass(frozen=True, slots=True)
+class FirstBadOp:
+    """Where the first NaN/±Inf appeared when the step ran again.
+
+    Attributes:
+        op: The operation's type (``Log``, ``MatMul``).
+        layer: Path of the innermost Keras layer whose ``call`` was running, or None.
+        frame: ``file:line in function`` of the innermost frame of the user's code, or None.
+        code: That line's source text, or None.
+        message: TensorFlow's first line about it.
+    """
+
+    op: str
+    layer: str | None
+    frame: str | None
+    code: str | None
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class LayerNorms:
+    """One layer's gradient L2 norm: replayed (float32, float64) and recorded."""
+
+    layer: str
+    replayed: float
+    replayed_float64: float
+    recorded: float | None
+    nonfinite: int
+
+
+@dataclass(frozen=True, slots=True)
+class Remedy:
+    """A clip policy applied to the replayed gradient: its threshold, and the result."""
+
+    name: str
+    threshold: float
+    finite: bool
+    global_norm: float
+    note: str
+
+
+@dataclass(slots=True)
+class ReplayReport:
+    """What :func:`replay` found (see the module docstring)."""
+
+    bundle: Path
+    step: int
+    cause: str
+    reproduced: bool
+    global_norm: float
+    recorded_global_norm: float | None
+    layers: list[LayerNorms] = field(default_factory=list)
+    first_bad_op: FirstBadOp | None = None
+    remedies: list[Remedy] = field(default_factory=list)
+    batch_nonfinite: dict[str, int] = field(default_factory=dict)
+
+
+def replay(bundle: Path, model_fn: str | None = None) -> ReplayReport:
+    """Run a bundle's step again (see the module docstring). Blocks.
+
+    Args:
+        bundle: The bundle's directory (holding ``manifest.json``).
+        model_fn: ``module:function`` returning the model (built or not, compiled or not);
+            needed when the model has custom layers or cannot be rebuilt from its JSON.
+
+    Raises:
+        BundleError: An unreadable bundle, a model that cannot be rebuilt, or variables that
+            do not match the bundle's.
+    """
+    manifest, reader = _open(bundle)
+    model = _build_model(manifest, model_fn)
+    data = _batch(manifest, reader)
+    x = keras.utils.unpack_x_y_sample_weight(data)[0]
+    if not model.built:
+        model(x)
+    if not getattr(model, "compiled", False) or model.optimizer is None:
+        _compile(model, manifest)
+    optimizer = model.optimizer
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    inner.build(model.trainable_variables)
+    restore = _restorer(model, inner, manifest, reader)
+
+    restore()
+    grads, variables = _gradients(model, data, inner)
+    report = _compare(bundle, manifest, grads, variables)
+    restore()
+    report.first_bad_op = _first_bad_op(model, data, inner)
+    report.remedies = _remedies(manifest, grads)
+    report.batch_nonfinite = _nonfinite_inputs(manifest, data)
+    return report
+
+
+def _nonfinite_inputs(manifest: dict[str, Any], data: tuple[Any, ...]) -> dict[str, int]:
+    """NaN/±Inf values in the captured batch itself, by input (``x``, ``y``, ...)."""
+    names = str(manifest["batch"]["structure"]).split(",")
+    found = {}
+    for index, leaf in enumerate(data):
+        array = np.asarray(leaf)
+        if array.dtype.kind == "f":
+            count = int(array.size - np.count_nonzero(np.isfinite(array)))
+            if count:
+                found[names[index] if index < len(names) else f"input {index}"] = count
+    return found
+
+
+# -- reading the bundle ----------------------------------------------------------------------
+
+
+def _open(bundle: Path) -> tuple[dict[str, Any], Any]:
+    path = bundle / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise BundleError(f"{bundle}: no readable manifest.json ({error})") from None
+    if manifest.get("format") != BUNDLE_FORMAT:
+        raise BundleError(
+            f"{path}: format {manifest.get('format')!r}, this gradwatch reads {BUNDLE_FORMAT!r}"
+        )
+    try:
+        reader = tf.train.load_checkpoint(str(bundle / manifest["checkpoint"]))
+    except (tf.errors.OpError, ValueError) as error:
+        raise BundleError(f"{bundle}: the checkpoint cannot be read ({error})") from None
+    return manifest, reader
+
+
+def _tensor(reader: Any, kind: str, index: int) -> np.ndarray:
+    return np.asarray(reader.get_tensor(f"{kind}/{index}/.ATTRIBUTES/VARIABLE_VALUE"))
+
+
+def _batch(manifest: dict[str, Any], reader: Any) -> tuple[Any, ...]:
+    batch = manifest.get("batch")
+    if not batch:
+        raise BundleError(
+            "the bundle holds no batch: in a custom loop, call monitor.capture_batch((x, y)) "
+            "after apply_gradients in the step"
+        )
+    leaves = []
+    for index, spec in enumerate(batch["inputs"]):
+        if spec is None:
+            raise BundleError(f"input {index} of the batch was not numeric and was not captured")
+        shape = _tensor(reader, "batch_shape", index).astype(np.int64)
+        flat = _tensor(reader, "batch", index)
+        leaves.append(flat[: int(np.prod(shape))].reshape(shape))
+    return tuple(leaves)
+
+
+def _load_function(spec: str) -> Callable[[], Any]:
+    module_name, _, name = spec.partition(":")
+    if not module_name or not name:
+        raise BundleError(f"--model-fn: expected module:function, got {spec!r}")
+    sys.path.insert(0, str(Path.cwd()))
+    try:
+        function = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as error:
+        raise BundleError(f"--model-fn {spec}: {error}") from None
+    finally:
+        sys.path.pop(0)
+    if not callable(function):
+        raise BundleError(f"--model-fn {spec}: not a function")
+    return function  # type: ignore[no-any-return]
+
+
+def _build_model(manifest: dict[str, Any], model_fn: str | None) -> Any:
+    if model_fn is not None:
+        return _load_function(model_fn)()
+    description = manifest.get("model") or {}
+    if not description.get("json"):
+        raise BundleError(
+            f"the bundle holds no model config ({description.get('class', 'a custom loop')}): "
+            "pass --model-fn module:function returning the model"
+        )
+    try:
+        return keras.models.model_from_json(description["json"])
+    except Exception as error:
+        raise BundleError(
+            f"the model cannot be rebuilt from its config ({error}); pass --model-fn "
+            "module:function returning the model"
+        ) from None
+
+
+def _compile(model: Any, manifest: dict[str, Any]) -> None:
+    config = (manifest.get("model") or {}).get("compile")
+    if not config:
+        raise BundleError("the model is not compiled: return a compiled model from --model-fn")
+    model.compile_from_config(config)
+    model.optimizer = keras.optimizers.deserialize(manifest["optimizer"])
+
+
+def _restorer(model: Any, inner: Any, manifest: dict[str, Any], reader: Any) -> Callable[[], None]:
+    """Check that the model's variables match the bundle's; return what restores them."""
+    pairs: list[tuple[Any, np.ndarray]] = []
+    for kind, variables, specs in (
+        ("weights", model.trainable_variables, manifest["weights"]),
+        ("optimizer", inner.variables, manifest["optimizer_variables"]),
+    ):
+        if len(variables) != len(specs):
+            raise BundleError(
+                f"{kind}: the model has {len(variables)} variables, the bundle {len(specs)}: "
+                "is --model-fn building the same model and optimizer?"
+            )
+        for index, (variable, spec) in enumerate(zip(variables, specs, strict=True)):
+            value = _tensor(reader, kind, index)
+            if list(value.shape) != [int(d) for d in variable.shape]:
+                raise BundleError(
+                    f"{kind}: {spec['path']} has shape {list(value.shape)} in the bundle and "
+                    f"{list(variable.shape)} in the model: is --model-fn building the same model "
+                    "and optimizer?"
+                )
+            pairs.append((variable, value))
+
+    def restore() -> None:
+        for variable, value in pairs:
+            variable.assign(value)
+
+    return restore
+
+
+# -- running the step --------------------------------------------------------------------------
+
+
+def _intercepted_step(model: Any, data: tuple[Any, ...], inner: Any) -> list[Any]:
+    """Run ``model.train_step(data)`` eagerly; return the (grads, variables) that reached
+    ``apply`` (nothing is applied)."""
+    seen: list[Any] = []
+    optimizer = model.optimizer
+
+    def apply(grads: Sequence[Any], variables: Sequence[Any] | None = None) -> None:
+        seen.append((list(grads), list(variables or model.trainable_variables)))
+
+    targets = {id(o): o for o in (optimizer, inner)}.values()
+    for target in targets:
+        target.__dict__["apply"] = apply
+    try:
+        model.train_step(data)
+    finally:
+        for target in targets:
+            target.__dict__.pop("apply", None)
+    if not seen:
+        raise BundleError("the model's train_step applied no gradients")
+    return seen[-1]  # type: ignore[no-any-return]
+
+
+def _gradients(model: Any, data: tuple[Any, ...], inner: Any) -> tuple[list[Any], list[Any]]:
+    grads, variables = _intercepted_step(model, data, inner)
+    return [None if g is None else np.asarray(tf.convert_to_tensor(g)) for g in grads], variables
+
+
+def _layer_of(variable: Any) -> str:
+    path = str(getattr(variable, "path", variable.name))
+    return path.rsplit("/", 1)[0] if "/" in path else path
+
+
+def _compare(
+    bundle: Path, manifest: dict[str, Any], grads: list[Any], variables: list[Any]
+) -> ReplayReport:
+    sums32: dict[str, float] = {}
+    sums64: dict[str, float] = {}
+    bad: dict[str, int] = {}
+    for grad, variable in zip(grads, variables, strict=True):
+        if grad is None:
+            continue
+        layer = _layer_of(variable)
+        g32 = grad.astype(np.float32)
+        with np.errstate(all="ignore"):
+            square32 = float(np.sum(np.square(g32), dtype=np.float32))
+            square64 = float(np.sum(np.square(grad.astype(np.float64))))
+        sums32[layer] = sums32.get(layer, 0.0) + square32
+        sums64[layer] = sums64.get(layer, 0.0) + square64
+        bad[layer] = bad.get(layer, 0) + int(np.size(grad) - np.count_nonzero(np.isfinite(grad)))
+    step = int(manifest["step"])
+    rows = [row for row in manifest.get("recorded", []) if row["step"] == step]
+    recorded_row = rows[-1] if rows else None
+    recorded = (
+        dict(zip(manifest.get("layers", []), recorded_row["grad_norm"], strict=False))
+        if recorded_row
+        else {}
+    )
+    layers = [
+        LayerNorms(
+            layer=layer,
+            replayed=math.sqrt(sums32[layer]) if sums32[layer] >= 0 else math.nan,
+            replayed_float64=math.sqrt(sums64[layer]) if sums64[layer] >= 0 else math.nan,
+            recorded=_recorded(recorded, layer),
+            nonfinite=bad[layer],
+        )
+        for layer in sums32
+    ]
+    with np.errstate(all="ignore"):
+        total = (
+            math.sqrt(sum(sums32.values())) if all(s >= 0 for s in sums32.values()) else math.nan
+        )
+    recorded_norm = None if recorded_row is None else _float(recorded_row["global_norm"])
+    nonfinite = any(item.nonfinite for item in layers) or not math.isfinite(total)
+    if manifest["cause"] == "nonfinite":
+        reproduced = nonfinite
+    else:
+        reproduced = recorded_norm is not None and math.isclose(total, recorded_norm, rel_tol=1e-4)
+    return ReplayReport(
+        bundle=bundle,
+        step=step,
+        cause=str(manifest["cause"]),
+        reproduced=reproduced,
+        global_norm=total,
+        recorded_global_norm=recorded_norm,
+        layers=layers,
+    )
+
+
+def _recorded(recorded: dict[str, Any], layer: str) -> float | None:
+    """The recorded norm of ``layer``: same name, or the recorded name ending with it."""
+    if layer in recorded:
+        return _float(recorded[layer])
+    tail = layer.split("/", 1)[-1]
+    matches = [v for name, v in recorded.items() if name.split("/", 1)[-1] == tail]
+    return _float(matches[0]) if len(matches) == 1 else None
+
+
+def _float(value: Any) -> float:
+    return float(value)
+
+
+_OP = re.compile(r'output \d+ of (?:eagerly-executing|graph) op "?(\w+)"?')
+_PACKAGES = (tf, keras, sys.modules[__name__.rpartition(".")[0]])
+_LIBRARIES = tuple(
+    str(Path(module.__file__).resolve().parent) + "/" for module in _PACKAGES if module.__file__
+)
+"""Frames under these directories are not the user's code (TensorFlow, Keras, gradwatch)."""
+
+
+def _is_library(filename: str) -> bool:
+    if filename.startswith("<"):
+        return True
+    resolved = str(Path(filename).resolve())
+    installed = "/site-packages/" in resolved or "/dist-packages/" in resolved
+    return installed or resolved.startswith(_LIBRARIES)
+
+
+def _first_bad_op(model: Any, data: tuple[Any, ...], inner: Any) -> FirstBadOp | None:
+    # Keras and TensorFlow drop their own frames from tracebacks; the layer is found there.
+    keras_filtering = keras.config.is_traceback_filtering_enabled()
+    tf_filtering = tf.debugging.is_traceback_filtering_enabled()
+    keras.config.disable_traceback_filtering()
+    tf.debugging.disable_traceback_filtering()
+    tf.debugging.enable_check_numerics()
+    try:
+        _intercepted_step(model, data, inner)
+    except tf.errors.InvalidArgumentError as error:
+        message = str(error.message if hasattr(error, "message") else error)
+        match = _OP.search(message)
+        op = match.group(1) if match else "unknown"
+        layer, frame, code = _where(error.__traceback__)
+        first = next((line.strip() for line in message.splitlines() if "Detected" in line), "")
+        return FirstBadOp(
+            op=op, layer=layer, frame=frame, code=code, message=first or message[:200]
+        )
+    finally:
+        tf.debugging.disable_check_numerics()
+        if keras_filtering:
+            keras.config.enable_traceback_filtering()
+        if tf_filtering:
+            tf.debugging.enable_traceback_filtering()
+    return None
+
+
+def _where(tb: Any) -> tuple[str | None, str | None, str | None]:
+    """The innermost running Keras layer and the innermost frame outside the libraries."""
+    layer = frame = code = None
+    while tb is not None:
+        frame_object = tb.tb_frame
+        owner = frame_object.f_locals.get("self")
+        if isinstance(owner, keras.layers.Layer) and not isinstance(owner, keras.Model):
+            layer = str(getattr(owner, "path", None) or owner.name)
+        if not _is_library(frame_object.f_code.co_filename):
+            summary = traceback.extract_tb(tb, limit=1)[0]
+            frame = f"{summary.filename}:{summary.lineno} in {summary.name}"
+            code = summary.line
+        tb = tb.tb_next
+    return layer, frame, code
+
+
+# -- remedies ----------------------------------------------------------------------------------
+
+
+def _remedies(manifest: dict[str, Any], grads: list[Any]) -> list[Remedy]:
+    present = [g.astype(np.float64) for g in grads if g is not None]
+    with np.errstate(all="ignore"):
+        norm = math.sqrt(sum(float(np.sum(np.square(g))) for g in present))
+    history = [
+        _float(row["global_norm"])
+        for row in manifest.get("recorded", [])
+        if row["step"] < manifest["step"] and math.isfinite(_float(row["global_norm"]))
+    ]
+    typical = float(np.median(history)) if history else 1.0
+    policy = _policy_thresholds(manifest.get("policy"))
+    remedies = []
+    limit = policy.get("global_norm", typical)
+    if math.isfinite(norm):
+        remedies.append(Remedy("global_norm", limit, True, min(norm, limit), "scaled to the limit"))
+    else:
+        remedies.append(
+            Remedy("global_norm", limit, True, 0.0, "a non-finite norm becomes a zero update")
+        )
+    value = policy.get("by_value", 1.0)
+    clipped = [np.clip(g, -value, value) for g in present]
+    with np.errstate(all="ignore"):
+        clipped_norm = math.sqrt(sum(float(np.sum(np.square(g))) for g in clipped))
+    remedies.append(
+        Remedy(
+            "by_value",
+            value,
+            math.isfinite(clipped_norm),
+            clipped_norm,
+            "±Inf clipped to the limit" if math.isfinite(clipped_norm) else "NaN passes through",
+        )
+    )
+    mean = float(np.mean(history)) if history else typical
+    std = float(np.std(history)) if history else 0.0
+    threshold = mean + 2.5 * std
+    if math.isfinite(norm):
+        remedies.append(
+            Remedy("zclip", threshold, True, min(norm, threshold), "z = 2.5 of the recorded norms")
+        )
+    else:
+        remedies.append(
+            Remedy("zclip", threshold, False, math.nan, "a non-finite norm cannot be scaled down")
+        )
+    return remedies
+
+
+def _policy_thresholds(policy: Any) -> dict[str, float]:
+    """``global_norm``/``by_value`` limits of the run's policy (searched through chains)."""
+    found: dict[str, float] = {}
+    stack = [policy]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if item.get("policy") == "global_norm" and "max_norm" in item:
+                found["global_norm"] = float(item["max_norm"])
+            if item.get("policy") == "by_value" and "limit" in item:
+                found["by_value"] = float(item["limit"])
+            stack.extend(item.get("policies", []))
+    return found

@@ -1,0 +1,109 @@
+"""``gradwatch replay BUNDLE``: run an incident bundle's bad step again and say what broke.
+
+The work is :func:`gradwatch.agent.replay.replay` (TensorFlow, imported only when the command
+runs); this module prints its report.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from .exits import CliError, ExitCode, report_errors
+
+if TYPE_CHECKING:
+    from gradwatch.agent.replay import ReplayReport
+
+__all__ = ["replay"]
+
+
+def replay(
+    bundle: Annotated[
+        Path,
+        typer.Argument(
+            metavar="BUNDLE",
+            help="An incident bundle's directory (printed by the monitor when it wrote it).",
+        ),
+    ],
+    model_fn: Annotated[
+        str | None,
+        typer.Option(
+            "--model-fn",
+            metavar="MODULE:FUNCTION",
+            help="Builds the model (needed for custom layers or subclassed models); imported "
+            "from the current directory too.",
+        ),
+    ] = None,
+) -> None:
+    """Replay the bad step of an incident bundle: first NaN/Inf op, layer norms, remedies."""
+    with report_errors("replay"):
+        _replay(bundle, model_fn)
+
+
+def _replay(bundle: Path, model_fn: str | None) -> None:
+    try:
+        from gradwatch.agent.replay import BundleError
+        from gradwatch.agent.replay import replay as run_replay
+    except ImportError as error:
+        raise CliError(
+            f"replay needs TensorFlow: pip install 'gradwatch[tensorflow]' ({error})",
+            ExitCode.USAGE,
+        ) from None
+    try:
+        report = run_replay(bundle, model_fn)
+    except BundleError as error:
+        raise CliError(str(error), ExitCode.USAGE) from None
+    _print(report)
+
+
+def _number(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.6g}" if math.isfinite(value) else str(value)
+
+
+def _print(report: ReplayReport) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    verdict = "yes" if report.reproduced else "no"
+    console.print(
+        f"step {report.step} ({report.cause} gradient), replayed from {report.bundle}\n"
+        f"reproduced: {verdict}; global norm {_number(report.global_norm)} "
+        f"(recorded {_number(report.recorded_global_norm)})"
+    )
+    for name, count in report.batch_nonfinite.items():
+        console.print(f"the batch itself holds {count} NaN/Inf value(s) in {name}")
+    bad = report.first_bad_op
+    if bad is None:
+        console.print("first NaN/Inf: none (every operation of the step stayed finite)")
+    else:
+        console.print(f"first NaN/Inf: op {bad.op} in layer {bad.layer or '?'}", highlight=False)
+        if bad.frame:
+            console.print(f"  at {bad.frame}", highlight=False)
+        if bad.code:
+            console.print(f"    {bad.code}", highlight=False)
+    table = Table("layer", "replayed", "float64", "recorded", "non-finite values")
+    for layer in report.layers:
+        table.add_row(
+            layer.layer,
+            _number(layer.replayed),
+            _number(layer.replayed_float64),
+            _number(layer.recorded),
+            str(layer.nonfinite),
+        )
+    console.print(table)
+    remedies = Table("remedy", "threshold", "finite", "global norm after", "why")
+    for remedy in report.remedies:
+        remedies.add_row(
+            remedy.name,
+            _number(remedy.threshold),
+            "yes" if remedy.finite else "no",
+            _number(remedy.global_norm),
+            remedy.note,
+        )
+    console.print(remedies)

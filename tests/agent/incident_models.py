@@ -1,0 +1,72 @@
+"""Models with planted faults for the incident tests, importable by ``gradwatch replay
+--model-fn tests.agent.incident_models:FUNCTION``.
+
+``planted_log``: a layer takes ``log`` of its input, and the test data has a 0 in one batch,
+so that step's forward pass makes -inf there and its gradient NaN.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+
+class LogLayer(keras.layers.Layer):  # type: ignore[misc]
+    """log(x), element-wise: -inf at 0, NaN below (the planted fault)."""
+
+    def call(self, x: Any) -> Any:
+        return tf.math.log(x)
+
+
+def planted_log() -> keras.Model:
+    """A small regression model whose first layer is :class:`LogLayer` (compiled)."""
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            LogLayer(name="log"),
+            keras.layers.Dense(8, activation="tanh", name="hidden"),
+            keras.layers.Dense(1, name="out"),
+        ]
+    )
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    return model
+
+
+def plain() -> keras.Model:
+    """A model with no planted fault (for the NaN-in-the-data batch)."""
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(8, activation="tanh", name="hidden"),
+            keras.layers.Dense(1, name="out"),
+        ]
+    )
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    return model
+
+
+def linear() -> keras.Model:
+    """Two linear layers: a learning-rate jump makes the next gradient explode, finitely."""
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(8, name="hidden"),
+            keras.layers.Dense(1, name="out"),
+        ]
+    )
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    return model
+
+
+def wide() -> keras.Model:
+    """Not the model of any bundle: 16 hidden units (for the mismatch test)."""
+    model = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(16, name="hidden"), keras.layers.Dense(1)]
+    )
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    return model

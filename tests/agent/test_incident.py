@@ -1,0 +1,247 @@
+"""Incident bundles: planted faults in real ``fit`` runs and custom loops, captured before the
+bad step's update and replayed by the real ``gradwatch replay`` command.
+
+Faults: ``log`` of a value that reaches 0 in one layer at a known step (graph, XLA with
+``steps_per_execution``), a batch with a NaN in its data, and a custom loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from gradwatch.agent import ConfigError, GradientMonitor, clip
+from tests.agent.incident_models import linear, plain, planted_log
+
+BAD_STEP = 7
+BATCH = 16
+
+_SCRIPT = Path(sys.executable).with_name("gradwatch")
+GRADWATCH = [str(_SCRIPT)] if _SCRIPT.exists() else [shutil.which("gradwatch") or "gradwatch"]
+ROOT = Path(__file__).parents[2]
+
+
+def _data(zero_in_batch: int | None = BAD_STEP, nan_in_batch: int | None = None):
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.5, 1.5, size=(20 * BATCH, 4)).astype("float32")
+    y = rng.normal(size=(20 * BATCH, 1)).astype("float32")
+    if zero_in_batch is not None:
+        x[zero_in_batch * BATCH + 3, 2] = 0.0  # log(0) = -inf in that step's forward pass
+    if nan_in_batch is not None:
+        x[nan_in_batch * BATCH + 5, 1] = np.nan
+    return x, y
+
+
+def _monitor(tmp_path: Path, **settings) -> GradientMonitor:
+    return GradientMonitor(
+        run="planted",
+        policy=clip.chain(clip.skip_nonfinite(), clip.global_norm(1.0)),
+        flush_every=4,
+        local_dir=str(tmp_path / "runs"),
+        **settings,
+    )
+
+
+def _fit(model, monitor, x, y, **compile_options):
+    if compile_options:
+        model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse", **compile_options)
+    weights_before = None
+
+    class KeepWeights(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            nonlocal weights_before
+            if batch == BAD_STEP:
+                weights_before = [w.copy() for w in self.model.get_weights()]
+
+    callbacks = (
+        [monitor]
+        if compile_options.get("steps_per_execution", 1) > 1
+        else [
+            KeepWeights(),
+            monitor,
+        ]
+    )
+    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=callbacks)
+    monitor.close()
+    return weights_before
+
+
+def _replay(bundle: str, model_fn: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRADWATCH_")}
+    env.update({"COLUMNS": "200", "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)})
+    return subprocess.run(
+        [*GRADWATCH, "replay", bundle, "--model-fn", model_fn],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+
+
+def _manifest(bundle: str) -> dict:
+    return json.loads((Path(bundle) / "manifest.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"jit_compile": True, "steps_per_execution": 4}],
+    ids=["graph", "xla-steps_per_execution-4"],
+)
+def test_planted_log_of_zero_is_captured_before_its_update_and_replay_names_the_op(
+    tmp_path, options
+):
+    x, y = _data()
+    model = planted_log()
+    monitor = _monitor(tmp_path)
+
+    weights_before = _fit(model, monitor, x, y, **options)
+
+    (bundle,) = monitor.incidents
+    manifest = _manifest(bundle)
+    assert manifest["step"] == BAD_STEP
+    assert manifest["cause"] == "nonfinite"
+    assert manifest["batch"]["structure"] == "x,y"
+    assert manifest["recorded"][-1]["step"] == BAD_STEP
+    assert manifest["recorded"][-1]["global_norm"] == "nan"
+    reader = tf.train.load_checkpoint(str(Path(bundle) / manifest["checkpoint"]))
+    captured_x = reader.get_tensor("batch/0/.ATTRIBUTES/VARIABLE_VALUE")[: BATCH * 4]
+    np.testing.assert_array_equal(
+        captured_x.reshape(BATCH, 4), x[BAD_STEP * BATCH : (BAD_STEP + 1) * BATCH]
+    )
+    if weights_before is not None:  # the weights just before the bad step's update
+        for index, expected in enumerate(weights_before):
+            got = reader.get_tensor(f"weights/{index}/.ATTRIBUTES/VARIABLE_VALUE")
+            np.testing.assert_array_equal(got, expected)
+
+    result = _replay(bundle, "tests.agent.incident_models:planted_log")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "reproduced: yes" in out
+    assert "first NaN/Inf: op Log in layer sequential/log" in out
+    assert "incident_models.py" in out
+    assert "return tf.math.log(x)" in out
+    hidden = next(line for line in out.splitlines() if "sequential/hidden" in line)
+    assert "nan" in hidden  # the layer after log: NaN replayed, NaN recorded
+    assert "global_norm" in out
+    assert "by_value" in out
+    assert "zclip" in out
+
+
+def test_a_nan_in_the_data_is_traced_to_the_first_layer_that_reads_it(tmp_path):
+    x, y = _data(zero_in_batch=None, nan_in_batch=BAD_STEP)
+    model = plain()
+    monitor = _monitor(tmp_path)
+    _fit(model, monitor, x, y)
+
+    (bundle,) = monitor.incidents
+    result = _replay(bundle, "tests.agent.incident_models:plain")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "reproduced: yes" in result.stdout
+    assert "the batch itself holds 1 NaN/Inf value(s) in x" in result.stdout
+    assert "first NaN/Inf: op MatMul in layer sequential/hidden" in result.stdout
+
+
+def test_a_learning_rate_jump_skipped_by_skip_spike_is_captured_and_reproduced(tmp_path):
+    """Finite gradients: the bundle is of the first step the policy skipped, and the replay
+    gives the recorded global norm back (no op made a NaN/Inf)."""
+    x, y = _data(zero_in_batch=None)
+    model = linear()
+    monitor = GradientMonitor(
+        run="lr-jump",
+        policy=clip.skip_spike(sigma=6.0, window=16, min_history=8),
+        flush_every=4,
+        local_dir=str(tmp_path / "runs"),
+    )
+
+    class JumpAt(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch == 12:
+                self.model.optimizer.learning_rate.assign(30.0)
+
+    model.fit(
+        x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[JumpAt(), monitor]
+    )
+    monitor.close()
+
+    (bundle,) = monitor.incidents
+    manifest = _manifest(bundle)
+    assert manifest["cause"] == "skipped"
+    assert manifest["step"] == 13  # the step after the jump: its gradient is the spike
+    result = _replay(bundle, "tests.agent.incident_models:linear")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "reproduced: yes" in result.stdout
+    assert "first NaN/Inf: none" in result.stdout
+
+
+def test_a_custom_loop_captures_the_batch_it_offers(tmp_path):
+    x, y = _data()
+    model = planted_log()
+    monitor = _monitor(tmp_path)
+    optimizer = monitor.wrap(keras.optimizers.Adam(0.01))
+    monitor.set_model(model)
+
+    @tf.function
+    def train_step(xb, yb):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(model(xb, training=True) - yb))
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+        monitor.capture_batch((xb, yb))
+        return loss
+
+    for step in range(12):
+        train_step(x[step * BATCH : (step + 1) * BATCH], y[step * BATCH : (step + 1) * BATCH])
+        monitor.on_step()
+    monitor.close()
+
+    (bundle,) = monitor.incidents
+    assert _manifest(bundle)["step"] == BAD_STEP
+    result = _replay(bundle, "tests.agent.incident_models:planted_log")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "first NaN/Inf: op Log" in result.stdout
+
+
+def test_only_max_incidents_bundles_are_written_and_zero_turns_capture_off(tmp_path):
+    x, y = _data()
+    x[12 * BATCH, 0] = 0.0  # a second bad step
+    for limit, expected in ((0, 0), (1, 1), (2, 2)):
+        model = planted_log()
+        monitor = _monitor(tmp_path / str(limit), max_incidents=limit)
+        _fit(model, monitor, x, y)
+        assert len(monitor.incidents) == expected
+
+
+def test_a_replay_of_a_bundle_with_the_wrong_model_says_so(tmp_path):
+    x, y = _data()
+    model = planted_log()
+    monitor = _monitor(tmp_path)
+    _fit(model, monitor, x, y)
+    (bundle,) = monitor.incidents
+
+    wrong = _replay(bundle, "tests.agent.incident_models:wide")
+    missing = _replay(str(tmp_path), "tests.agent.incident_models:plain")
+
+    assert wrong.returncode == 2
+    assert "is --model-fn building the same model" in wrong.stderr
+    assert missing.returncode == 2
+    assert "no readable manifest.json" in missing.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("max_incidents", -1), ("incident_max_bytes", 0), ("recorder_steps", 0)],
+)
+def test_incident_settings_are_checked_at_construction(tmp_path, name, value):
+    with pytest.raises(ConfigError, match=name):
+        GradientMonitor(run="x", local_dir=str(tmp_path), **{name: value})
