@@ -13,15 +13,16 @@ Pure Python (``json``, ``uuid``); never imports TensorFlow. Thread-safe (immutab
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .config import ConfigError
+from .config import ConfigError, MonitorConfig
 
-__all__ = ["ClusterTask", "cluster_task", "shared_run_id"]
+__all__ = ["ClusterTask", "cluster_task", "in_cluster", "shared_run_id"]
 
 _NAMESPACE = uuid.UUID("6f0c7d1e-8a4b-5c2d-9e3f-0a1b2c3d4e5f")
 """uuid5 namespace of run ids derived from a cluster (fixed forever: ids must not change)."""
@@ -57,6 +58,14 @@ class ClusterTask:
     def is_chief(self) -> bool:
         """Whether this task delivers the run's steps."""
         return self.name == self.chief
+
+    @property
+    def delegation(self) -> str:
+        """What a non-chief worker's monitor says at construction."""
+        return (
+            f"{self.name} of {self.workers} workers; the chief ({self.chief}) delivers the "
+            "run's steps"
+        )
 
     def describe(self) -> dict[str, object]:
         """JSON-able summary sent with the run's config."""
@@ -104,3 +113,18 @@ def shared_run_id(project: str, run: str, task: ClusterTask) -> str:
     """
     key = json.dumps([project, run, list(task.addresses)], separators=(",", ":"))
     return str(uuid.uuid5(_NAMESPACE, key))
+
+
+def in_cluster(
+    config: MonitorConfig, run_id_given: bool
+) -> tuple[MonitorConfig, ClusterTask | None]:
+    """``config`` for this process's task (the shared run id unless one was given) and the task,
+    or ``config`` unchanged and None outside a multi-worker cluster.
+
+    Raises:
+        ConfigError: ``TF_CONFIG`` is malformed.
+    """
+    task = cluster_task()
+    if task is None or run_id_given:
+        return config, task
+    return dataclasses.replace(config, run_id=shared_run_id(config.project, config.run, task)), task

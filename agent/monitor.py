@@ -43,7 +43,7 @@ import keras
 
 from . import _keras_compat as compat
 from .clip import ClipPolicy
-from .cluster import cluster_task, shared_run_id
+from .cluster import in_cluster
 from .config import ConfigError, MonitorClosedError, MonitorConfig
 from .delivery import build_delivery
 from .layers import layer_paths
@@ -124,13 +124,10 @@ class GradientMonitor(keras.callbacks.Callback, compat.Trackable):  # type: igno
         if unknown:
             raise TypeError(f"GradientMonitor() got unexpected keyword arguments: {unknown}")
         given = {k: v for k, v in settings.items() if v is not None or k not in _NONE_IS_DEFAULT}
-        config = MonitorConfig(run=run, server=server, **given)
         # Multi-worker: every worker derives the same run id; only the chief delivers.
-        self.cluster = cluster_task()
-        if self.cluster is not None and not given.get("run_id"):
-            run_id = shared_run_id(config.project, config.run, self.cluster)
-            config = dataclasses.replace(config, run_id=run_id)
-        self.config = config
+        self.config, self.cluster = in_cluster(
+            MonitorConfig(run=run, server=server, **given), bool(given.get("run_id"))
+        )
         delivers = self.cluster is None or self.cluster.is_chief
         if policy is not None and not isinstance(policy, ClipPolicy):
             raise ConfigError(
@@ -178,12 +175,8 @@ class GradientMonitor(keras.callbacks.Callback, compat.Trackable):  # type: igno
         self._steps_per_call = 1  # steps_per_execution of the current fit (groups)
         self._fit_first_step = 0  # recorded_steps when it began
         close_at_exit(self._close_at_exit)  # weak: the monitor can still be collected
-        if not delivers:
-            assert self.cluster is not None
-            say(
-                f"run {run!r} ({self.run_id}): {self.cluster.name} of {self.cluster.workers} "
-                f"workers; the chief ({self.cluster.chief}) delivers the run's steps"
-            )
+        if self.cluster is not None and not delivers:
+            say(f"run {run!r} ({self.run_id}): {self.cluster.delegation}")
         elif self.config.server is not None:
             say(f"run {run!r} ({self.run_id}) streams to {self.run_url}")
 
