@@ -199,11 +199,12 @@ _EOF = b"# EOF\n"
 class RunStateCollector(Collector):
     """Exports stored run state, read from the database at scrape time (short cache).
 
-    A scrape reads the exported runs (three queries, whatever their number; no query reads a
-    stored step, so the cost grows with live runs and their top-K layers, never with steps)
-    and reuses the formatted samples of every run whose row, detection counts and drop counts
-    are equal to those of the previous scrape; only changed runs are formatted again. The
-    answer is therefore always what the database holds (any worker answers the same, whichever
+    A scrape reads the exported runs (three queries, whatever their number; they read only
+    recently active runs and no stored step, so the cost grows with live runs and their top-K
+    layers, never with steps nor with old runs) and reuses the formatted samples of every run
+    whose row, detection counts and drop counts are equal to those of the previous scrape;
+    only changed runs are formatted again (reusing their lines' label prefixes). The answer is
+    therefore always what the database holds (any worker answers the same, whichever
     ingested), and a whole answer is reused for ``metrics_cache_seconds``.
 
     ``collect`` and ``exposition`` block for the queries unless an answer younger than
@@ -302,7 +303,8 @@ class RunStateCollector(Collector):
                 entries.append(cached)  # unchanged since the last scrape: same samples
                 continue
             counts = {(rule, severity): count for rule, severity, count in run_detections}
-            samples = RunSamples.of(run, counts, run_drops, top_k)
+            earlier = None if cached is None else cached.samples  # its line prefixes
+            samples = RunSamples.of(run, counts, run_drops, top_k, earlier)
             entries.append(_RunEntry(run.run_id, state, samples))
         return entries
 

@@ -68,10 +68,26 @@ def test_metrics_expose_matches_prometheus_client_encoder(database_url, accept):
         encode, expected_type = choose_encoder(accept)
         expected = encode(metrics.registry)
         response = client.get("/metrics", headers={"Accept": accept})
+        # Changed runs are formatted again from their earlier lines' prefixes.
+        post_batch(
+            client,
+            odd,
+            make_batch(
+                [3],
+                ["a\\b", 'c"d', "plain"],
+                grad_norm=[[5.0, float("nan"), 0.5]],
+                dropped_batches={"queue_full": 4},
+            ),
+        )
+        client.patch(f"/api/v1/runs/{plain}", json={"status": "failed"})
+        changed, _ = metrics.expose(accept)
+        expected_changed = encode(metrics.registry)
 
     assert content_type == expected_type
     assert body == expected
     assert response.content == expected
+    assert changed == expected_changed
+    assert changed != body
     assert odd.encode() in body
     assert plain.encode() in body
 
