@@ -8,12 +8,16 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from fastapi.testclient import TestClient
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.utils import floatToGoString
 from sqlalchemy import update
 
 from gradwatch.server.app import create_app
 from gradwatch.server.config import Settings
+from gradwatch.server.export import family
 from gradwatch.server.export.prometheus import RunStateCollector, ServerMetrics
 from gradwatch.server.store import scrape as scrape_store
 from gradwatch.server.store.db import Database, create_db_engine, upgrade_database
@@ -292,3 +296,8 @@ def test_metrics_scrape_window_keeps_old_runs_that_are_active(make_database_url)
     names = {s.labels["name"] for s in families["gradwatch_run_info"]}
     assert names == {"active"}
     assert quiet not in {s.labels["run_id"] for s in families["gradwatch_run_info"]}
+
+
+@given(st.one_of(st.floats(), st.integers(min_value=-(2**63), max_value=2**63 - 1)))
+def test_metrics_value_format_is_prometheus_clients(value):
+    assert family._go_float(value) == floatToGoString(value)
