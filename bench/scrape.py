@@ -7,8 +7,9 @@ the same whatever the runs hold. Then a real uvicorn server on 127.0.0.1 (``Embe
 with the scrape cache turned off answers ``--scrapes`` rounds of three scrapes, one after the
 other as Prometheus would, each a whole HTTP request (queries, exposition, gzip, HTTP):
 
-* ``baseline``: the path ``/metrics`` took before its own exposition (a bench-only route): a
-  fresh collector (nothing reused), ``prometheus_client`` families and ``generate_latest``;
+* ``baseline``: the path ``/metrics`` took before its own exposition (a bench-only route):
+  the same three queries, every run's ``prometheus_client`` families built afresh, and
+  ``prometheus_client``'s encoder (``generate_latest``);
 * ``every run changed``: ``/metrics`` after every run's row changed (its
   ``last_ingest_at`` is moved, untimed, before the scrape, as if each had sent a batch), so
   every run is formatted again;
@@ -44,16 +45,19 @@ import numpy as np
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import insert, update
 
 from gradwatch.server.app import create_app
 from gradwatch.server.config import Settings
 from gradwatch.server.embedded import EmbeddedServer
-from gradwatch.server.export.prometheus import RunStateCollector, ServerMetrics
+from gradwatch.server.export.family import build_families, run_samples
+from gradwatch.server.export.prometheus import ServerMetrics
 from gradwatch.server.ingest.batch import IngestOptions, ingest_batches
 from gradwatch.server.query.run import create_run
 from gradwatch.server.schemas import RunCreate, StepBatch
+from gradwatch.server.store import scrape as scrape_store
 from gradwatch.server.store.db import Database, create_db_engine, upgrade_database
 from gradwatch.server.store.models import Run
 from tests.server.postgres import PostgresCluster, find_postgres_bin
@@ -158,9 +162,40 @@ def _add_old_runs(url: str, count: int) -> None:
         engine.dispose()
 
 
+class _BaselineCollector:
+    """What ``/metrics`` did before its own exposition, on every scrape: the three queries,
+    every run's ``prometheus_client`` families built afresh (nothing kept between scrapes)."""
+
+    def __init__(self, database: Database, settings: Settings) -> None:
+        self._database = database
+        self._settings = settings
+
+    def collect(self) -> list[Metric]:
+        now = datetime.now(UTC)
+        window = {
+            "finished_since": now - timedelta(seconds=self._settings.finished_run_grace_seconds),
+            "ingested_since": now - timedelta(seconds=self._settings.inactive_run_seconds),
+        }
+        with self._database.read_session() as session:
+            runs = scrape_store.scrape_runs(session, **window)
+            drops = scrape_store.scrape_agent_drops(session, **window)
+            detections = scrape_store.scrape_detector_counts(session, **window)
+        drops_by_run: dict[str, list[tuple[str, int]]] = {}
+        for run_id, reason, count in drops:
+            drops_by_run.setdefault(run_id, []).append((reason, count))
+        counts: dict[str, dict[tuple[str, str], int]] = {}
+        for run_id, rule, severity, count in detections:
+            counts.setdefault(run_id, {})[(rule, severity)] = count
+        top_k = self._settings.metrics_top_k_layers
+        return build_families(
+            run_samples(run, counts.get(run.run_id, {}), drops_by_run.get(run.run_id, []), top_k)
+            for run in runs
+        )
+
+
 def _baseline_app(settings: Settings) -> FastAPI:
     """The server's app plus the bench-only route that answers as ``/metrics`` did before its
-    own exposition: a fresh collector per scrape, ``prometheus_client``'s encoder."""
+    own exposition: :class:`_BaselineCollector` and ``prometheus_client``'s encoder."""
     app = create_app(settings)
 
     @app.get(_BASELINE_PATH, include_in_schema=False)
@@ -168,7 +203,7 @@ def _baseline_app(settings: Settings) -> FastAPI:
         metrics: ServerMetrics = request.app.state.metrics
         registry = CollectorRegistry()
         registry.register(metrics.own_registry)
-        registry.register(RunStateCollector(request.app.state.database, settings))
+        registry.register(_BaselineCollector(request.app.state.database, settings))
         encode, content_type = choose_encoder(request.headers.get("accept", ""))
         return Response(content=encode(registry), media_type=content_type)
 

@@ -34,8 +34,10 @@ __all__ = [
     "FAMILIES",
     "FamilySpec",
     "RunSamples",
+    "Sample",
     "build_families",
     "family_headers",
+    "run_samples",
 ]
 
 Sample = tuple[tuple[str, ...], float]
@@ -190,7 +192,7 @@ class RunSamples:
             previous: The same run's samples from an earlier scrape, whose line prefixes
                 (escaped, sorted labels) are reused where the labels are the same.
         """
-        samples = _run_samples(run, detections, drops, top_k)
+        samples = run_samples(run, detections, drops, top_k)
         known = {} if previous is None else previous.prefixes
         prefixes: dict[tuple[int, tuple[str, ...]], str] = {}
         lines = []
@@ -207,11 +209,12 @@ class RunSamples:
         return cls(samples, tuple(lines), prefixes)
 
 
-def build_families(runs: Iterable[RunSamples]) -> list[Metric]:
-    """``prometheus_client`` families holding the samples of ``runs``, in order."""
+def build_families(runs: Iterable[tuple[tuple[Sample, ...], ...]]) -> list[Metric]:
+    """``prometheus_client`` families holding the samples of ``runs`` (each run's as
+    :func:`run_samples` returns them), in order."""
     families = [spec.empty() for spec in FAMILIES]
     for run in runs:
-        for family, samples in zip(families, run.samples, strict=True):
+        for family, samples in zip(families, run, strict=True):
             for labels, value in samples:
                 family.add_metric(list(labels), value)  # type: ignore[attr-defined]
     return families
@@ -250,12 +253,14 @@ class _OneFamily:
 _RULE_SEVERITIES = tuple((rule.value, severity.value) for rule in Rule for severity in Severity)
 
 
-def _run_samples(
+def run_samples(
     run: RunScrape,
     detections: Mapping[tuple[str, str], int],
     drops: Sequence[tuple[str, int]],
     top_k: int,
 ) -> tuple[tuple[Sample, ...], ...]:
+    """One run's samples in every family (index as :data:`FAMILIES`); arguments as
+    :meth:`RunSamples.of`'s."""
     out: list[list[Sample]] = [[] for _ in FAMILIES]
     labels = (run.run_id,)
     out[_INFO].append(((run.run_id, run.project, run.name, run.status), 1))

@@ -241,7 +241,7 @@ class RunStateCollector(Collector):
         with self._lock:
             snapshot = self._current()
             if snapshot.families is None:
-                snapshot.families = build_families(entry.samples for entry in snapshot.runs)
+                snapshot.families = build_families(entry.samples.samples for entry in snapshot.runs)
             return snapshot.families
 
     def exposition(self, openmetrics_format: bool) -> bytes:
