@@ -46,7 +46,7 @@ from ..errors import (
 )
 from ..store import scrape as scrape_store
 from ..store.db import Database
-from .family import FAMILIES, RunSamples, build_families, family_headers
+from .family import FAMILIES, RunLines, build_families, family_headers, run_samples
 
 __all__ = ["MULTIPROCESS_ENV", "RunStateCollector", "ServerMetrics"]
 
@@ -241,7 +241,10 @@ class RunStateCollector(Collector):
         with self._lock:
             snapshot = self._current()
             if snapshot.families is None:
-                snapshot.families = build_families(entry.samples.samples for entry in snapshot.runs)
+                top_k = self._settings.metrics_top_k_layers
+                snapshot.families = build_families(
+                    run_samples(*entry.sample_arguments(), top_k) for entry in snapshot.runs
+                )
             return snapshot.families
 
     def exposition(self, openmetrics_format: bool) -> bytes:
@@ -258,7 +261,7 @@ class RunStateCollector(Collector):
                 parts: list[str] = []
                 for index, header in enumerate(family_headers(openmetrics_format)):
                     parts.append(header)
-                    parts.extend(entry.samples.lines[index] for entry in snapshot.runs)
+                    parts.extend(entry.lines.lines[index] for entry in snapshot.runs)
                 text = "".join(parts).encode()
                 snapshot.texts[openmetrics_format] = text
             return text
@@ -300,26 +303,37 @@ class RunStateCollector(Collector):
             state = (run, run_detections, run_drops)
             cached = previous.get(run.run_id)
             if cached is not None and cached.state == state:
-                entries.append(cached)  # unchanged since the last scrape: same samples
+                entries.append(cached)  # unchanged since the last scrape: same lines
                 continue
-            counts = {(rule, severity): count for rule, severity, count in run_detections}
-            earlier = None if cached is None else cached.samples  # its line prefixes
-            samples = RunSamples.of(run, counts, run_drops, top_k, earlier)
-            entries.append(_RunEntry(run.run_id, state, samples))
+            counts = _counts(run_detections)
+            earlier = None if cached is None else cached.lines  # its line prefixes
+            lines = RunLines.of(run, counts, run_drops, top_k, earlier)
+            entries.append(_RunEntry(run.run_id, state, lines))
         return entries
 
 
 @dataclass(frozen=True, slots=True)
 class _RunEntry:
-    """One exported run: the stored state it was formatted from, and its samples."""
+    """One exported run: the stored state it was formatted from, and its lines."""
 
     run_id: str
     state: tuple[
         scrape_store.RunScrape, tuple[tuple[str, str, int], ...], tuple[tuple[str, int], ...]
     ]
     """The run's row, its (rule, severity, count) detections sorted and its (reason, count)
-    drops: equal states give equal samples."""
-    samples: RunSamples
+    drops: equal states give equal lines."""
+    lines: RunLines
+
+    def sample_arguments(
+        self,
+    ) -> tuple[scrape_store.RunScrape, dict[tuple[str, str], int], tuple[tuple[str, int], ...]]:
+        """The run, detection counts and drops, as :func:`.family.run_samples` takes them."""
+        run, detections, drops = self.state
+        return run, _counts(detections), drops
+
+
+def _counts(detections: Iterable[tuple[str, str, int]]) -> dict[tuple[str, str], int]:
+    return {(rule, severity): count for rule, severity, count in detections}
 
 
 @dataclass(slots=True)
