@@ -6,7 +6,10 @@ is given):
 * **HTTP ingest**: a real uvicorn server on 127.0.0.1 (``EmbeddedServer``); one client posts
   pre-built gzip JSON ``StepBatch`` bodies of ``--steps`` steps × ``--layers`` layers, one
   after the other, as one agent does. Samples/s = stored samples / wall time (request
-  decoding, validation, block encoding and the transaction all included).
+  decoding, validation, block encoding and the transaction all included). On a shared
+  machine wall time swings with other jobs, so beside it: samples per CPU second and CPU ms
+  per batch, of this process (the server's threads and the client, ``time.process_time``) +
+  of the PostgreSQL server processes (``/proc``; 0 for SQLite, which runs in-process).
 * **ORM baseline**: the database-only path a plain SQLAlchemy app would take for the same
   blocks: ``session.add_all(Block(...) for every block)`` and a commit per batch, no HTTP and
   no validation. The ratio HTTP / ORM is printed beside it.
@@ -36,15 +39,17 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
-from sqlalchemy import insert, text
+from sqlalchemy import insert, make_url, text
 from sqlalchemy.orm import Session
 
+from bench.cpu import child_pids, find_postmaster, process_seconds
 from gradwatch.server.config import Settings
 from gradwatch.server.embedded import EmbeddedServer
 from gradwatch.server.ingest.batch import IngestOptions, ingest_batches, prepare_batch
@@ -114,8 +119,18 @@ def postgres_databases(url: str | None) -> Iterator[Any]:
         yield cluster.create_database
 
 
-def _http_ingest(url: str, bodies: list[tuple[bytes, int]]) -> tuple[float, int]:
-    """Post every body; return (seconds for all but the first, samples stored by those)."""
+@dataclass(frozen=True, slots=True)
+class _HttpResult:
+    seconds: float
+    stored: int
+    cpu_seconds: float
+    """CPU of this process (the server's threads and the client) while posting."""
+    database_cpu_seconds: float
+    """CPU of the PostgreSQL server processes while posting (0 for SQLite)."""
+
+
+def _http_ingest(url: str, bodies: list[tuple[bytes, int]]) -> _HttpResult:
+    """Post every body; time all but the first, which creates the run's series."""
     headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
     with (
         EmbeddedServer(Settings(database_url=url)) as server,
@@ -124,15 +139,30 @@ def _http_ingest(url: str, bodies: list[tuple[bytes, int]]) -> tuple[float, int]
         run_id = str(uuid.uuid4())
         client.post("/api/v1/runs", json={"run_id": run_id, "name": "bench"}).raise_for_status()
         path = f"/api/v1/runs/{run_id}/batches"
-        # The first batch creates the run's series: a one-off, kept out of the timing.
         client.post(path, content=bodies[0][0], headers=headers).raise_for_status()
         stored = 0
+        database_before = _database_cpu(url)
+        cpu_before = time.process_time()
         started = time.perf_counter()
         for body, _ in bodies[1:]:
             response = client.post(path, content=body, headers=headers)
             response.raise_for_status()
             stored += response.json()["stored_samples"]
-        return time.perf_counter() - started, stored
+        seconds = time.perf_counter() - started
+        cpu = time.process_time() - cpu_before
+        database = {pid: s - database_before.get(pid, 0.0) for pid, s in _database_cpu(url).items()}
+        return _HttpResult(seconds, stored, cpu, sum(database.values()))
+
+
+def _database_cpu(url: str) -> dict[int, float]:
+    """CPU seconds so far of each process of the PostgreSQL server at ``url`` (none for
+    SQLite, which runs inside this process)."""
+    if url.startswith("sqlite"):
+        return {}
+    postmaster = find_postmaster(make_url(url).port or 5432)
+    if postmaster is None:
+        return {}
+    return {pid: process_seconds(pid) for pid in [postmaster, *child_pids(postmaster)]}
 
 
 def _orm_baseline(url: str, batches: list[dict[str, Any]]) -> tuple[float, int]:
@@ -264,8 +294,8 @@ def _size_bytes(url: str) -> int:
         engine.dispose()
 
 
-def _insert_rows(connection: Any, table: Any, rows: Any) -> None:
-    connection.execute(insert(table), list(rows))
+def _insert_rows(connection: Any, table: Any, names: Any, rows: Any) -> None:
+    connection.execute(insert(table), [dict(zip(names, row, strict=True)) for row in rows])
 
 
 def _sqlite_factory(workdir: Path) -> Any:
@@ -286,6 +316,12 @@ def main() -> None:
     parser.add_argument("--query-repeats", type=int, default=20)
     parser.add_argument("--backends", default="sqlite,postgresql")
     parser.add_argument("--postgres-url", default=None, help="use this server, not a new one")
+    parser.add_argument(
+        "--http-only",
+        action="store_true",
+        help="time HTTP ingest only (no ORM baseline, query or size): for profiling, e.g. "
+        "py-spy record --gil --format raw -o ingest.txt -- python -m bench.ingest --http-only",
+    )
     parser.add_argument(
         "--postgres-insert",
         choices=("copy", "executemany"),
@@ -322,8 +358,20 @@ def main() -> None:
                 else:
                     make = make_postgres
                 http_url = make()
-                seconds, stored = _http_ingest(http_url, bodies)
-                http_rate = stored / seconds
+                http = _http_ingest(http_url, bodies)
+                stored = http.stored
+                http_rate = stored / http.seconds
+                cpu_rate = stored / (http.cpu_seconds + http.database_cpu_seconds)
+                cpu_ms = (
+                    1000 * http.cpu_seconds / args.batches,
+                    1000 * http.database_cpu_seconds / args.batches,
+                )
+                if args.http_only:
+                    print(
+                        f"{backend}: HTTP ingest {http_rate:,.0f} samples/s, "
+                        f"{cpu_rate:,.0f} samples per CPU second"
+                    )
+                    continue
                 size = _size_bytes(http_url)
                 total_samples = stored * (args.batches + 1) / args.batches
                 orm_seconds, orm_stored = _orm_baseline(make(), batches)
@@ -335,6 +383,8 @@ def main() -> None:
                     (
                         backend,
                         http_rate,
+                        cpu_rate,
+                        cpu_ms,
                         orm_rate,
                         http_rate / orm_rate,
                         median_ms,
@@ -345,13 +395,19 @@ def main() -> None:
                 )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    if args.http_only:
+        return
     print(
-        f"{'backend':<11} {'HTTP samples/s':>15} {'ORM add_all/s':>14} {'ratio':>6} "
+        f"{'backend':<11} {'HTTP samples/s':>15} {'per CPU s':>10} {'CPU ms/batch':>14} "
+        f"{'ORM add_all/s':>14} {'ratio':>6} "
         f"{'query ms (median/best)':>23} {'B/sample':>9} {'B/float sample':>15}"
     )
-    for backend, http_rate, orm_rate, ratio, median_ms, best_ms, per, per_float in rows:
+    for row in rows:
+        backend, http_rate, cpu_rate, (own_ms, db_ms), orm_rate, ratio = row[:6]
+        median_ms, best_ms, per, per_float = row[6:]
         print(
-            f"{backend:<11} {http_rate:>15,.0f} {orm_rate:>14,.0f} {ratio:>6.2f} "
+            f"{backend:<11} {http_rate:>15,.0f} {cpu_rate:>10,.0f} {own_ms:>6.1f} + {db_ms:<5.1f} "
+            f"{orm_rate:>14,.0f} {ratio:>6.2f} "
             f"{median_ms:>11.1f} / {best_ms:<9.1f} {per:>9.2f} {per_float:>15.2f}"
         )
 

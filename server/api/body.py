@@ -9,7 +9,11 @@ authenticated. Each step refuses before the next one costs anything:
    broken gzip is 400; an encoding other than gzip/identity 415.
 4. :func:`parse_json`: strict JSON, else 422: no bare ``NaN``/``Infinity`` (non-finite floats
    travel as strings), no duplicate keys (which one would win is up to the parser), no nesting
-   deeper than the parser's recursion limit, no integer of more than 4300 digits.
+   deeper than the parser's recursion limit, no integer of more than 4300 digits. orjson parses
+   (with the checks below, about twice as fast as the standard library on a 500-layer batch);
+   whatever orjson refuses, or may parse differently from the standard library (duplicate
+   keys, integers beyond 64 bits, deep nesting), goes to the standard library's parser, so the
+   result and every 422 are the standard library's.
 
 :func:`read_body` is a coroutine on the event loop; :func:`decode_body` and :func:`parse_json`
 block for CPU time and run in a worker thread (``anyio.to_thread``).
@@ -20,8 +24,10 @@ from __future__ import annotations
 import email.message
 import json
 import zlib
+from collections.abc import Collection, Iterable
 from typing import Any
 
+import orjson
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 
@@ -171,6 +177,61 @@ def parse_json(body: bytes) -> Any:
     Raises:
         RequestValidationError: The body is not strict JSON (422, ``loc`` ``["body", ...]``).
     """
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return _parse_standard(body)  # the standard library's result, or its 422
+    if _same_as_standard(body, value):
+        return value
+    return _parse_standard(body)
+
+
+_FAST_DEPTH = 64
+_HUGE = float(2**63)
+_CONTAINERS = frozenset((dict, list))
+
+
+def _same_as_standard(body: bytes, value: Any) -> bool:
+    """Whether orjson's ``value`` is what the standard library makes of ``body``.
+
+    orjson and the standard library read the same floats, strings and 64-bit integers alike
+    (tested bit for bit), and orjson refuses the rest of what the standard library refuses
+    except: duplicate keys (orjson keeps the last), integers outside int64/uint64 (orjson
+    returns a float) and nesting between the two parsers' depth limits. So ``value`` is
+    trusted when it holds no float of magnitude 2⁶³ or more (every integer orjson turns into a
+    float is one), its objects hold as many keys as ``body`` has colons (a colon inside a
+    string only makes the count differ, sending the body to the standard library), and it is
+    at most ``_FAST_DEPTH`` deep. Linear in the body; about a millisecond for a 500-layer batch.
+    """
+    keys = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    children: Collection[Any]
+    floats: Iterable[Any]
+    while stack:
+        node, depth = stack.pop()
+        if type(node) is dict:
+            keys += len(node)
+            children = node.values()
+        elif type(node) is list:
+            children = node
+        else:
+            continue
+        if depth > _FAST_DEPTH:
+            return False
+        kinds = set(map(type, children))
+        if float in kinds:
+            floats = children if len(kinds) == 1 else [c for c in children if type(c) is float]
+            if max(floats) >= _HUGE or min(floats) <= -_HUGE:
+                return False
+        if not _CONTAINERS.isdisjoint(kinds):
+            stack.extend((child, depth + 1) for child in children if type(child) in _CONTAINERS)
+    if type(value) is float and abs(value) >= _HUGE:
+        return False
+    return keys == body.count(b":")
+
+
+def _parse_standard(body: bytes) -> Any:
+    """Parse with the standard library's parser, refusing what the module docstring says."""
     try:
         return json.loads(body, parse_constant=_refuse_constant, object_pairs_hook=_unique_object)
     except json.JSONDecodeError as error:

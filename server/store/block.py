@@ -17,7 +17,14 @@ from numpy.typing import NDArray
 
 from .metric import MetricKind
 
-__all__ = ["BlockSet", "BlockSummaries", "StoredBlock", "decode_blocks", "encode_blocks"]
+__all__ = [
+    "BlockSet",
+    "BlockSummaries",
+    "StoredBlock",
+    "concat_blocks",
+    "decode_blocks",
+    "encode_blocks",
+]
 
 _STEP_DTYPE = np.dtype("<i8")
 
@@ -44,6 +51,22 @@ class BlockSet:
     """Packed steps, or None when they are exactly ``first_step..last_step``."""
     values: list[bytes | None]
     """Packed values, or None when every value is bitwise equal to ``vmin`` (never NaN)."""
+
+    def take(self, index: NDArray[np.intp]) -> BlockSet:
+        """The blocks of the series at ``index`` (positions), in that order."""
+        positions = index.tolist()
+        return BlockSet(
+            count=self.count[index],
+            nan_count=self.nan_count[index],
+            first_step=self.first_step[index],
+            last_step=self.last_step[index],
+            vmin=self.vmin[index],
+            vmax=self.vmax[index],
+            vlast=self.vlast[index],
+            vsum=self.vsum[index],
+            steps=[self.steps[i] for i in positions],
+            values=[self.values[i] for i in positions],
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,27 +159,12 @@ def encode_blocks(
     full_columns = np.asarray(present.all(axis=0), dtype=np.bool_)
     dtype = np.dtype(kind.value)
     by_series = np.ascontiguousarray(values.T, dtype=dtype)
-    packed_steps: list[bytes | None] = []
-    packed_values: list[bytes | None] = []
-    for j, (has_values, full, is_contiguous, is_constant) in enumerate(
-        zip(
-            (count > 0).tolist(),
-            full_columns.tolist(),
-            contiguous.tolist(),
-            constant.tolist(),
-            strict=True,
+    if full_columns.all():  # the usual batch: one bytes object, sliced per series
+        packed_steps, packed_values = _pack_full(steps, by_series, constant)
+    else:
+        packed_steps, packed_values = _pack_sparse(
+            steps, by_series, present, count > 0, full_columns, contiguous, constant
         )
-    ):
-        if not has_values:
-            packed_steps.append(None)
-            packed_values.append(None)
-            continue
-        own_steps = steps if full else steps[present[:, j]]
-        own_values = by_series[j] if full else by_series[j][present[:, j]]
-        packed_steps.append(
-            None if is_contiguous else own_steps.astype(_STEP_DTYPE, copy=False).tobytes()
-        )
-        packed_values.append(None if is_constant else own_values.tobytes())
     return BlockSet(
         count=count,
         nan_count=nan_count,
@@ -168,6 +176,72 @@ def encode_blocks(
         vsum=vsum,
         steps=packed_steps,
         values=packed_values,
+    )
+
+
+def _pack_full(
+    steps: NDArray[np.int64], by_series: NDArray[Any], constant: NDArray[np.bool_]
+) -> tuple[list[bytes | None], list[bytes | None]]:
+    """Packed steps and values of series that hold a value at every step."""
+    width, n = by_series.shape
+    contiguous = n == 0 or int(steps[-1]) - int(steps[0]) + 1 == n
+    steps_blob = None if contiguous else steps.astype(_STEP_DTYPE, copy=False).tobytes()
+    size = n * by_series.itemsize
+    whole = by_series.tobytes()
+    values = [
+        None if is_constant else whole[j * size : (j + 1) * size]
+        for j, is_constant in enumerate(constant.tolist())
+    ]
+    return [steps_blob] * width, values
+
+
+def _pack_sparse(
+    steps: NDArray[np.int64],
+    by_series: NDArray[Any],
+    present: NDArray[np.bool_],
+    has_values: NDArray[np.bool_],
+    full_columns: NDArray[np.bool_],
+    contiguous: NDArray[np.bool_],
+    constant: NDArray[np.bool_],
+) -> tuple[list[bytes | None], list[bytes | None]]:
+    """Packed steps and values of series some of whose values are absent, series by series."""
+    packed_steps: list[bytes | None] = []
+    packed_values: list[bytes | None] = []
+    for j, (has_any, full, is_contiguous, is_constant) in enumerate(
+        zip(
+            has_values.tolist(),
+            full_columns.tolist(),
+            contiguous.tolist(),
+            constant.tolist(),
+            strict=True,
+        )
+    ):
+        if not has_any:
+            packed_steps.append(None)
+            packed_values.append(None)
+            continue
+        own_steps = steps if full else steps[present[:, j]]
+        own_values = by_series[j] if full else by_series[j][present[:, j]]
+        packed_steps.append(
+            None if is_contiguous else own_steps.astype(_STEP_DTYPE, copy=False).tobytes()
+        )
+        packed_values.append(None if is_constant else own_values.tobytes())
+    return packed_steps, packed_values
+
+
+def concat_blocks(sets: Sequence[BlockSet]) -> BlockSet:
+    """The series of several block sets side by side, in order (at least one set)."""
+    return BlockSet(
+        count=np.concatenate([item.count for item in sets]),
+        nan_count=np.concatenate([item.nan_count for item in sets]),
+        first_step=np.concatenate([item.first_step for item in sets]),
+        last_step=np.concatenate([item.last_step for item in sets]),
+        vmin=np.concatenate([item.vmin for item in sets]),
+        vmax=np.concatenate([item.vmax for item in sets]),
+        vlast=np.concatenate([item.vlast for item in sets]),
+        vsum=np.concatenate([item.vsum for item in sets]),
+        steps=[blob for item in sets for blob in item.steps],
+        values=[blob for item in sets for blob in item.values],
     )
 
 

@@ -1,6 +1,7 @@
 """Engine and session factories, and schema migration.
 
-SQLite connections get WAL journaling, ``synchronous=NORMAL``, a busy timeout and foreign keys.
+SQLite connections get WAL journaling, ``synchronous=NORMAL``, a busy timeout, foreign keys and
+a page cache of :data:`SQLITE_CACHE_KIB` (see there).
 Python's ``sqlite3`` does not emit ``BEGIN`` before reads and cannot begin a write transaction
 up front, so this module takes over transaction control on SQLite: read sessions begin with a
 plain ``BEGIN`` (a consistent snapshot under WAL) and write sessions with ``BEGIN IMMEDIATE``,
@@ -28,6 +29,7 @@ from sqlalchemy.orm import Session
 
 __all__ = [
     "SQLITE_BUSY_TIMEOUT_SECONDS",
+    "SQLITE_CACHE_KIB",
     "Database",
     "check_database",
     "create_db_engine",
@@ -36,6 +38,13 @@ __all__ = [
 
 SQLITE_BUSY_TIMEOUT_SECONDS = 30.0
 """How long a SQLite connection waits for another writer before giving up."""
+
+SQLITE_CACHE_KIB = 16384
+"""Page cache of each SQLite connection, KiB (SQLite's default is 2000). A 500-layer batch
+writes a block into each of ~1000 series, at the end of each series' key range: ~1000 leaf
+pages that the next batch touches again. With 2 MB they were read back from the file every
+batch; with 16 MiB the block inserts of a batch take ~3.4 ms instead of ~5.4 ms of CPU. The
+cache grows only as pages are used, up to this much per pooled connection."""
 
 _BEGIN_OPTION = "gradwatch_sqlite_begin"
 _LOCK_KEY = 0x67726164_77617463
@@ -73,6 +82,7 @@ def _configure_sqlite(engine: Engine) -> None:
             _enable_wal(cursor)
             cursor.execute("PRAGMA synchronous = NORMAL")
             cursor.execute("PRAGMA foreign_keys = ON")
+            cursor.execute(f"PRAGMA cache_size = -{SQLITE_CACHE_KIB}")
         finally:
             cursor.close()
 

@@ -179,7 +179,12 @@ class Series(Base):
     vlast: Mapped[float | None] = mapped_column(Double)
     """Value at ``last_step``; NULL means NaN."""
 
-    __table_args__ = (UniqueConstraint("run_id", "metric", "layer"),)
+    __table_args__ = (
+        UniqueConstraint("run_id", "metric", "layer"),
+        # Every batch rewrites its series' summaries: room on the page keeps those updates
+        # heap-only on PostgreSQL (migration 0007).
+        {"postgresql_with": {"fillfactor": 50}},
+    )
 
 
 class Block(Base):

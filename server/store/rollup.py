@@ -19,7 +19,7 @@ from typing import Any, cast
 
 import numpy as np
 from numpy.typing import NDArray
-from sqlalchemy import Connection, Table, insert, select, update
+from sqlalchemy import Connection, Table, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from .block import StoredBlock, decode_blocks
@@ -119,6 +119,7 @@ def fold_into_rollups(
         )
     }
     new: list[dict[str, Any]] = []
+    changed: list[dict[str, Any]] = []
     for i, chunk in enumerate(chunks):
         keep = maxima.present[i]
         ids, vmax, nans = series_ids[keep], maxima.vmax[i][keep], maxima.nan_count[i][keep]
@@ -132,19 +133,35 @@ def fold_into_rollups(
                 vmax,
                 nans,
             )
-        packed = _pack(ids, vmax, nans)
-        if row is None:
-            new.append({"run_id": run_id, "metric": metric.value, "chunk": chunk, **packed})
-        else:
-            connection.execute(
-                update(_ROLLUPS)
-                .where(
-                    Rollup.run_id == run_id, Rollup.metric == metric.value, Rollup.chunk == chunk
-                )
-                .values(**packed)
-            )
+        key = {"run_id": run_id, "metric": metric.value, "chunk": chunk}
+        (new if row is None else changed).append({**key, **_pack(ids, vmax, nans)})
+    if changed:
+        connection.execute(_UPDATE_ROLLUP, [_as_update(row) for row in changed])
     if new:
         connection.execute(insert(_ROLLUPS), new)
+
+
+_UPDATE_ROLLUP = (
+    update(_ROLLUPS)
+    .where(
+        Rollup.run_id == bindparam("key_run_id"),
+        Rollup.metric == bindparam("key_metric"),
+        Rollup.chunk == bindparam("key_chunk"),
+    )
+    .values(series=bindparam("series"), vmax=bindparam("vmax"), nan_count=bindparam("nan_count"))
+)
+
+
+def _as_update(row: dict[str, Any]) -> dict[str, Any]:
+    """Parameters of ``_UPDATE_ROLLUP`` for a row (bound names may not be column names)."""
+    return {
+        "key_run_id": row["run_id"],
+        "key_metric": row["metric"],
+        "key_chunk": row["chunk"],
+        "series": row["series"],
+        "vmax": row["vmax"],
+        "nan_count": row["nan_count"],
+    }
 
 
 def read_rollups(
@@ -250,6 +267,8 @@ def _merge(
     nans: NDArray[np.int64],
 ) -> tuple[NDArray[np.int64], NDArray[np.float64], NDArray[np.int64]]:
     """Union of two series sets: maxima (NaN only when both are NaN) and summed NaN counts."""
+    if np.array_equal(old_ids, ids):  # the same series as before, in the same order
+        return ids, np.fmax(old_vmax, vmax), old_nans + nans
     merged = np.union1d(old_ids, ids)
     out_vmax = np.full(len(merged), np.nan)
     out_nans = np.zeros(len(merged), dtype=np.int64)

@@ -1,4 +1,5 @@
-"""SQL of the series aggregate: per-series running state, packed blocks and bucket queries.
+"""SQL of the series aggregate: series rows, packed blocks and bucket queries (the running
+summaries are read and written as arrays by :mod:`.summary`).
 
 Session contract as in :mod:`gradwatch.server.store` (caller owns the transaction; blocks).
 """
@@ -6,11 +7,12 @@ Session contract as in :mod:`gradwatch.server.store` (caller owns the transactio
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
+from numpy.typing import NDArray
 from sqlalchemy import (
     ColumnElement,
     SQLColumnExpression,
@@ -20,16 +22,16 @@ from sqlalchemy import (
     insert,
     or_,
     select,
-    text,
 )
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, aliased
 
 from gradwatch.wire import MAX_STEP
 
-from .block import BlockSummaries, StoredBlock
+from .block import BlockSet, BlockSummaries, StoredBlock
 from .metric import LAYER_ORDER_METRIC, Metric
 from .models import RUN_LEVEL, Block, Series
+from .summary import nullable
 
 __all__ = [
     "BLOCK_COLUMNS",
@@ -45,13 +47,11 @@ __all__ = [
     "fetch_split_blocks",
     "find_series_id",
     "get_run_series_states",
-    "get_series_states",
     "has_layer",
     "insert_blocks",
     "insert_series",
     "list_layer_latest",
     "list_layer_stats",
-    "update_series_states",
 ]
 
 
@@ -107,13 +107,6 @@ def _to_state(columns: Sequence[Any]) -> SeriesState:
     return SeriesState(*columns)
 
 
-def get_series_states(session: Session, run_id: str) -> dict[SeriesKey, SeriesState]:
-    """Return every series of a run with its running summary, keyed by (metric, layer)."""
-    statement = select(Series.metric, Series.layer, *_STATE_COLUMNS).where(Series.run_id == run_id)
-    rows = session.connection().execute(statement)  # Core rows: no ORM processing per row
-    return {(row[0], row[1]): _to_state(row[2:]) for row in rows}
-
-
 def insert_series(session: Session, run_id: str, keys: Sequence[SeriesKey]) -> None:
     """Create empty series, in the order given (their ids increase in that order)."""
     if keys:
@@ -124,45 +117,6 @@ def insert_series(session: Session, run_id: str, keys: Sequence[SeriesKey]) -> N
                 for metric, layer in keys
             ],
         )
-
-
-def update_series_states(session: Session, states: Sequence[SeriesState]) -> None:
-    """Write new running summaries, by primary key.
-
-    PostgreSQL: one ``UPDATE ... FROM unnest(<arrays>)`` statement for all series (an
-    executemany of a thousand UPDATEs costs about ten times more there). SQLite: a Core
-    executemany straight to the driver, which runs in-process (the ORM's bulk update by primary
-    key spent most of its time building each row's parameters).
-    """
-    if not states:
-        return
-    if session.connection().dialect.name == "postgresql":
-        columns = {name: [getattr(state, name) for state in states] for name in _STATE_FIELDS}
-        session.execute(_UPDATE_SERIES_FROM_ARRAYS, columns)
-        return
-    session.connection().exec_driver_sql(
-        _UPDATE_SERIES_BY_ID,
-        [tuple(getattr(state, name) for name in (*_STATE_FIELDS[1:], "id")) for state in states],
-    )
-
-
-_STATE_FIELDS = ("id", "count", "nan_count", "vmin", "vmax", "vsum", "last_step", "vlast")
-_STATE_SQL_TYPES = ("bigint", "bigint", "bigint", "float8", "float8", "float8", "bigint", "float8")
-_UPDATE_SERIES_BY_ID = (  # SQLite's qmark parameters, the id last
-    "UPDATE series SET " + ", ".join(f"{name} = ?" for name in _STATE_FIELDS[1:]) + " WHERE id = ?"
-)
-_UPDATE_SERIES_FROM_ARRAYS = text(
-    "UPDATE series SET "
-    + ", ".join(f"{name} = v.{name}" for name in _STATE_FIELDS[1:])
-    + " FROM unnest("
-    + ", ".join(
-        f"CAST(:{name} AS {kind}[])"
-        for name, kind in zip(_STATE_FIELDS, _STATE_SQL_TYPES, strict=True)
-    )
-    + ") AS v("
-    + ", ".join(_STATE_FIELDS)
-    + ") WHERE series.id = v.id"
-)
 
 
 def find_series_id(session: Session, run_id: str, metric: Metric, layer: str) -> int | None:
@@ -220,37 +174,54 @@ BLOCK_COLUMNS = (  # what a StoredBlock is read from
 )
 
 
-def insert_blocks(session: Session, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Insert block rows; keys are ``blocks`` column names.
+def insert_blocks(session: Session, series_id: NDArray[np.int64], blocks: BlockSet) -> None:
+    """Insert one block row per series: ``blocks`` entry ``j`` belongs to ``series_id[j]``.
 
-    On PostgreSQL with psycopg 3 this is one binary ``COPY ... FROM STDIN`` on the session's
-    own connection (inside its transaction); on SQLite one executemany straight to the driver
-    (SQLAlchemy's per-row parameter processing cost more than SQLite's inserts); elsewhere a
-    Core executemany. All are all-or-nothing with the transaction.
+    Every block must hold a value (``count > 0``). The rows are built column-wise in one go
+    (NaN summaries as NULL, see ``models.Block``). On PostgreSQL with psycopg 3 they go in with
+    one binary ``COPY ... FROM STDIN`` on the session's own connection (inside its
+    transaction); on SQLite with one executemany straight to the driver (SQLAlchemy's per-row
+    parameter processing cost more than SQLite's inserts); elsewhere a Core executemany. All
+    are all-or-nothing with the transaction. Blocks on the database.
     """
-    if not rows:
+    if not len(series_id):
         return
+    columns: dict[str, Sequence[Any]] = {
+        "series_id": series_id.tolist(),
+        "first_step": blocks.first_step.tolist(),
+        "last_step": blocks.last_step.tolist(),
+        "count": blocks.count.tolist(),
+        "nan_count": blocks.nan_count.tolist(),
+        "vmin": nullable(blocks.vmin),
+        "vmax": nullable(blocks.vmax),
+        "vlast": nullable(blocks.vlast),
+        "steps": blocks.steps,
+        "values": blocks.values,
+    }
+    names = [column.name for column in _BLOCKS.columns]
+    rows = list(zip(*(columns[name] for name in names), strict=True))
     connection = session.connection()
     if connection.dialect.name == "postgresql" and connection.dialect.driver == "psycopg":
-        _copy_rows(connection, _BLOCKS, rows)
+        _copy_rows(connection, _BLOCKS, names, rows)
     elif connection.dialect.name == "sqlite":
-        names = list(rows[0])
         quote = connection.dialect.identifier_preparer.quote
         statement = (
             f"INSERT INTO {quote(_BLOCKS.name)} ({', '.join(quote(name) for name in names)}) "
             f"VALUES ({', '.join('?' for _ in names)})"
         )
-        connection.exec_driver_sql(statement, [tuple(row[name] for name in names) for row in rows])
+        connection.exec_driver_sql(statement, rows)
     else:
-        session.execute(insert(_BLOCKS), list(rows))
+        session.execute(insert(_BLOCKS), [dict(zip(names, row, strict=True)) for row in rows])
 
 
-def _copy_rows(connection: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Binary ``COPY`` of rows into ``table`` through psycopg 3 (column types from the model)."""
+def _copy_rows(
+    connection: Connection, table: Table, names: Sequence[str], rows: Sequence[Sequence[Any]]
+) -> None:
+    """Binary ``COPY`` of rows (values in ``names`` order) into ``table`` through psycopg 3
+    (column types from the model)."""
     dialect = connection.dialect
     quote = dialect.identifier_preparer.quote
-    names = [column.name for column in table.columns]
-    types = [column.type.compile(dialect=dialect).lower() for column in table.columns]
+    types = [table.columns[name].type.compile(dialect=dialect).lower() for name in names]
     statement = (
         f"COPY {quote(table.name)} ({', '.join(quote(name) for name in names)}) "
         "FROM STDIN (FORMAT BINARY)"
@@ -260,7 +231,7 @@ def _copy_rows(connection: Connection, table: Table, rows: Sequence[Mapping[str,
     with driver.cursor() as cursor, cursor.copy(statement) as copy:
         copy.set_types(types)
         for row in rows:
-            copy.write_row([row[name] for name in names])
+            copy.write_row(row)
 
 
 def _in_range(series_id: int, start: int | None, end: int | None) -> list[ColumnElement[bool]]:

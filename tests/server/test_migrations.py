@@ -29,6 +29,11 @@ def test_migrations_match_models(make_database_url, backend):
                     "SELECT sql FROM sqlite_master WHERE name = 'blocks'"
                 ).scalar_one()
                 assert "WITHOUT ROWID" in blocks_sql
+            else:  # migration 0007: room for heap-only updates of the running summaries
+                options = connection.exec_driver_sql(
+                    "SELECT reloptions FROM pg_class WHERE relname = 'series'"
+                ).scalar_one()
+                assert options == ["fillfactor=50"]
     finally:
         engine.dispose()
 
@@ -49,7 +54,13 @@ def test_migrations_sqlite_pragmas(tmp_path):
         with engine.connect() as connection:
             pragmas = {
                 name: connection.exec_driver_sql(f"PRAGMA {name}").scalar_one()
-                for name in ("journal_mode", "synchronous", "foreign_keys", "busy_timeout")
+                for name in (
+                    "journal_mode",
+                    "synchronous",
+                    "foreign_keys",
+                    "busy_timeout",
+                    "cache_size",
+                )
             }
     finally:
         engine.dispose()
@@ -58,6 +69,7 @@ def test_migrations_sqlite_pragmas(tmp_path):
         "synchronous": 1,
         "foreign_keys": 1,
         "busy_timeout": 30000,
+        "cache_size": -16384,  # KiB: the ~1000 leaf pages a 500-layer batch writes stay cached
     }
 
 
