@@ -1,7 +1,9 @@
 """Training-step overhead of gradwatch: median step-time ratios measured side by side.
 
 Configs, interleaved in one process (each timed ``--repeats`` times; the median and
-the best of the repeats are kept, the best being robust to other load on a shared machine):
+the best of the repeats are kept, the best being robust to other load on a shared machine;
+the process's CPU time per step is kept too: it counts this process's work only, so it
+swings less than wall time when other processes share the cores):
 
 (a) ``Adam(global_clipnorm=1)``: Keras' own clipping, the baseline;
 (b) ``Adam`` + GradientMonitor with ``clip.global_norm(1)``, ``flush_every=50``:
@@ -18,7 +20,7 @@ the best of the repeats are kept, the best being robust to other load on a share
 
 (b), (c) and (f) use the monitor's defaults (``stats_every``, one incident bundle).
 
-    python -m bench.agent_overhead [--steps 30] [--repeats 5] [--jit]
+    python -m bench.agent_overhead [--steps 30] [--repeats 5] [--jit] [--only a,b,i]
 
 Model: an MLP of 50 Dense(350) layers (100 variables, 6.1M parameters), batch 256, CPU.
 """
@@ -127,38 +129,52 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="steps per timed fit")
     parser.add_argument("--repeats", type=int, default=5, help="timed fits per config")
     parser.add_argument("--jit", action="store_true", help="jit_compile=True (XLA) for all but d")
+    parser.add_argument(
+        "--only", default="", help="comma-separated configs to run (default: all); a is always run"
+    )
     args = parser.parse_args()
+    chosen = {"a", *args.only.split(",")} if args.only else set(LABELS)
+    if not chosen <= set(LABELS):
+        parser.error(f"--only: unknown configs {sorted(chosen - set(LABELS))}")
     rng = np.random.default_rng(0)
     x = rng.normal(size=(BATCH * args.steps, WIDTH)).astype("float32")
     y = rng.normal(size=(BATCH * args.steps, 1)).astype("float32")
 
-    configs = {name: _setup(name, args.jit) for name in LABELS}
+    configs = {name: _setup(name, args.jit) for name in LABELS if name in chosen}
     params = configs["a"][0].count_params()
     for model, callbacks in configs.values():  # trace and warm up
         model.fit(x[: BATCH * 3], y[: BATCH * 3], batch_size=BATCH, verbose=0, callbacks=callbacks)
     times: dict[str, list[float]] = {name: [] for name in configs}
+    cpu: dict[str, list[float]] = {name: [] for name in configs}
     for _ in range(args.repeats):
         for name, (model, callbacks) in configs.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             model.fit(x, y, batch_size=BATCH, verbose=0, shuffle=False, callbacks=callbacks)
             times[name].append((time.perf_counter() - start) / args.steps * 1e3)
+            cpu[name].append((time.process_time() - start_cpu) / args.steps * 1e3)
     for _, callbacks in configs.values():
         for callback in callbacks:
             callback.close()
 
     median = {name: statistics.median(values) for name, values in times.items()}
+    median_cpu = {name: statistics.median(values) for name, values in cpu.items()}
     best = {name: min(values) for name, values in times.items()}
     print(
         f"MLP {DEPTH}×Dense({WIDTH}): {params / 1e6:.1f}M parameters, {2 * DEPTH} variables, "
         f"batch {BATCH}, {'XLA' if args.jit else 'graph'} mode; "
         f"{args.steps} steps × {args.repeats} repeats; median and best (min) of the repeats"
     )
-    print(f"{'config':<34} {'ms/step':>8} {'÷ (a)':>7} {'best ÷ (a)':>10}  all repeats")
+    print(
+        f"{'config':<34} {'ms/step':>8} {'÷ (a)':>7} {'best ÷ (a)':>10} {'CPU ÷ (a)':>9}  "
+        "all repeats (wall ms/step)"
+    )
     for name, label in LABELS.items():
+        if name not in configs:
+            continue
         spread = " ".join(f"{t:.1f}" for t in times[name])
         print(
             f"{label:<34} {median[name]:>8.2f} {median[name] / median['a']:>7.3f} "
-            f"{best[name] / best['a']:>10.3f}  {spread}"
+            f"{best[name] / best['a']:>10.3f} {median_cpu[name] / median_cpu['a']:>9.3f}  {spread}"
         )
     for text, num, den in (
         ("monitoring alone, (f) ÷ (e)", "f", "e"),
@@ -166,7 +182,10 @@ def main() -> None:
         ("weight statistics at the default stats_every, (b) ÷ (h)", "b", "h"),
         ("incident capture armed, (b) ÷ (i)", "b", "i"),
     ):
-        print(f"{text}: {median[num] / median[den]:.3f} (best {best[num] / best[den]:.3f})")
+        if num in configs and den in configs:
+            ratio, best_ratio = median[num] / median[den], best[num] / best[den]
+            cpu_ratio = median_cpu[num] / median_cpu[den]
+            print(f"{text}: {ratio:.3f} (best {best_ratio:.3f}, CPU time {cpu_ratio:.3f})")
 
 
 if __name__ == "__main__":
