@@ -333,7 +333,7 @@ def _compare(
         total = (
             math.sqrt(sum(sums32.values())) if all(s >= 0 for s in sums32.values()) else math.nan
         )
-    recorded_norm = None if recorded_row is None else _float(recorded_row["global_norm"])
+    recorded_norm = None if recorded_row is None else float(recorded_row["global_norm"])
     nonfinite = any(item.nonfinite for item in layers) or not math.isfinite(total)
     if manifest["cause"] == "nonfinite":
         reproduced = nonfinite
@@ -353,14 +353,10 @@ def _compare(
 def _recorded(recorded: dict[str, Any], layer: str) -> float | None:
     """The recorded norm of ``layer``: same name, or the recorded name ending with it."""
     if layer in recorded:
-        return _float(recorded[layer])
+        return float(recorded[layer])
     tail = layer.split("/", 1)[-1]
     matches = [v for name, v in recorded.items() if name.split("/", 1)[-1] == tail]
-    return _float(matches[0]) if len(matches) == 1 else None
-
-
-def _float(value: Any) -> float:
-    return float(value)
+    return float(matches[0]) if len(matches) == 1 else None
 
 
 _OP = re.compile(r'output \d+ of (?:eagerly-executing|graph) op "?(\w+)"?')
@@ -430,9 +426,9 @@ def _remedies(manifest: dict[str, Any], grads: list[Any]) -> list[Remedy]:
     with np.errstate(all="ignore"):
         norm = math.sqrt(sum(float(np.sum(np.square(g))) for g in present))
     history = [
-        _float(row["global_norm"])
+        float(row["global_norm"])
         for row in manifest.get("recorded", [])
-        if row["step"] < manifest["step"] and math.isfinite(_float(row["global_norm"]))
+        if row["step"] < manifest["step"] and math.isfinite(float(row["global_norm"]))
     ]
     typical = float(np.median(history)) if history else 1.0
     policy = _policy_thresholds(manifest.get("policy"))

@@ -35,8 +35,7 @@ import argparse
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -49,6 +48,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import insert, update
 
+from bench.ingest import postgres_databases
 from gradwatch.server.app import create_app
 from gradwatch.server.config import Settings
 from gradwatch.server.embedded import EmbeddedServer
@@ -60,7 +60,6 @@ from gradwatch.server.schemas import RunCreate, StepBatch
 from gradwatch.server.store import scrape as scrape_store
 from gradwatch.server.store.db import Database, create_db_engine, upgrade_database
 from gradwatch.server.store.models import Run
-from tests.server.postgres import PostgresCluster, find_postgres_bin
 
 _OPTIONS = IngestOptions(max_steps=100_000, max_layers=10_000)
 _BASELINE_PATH = "/bench/metrics-baseline"
@@ -269,17 +268,6 @@ def _scrape(url: str, scrapes: int) -> tuple[dict[str, tuple[float, float, int, 
     return out, bodies[_MODES[0]].content == bodies[_MODES[2]].content
 
 
-@contextmanager
-def _postgres() -> Iterator[Callable[[], str] | None]:
-    """A function making fresh databases in a throwaway cluster, or None without PostgreSQL."""
-    bin_dir = find_postgres_bin()
-    if bin_dir is None:
-        yield None
-        return
-    with PostgresCluster(bin_dir, durable=True) as cluster:
-        yield cluster.create_database
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=200)
@@ -303,7 +291,10 @@ def main() -> None:
         + "  ".join(f"{mode + ' median / p95':>33}" for mode in _MODES)
         + "  body, samples"
     )
-    with tempfile.TemporaryDirectory(prefix="gradwatch-scrape-") as workdir, _postgres() as pg:
+    with (
+        tempfile.TemporaryDirectory(prefix="gradwatch-scrape-") as workdir,
+        postgres_databases(None) as pg,
+    ):
         for backend in args.backends.split(","):
             for batches in batch_counts:
                 if backend == "sqlite":

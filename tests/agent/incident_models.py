@@ -20,53 +20,35 @@ class LogLayer(keras.layers.Layer):  # type: ignore[misc]
         return tf.math.log(x)
 
 
-def planted_log() -> keras.Model:
-    """A small regression model whose first layer is :class:`LogLayer` (compiled)."""
+def _compiled(*layers: keras.layers.Layer) -> keras.Model:
+    """``Sequential(Input((4,)), *layers)`` compiled with Adam(0.01) and MSE, seed 1."""
     keras.utils.set_random_seed(1)
-    model = keras.Sequential(
-        [
-            keras.Input((4,)),
-            LogLayer(name="log"),
-            keras.layers.Dense(8, activation="tanh", name="hidden"),
-            keras.layers.Dense(1, name="out"),
-        ]
-    )
+    model = keras.Sequential([keras.Input((4,)), *layers])
     model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
     return model
+
+
+def planted_log() -> keras.Model:
+    """A small regression model whose first layer is :class:`LogLayer` (compiled)."""
+    return _compiled(
+        LogLayer(name="log"),
+        keras.layers.Dense(8, activation="tanh", name="hidden"),
+        keras.layers.Dense(1, name="out"),
+    )
 
 
 def plain() -> keras.Model:
     """A model with no planted fault (for the NaN-in-the-data batch)."""
-    keras.utils.set_random_seed(1)
-    model = keras.Sequential(
-        [
-            keras.Input((4,)),
-            keras.layers.Dense(8, activation="tanh", name="hidden"),
-            keras.layers.Dense(1, name="out"),
-        ]
+    return _compiled(
+        keras.layers.Dense(8, activation="tanh", name="hidden"), keras.layers.Dense(1, name="out")
     )
-    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
-    return model
 
 
 def linear() -> keras.Model:
     """Two linear layers: a learning-rate jump makes the next gradient explode, finitely."""
-    keras.utils.set_random_seed(1)
-    model = keras.Sequential(
-        [
-            keras.Input((4,)),
-            keras.layers.Dense(8, name="hidden"),
-            keras.layers.Dense(1, name="out"),
-        ]
-    )
-    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
-    return model
+    return _compiled(keras.layers.Dense(8, name="hidden"), keras.layers.Dense(1, name="out"))
 
 
 def wide() -> keras.Model:
     """Not the model of any bundle: 16 hidden units (for the mismatch test)."""
-    model = keras.Sequential(
-        [keras.Input((4,)), keras.layers.Dense(16, name="hidden"), keras.layers.Dense(1)]
-    )
-    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
-    return model
+    return _compiled(keras.layers.Dense(16, name="hidden"), keras.layers.Dense(1))
