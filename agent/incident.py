@@ -83,7 +83,8 @@ class IncidentCapture:
         self._buffers: list[tf.Variable | None] | None = None  # None: no batch traced yet
         self._shapes: list[tf.Variable] = []
         self._structure = ""
-        self._recent: deque[dict[str, Any]] = deque(maxlen=max(1, settings.recorder_steps))
+        # Batches as read (references, no copy): rows are formatted only when a bundle is written.
+        self._recent: deque[StepBatch] = deque()
         self.written: list[Path] = []
         self.enabled = False
 
@@ -213,20 +214,33 @@ class IncidentCapture:
     # -- host side -----------------------------------------------------------------------
 
     def remember(self, batch: StepBatch) -> None:
-        """Host: keep the last ``recorder_steps`` recorded rows for the next bundle."""
-        for i in range(len(batch.step)):
-            self._recent.append(
-                {
-                    "step": int(batch.step[i]),
-                    "loss": _number(batch.loss[i]) if batch.loss_known[i] else None,
-                    "global_norm": _number(batch.global_norm[i]),
-                    "clip_coef": _number(batch.clip_coef[i]),
-                    "skipped": bool(batch.skipped[i]),
-                    "grad_norm": [_number(v) for v in batch.grad_norm[i]],
-                    "nonfinite": [int(v) for v in batch.nonfinite[i]],
-                }
-            )
-        self._layers = list(batch.layers)
+        """Host: keep the batches holding the last ``recorder_steps`` rows (no copy; O(1))."""
+        if not self.enabled:
+            return
+        self._recent.append(batch)
+        wanted = max(1, self._settings.recorder_steps)
+        while sum(len(b.step) for b in self._recent) - len(self._recent[0].step) >= wanted:
+            self._recent.popleft()
+
+    def _recorded_rows(self, step: int) -> list[dict[str, Any]]:
+        """The last ``recorder_steps`` recorded rows up to ``step``, as JSON-able dicts."""
+        rows = []
+        for batch in self._recent:
+            for i in range(len(batch.step)):
+                if int(batch.step[i]) > step:
+                    continue
+                rows.append(
+                    {
+                        "step": int(batch.step[i]),
+                        "loss": _number(batch.loss[i]) if batch.loss_known[i] else None,
+                        "global_norm": _number(batch.global_norm[i]),
+                        "clip_coef": _number(batch.clip_coef[i]),
+                        "skipped": bool(batch.skipped[i]),
+                        "grad_norm": [_number(v) for v in batch.grad_norm[i]],
+                        "nonfinite": [int(v) for v in batch.nonfinite[i]],
+                    }
+                )
+        return rows[-max(1, self._settings.recorder_steps) :]
 
     def write_if_pending(self, model: Any) -> Path | None:
         """Host, after a ring read: write the bundle of a captured step (one scalar read when
@@ -285,8 +299,8 @@ class IncidentCapture:
                 if batch_ok
                 else None
             ),
-            "layers": getattr(self, "_layers", []),
-            "recorded": [row for row in self._recent if row["step"] <= step],
+            "layers": list(self._recent[-1].layers) if self._recent else [],
+            "recorded": self._recorded_rows(step),
         }
         (directory / "manifest.json").write_text(json.dumps(manifest, indent=1))
         say(
