@@ -24,6 +24,9 @@ tests here rather than somewhere in the monitor.
   ``_backend_update_step``: shadowed during one trace, so
   ``gradient_accumulation_steps`` is measured and clipped on the averaged
   gradient once per real update, where Keras clips it.
+* ``tensorflow.python.ops.control_flow_util.GraphOrParentsInXlaContext``: whether the
+  step being traced is compiled by XLA (``jit_compile=True``), to pick the reduction
+  kernel XLA:CPU runs fastest (:func:`gradwatch.agent.stats.sum_of_squares`).
 * ``LossScaleOptimizer._stateful_handle_non_finite_grads`` and ``scale_loss``:
   shadowed while training, so overflow steps the LSO skips without calling the
   wrapper are recorded, and the unscaled loss is seen.
@@ -60,6 +63,7 @@ __all__ = [
     "check_keras",
     "default_variables",
     "hook_loss_scale",
+    "in_xla_context",
     "set_untracked",
     "shadow",
     "sublayers",
@@ -167,6 +171,16 @@ def sublayers(layer: Any) -> list[Any]:
     if flatten is None:
         return []
     return list(flatten(include_self=False, recursive=False))
+
+
+def in_xla_context() -> bool:
+    """Trace time: whether the graph being built is compiled by XLA (False when eager)."""
+    try:  # private: TF has no public query; without it the graph-mode kernel is used
+        from tensorflow.python.ops import control_flow_util
+    except ImportError:  # pragma: no cover - a TensorFlow that moved it
+        return False
+    graph = tf.compat.v1.get_default_graph()
+    return bool(control_flow_util.GraphOrParentsInXlaContext(graph))
 
 
 def default_variables(optimizer: Any) -> list[Any]:

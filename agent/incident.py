@@ -238,6 +238,8 @@ class IncidentCapture:
                         "skipped": bool(batch.skipped[i]),
                         "grad_norm": [_number(v) for v in batch.grad_norm[i]],
                         "nonfinite": [int(v) for v in batch.nonfinite[i]],
+                        "learning_rate": _recorded(batch.learning_rate, i),
+                        "loss_scale": _recorded(batch.loss_scale, i),
                     }
                 )
         return rows[-max(1, self._settings.recorder_steps) :]
@@ -330,6 +332,13 @@ def _describe(variable: Any) -> dict[str, Any]:
 def _number(value: Any) -> float | str:
     number = float(value)
     return number if math.isfinite(number) else str(number)
+
+
+def _recorded(column: Any, i: int) -> float | str | None:
+    """Row ``i`` of a flight-recorder column: ``None`` where it is not recorded (NaN)."""
+    if column is None or np.isnan(column[i]):
+        return None
+    return _number(column[i])
 
 
 def _learning_rate(optimizer: Any) -> float | None:

@@ -33,7 +33,7 @@ from .layers import LayerLayout, layout_of
 from .records import StepBatch
 from .ring import Ring, StepRow
 from .stats import compute_gradient_stats
-from .weights import WeightSnapshot
+from .weights import WeightSnapshot, read_weights, weight_stats
 
 __all__ = ["GROUP_APPLIES_PER_STEP", "StepRecorder"]
 
@@ -100,6 +100,7 @@ class StepRecorder:
         self.ring: Ring | None = None
         self.steps_per_call = 1  # steps per host callback (steps_per_execution)
         self.weights_in_step = False  # trace time: the step measures itself (see module doc)
+        self._every_step = config.stats_every == 1  # every step measured in-step, no snapshot
         self._var_segments: dict[object, int] = {}
         self._variables: list[Any] = []  # as built: what an overflow step measures
         self._snapshot: WeightSnapshot | None = None  # None: weight statistics off
@@ -107,6 +108,7 @@ class StepRecorder:
         self._measure_tries = 0  # host calls left to measure the step after the snapshot
         self._measure_fn: Any = None  # the host-called measurement, for the current ring
         self._accumulation = 1  # micro-batches per recorded step
+        self._inner: Any = None  # the wrapped optimizer, for the flight recorder's scalars
         self._unread_estimate = 0
         self._read_count: int | None = None
         self._lost_steps = 0
@@ -150,6 +152,7 @@ class StepRecorder:
             }
             self._variables = list(variables)
             self._accumulation = inner.gradient_accumulation_steps or 1
+            self._inner = inner
             # Tracked attributes: a checkpoint restored before this point is applied now.
             if self._group is None or getattr(self._checkpointed, "step", None) is None:
                 first_step = int(inner.iterations.numpy()) if inner.built else 0
@@ -160,7 +163,7 @@ class StepRecorder:
                 )
             self._read_count = 0
             self.incidents.build(variables, inner)
-            if self._weights_on:
+            if self._weights_on and not self._every_step:
                 step = int(self._checkpointed.step.numpy())
                 keys = [compat.variable_key(v) for v in variables]
                 self._snapshot = WeightSnapshot(variables, keys, step)
@@ -228,6 +231,7 @@ class StepRecorder:
     ) -> tuple[list[Any], tf.Tensor | None, StepRow]:
         """In-graph: measure and clip one step. Returns (grads, skip or None, row to record)."""
         layout = self._layout_for(variables)
+        before = read_weights(variables) if self._every_step else None
         stats = compute_gradient_stats(grads, layout)
         skip: tf.Tensor | None = None
         coef = tf.constant(1.0)
@@ -253,8 +257,23 @@ class StepRecorder:
             skipped=tf.constant(False) if skip is None else skip,
             layer_norms=stats.layer_norms,
             layer_nonfinite=stats.layer_nonfinite,
+            weights_before=before,
+            **self._optimizer_scalars(),
         )
         return grads, skip, row
+
+    def _optimizer_scalars(self) -> dict[str, tf.Tensor | None]:
+        """In-graph: the learning rate this step applies and the loss scale, for the ring.
+
+        ``learning_rate`` is Keras' public property (a schedule's value at the
+        current iteration); ``dynamic_scale`` is a ``LossScaleOptimizer``'s.
+        """
+        inner = self._inner
+        scale = getattr(inner, "dynamic_scale", None)
+        return {
+            "learning_rate": tf.cast(inner.learning_rate, tf.float32),
+            "loss_scale": None if scale is None else tf.cast(scale, tf.float32),
+        }
 
     def before_update(self, row: StepRow) -> None:
         """In-graph, after the policy and before the update: capture the state of a bad step."""
@@ -263,14 +282,21 @@ class StepRecorder:
     def record_row(self, row: StepRow, variables: Sequence[Any]) -> None:
         """In-graph, after the update: write ``row`` into the ring and advance the step counter.
 
-        With ``steps_per_execution`` > 1 and weight statistics on, also measures
-        the weights of ``variables`` on the step after a snapshot.
+        Measures the weights of ``variables`` too: on every step when
+        ``stats_every`` is 1 (from ``row.weights_before``), and with
+        ``steps_per_execution`` > 1 on the step after a snapshot.
         """
         state = self.ring
         assert state is not None, "the wrapped optimizer was not built"
         self.traced_row = True
         snapshot = self._snapshot if self.weights_in_step else None
-        if snapshot is None:
+        before = row.weights_before
+        if self._every_step:
+            weights = read_weights(variables)
+            # No weights read before: an overflow step the update never touched (Δw = 0).
+            measured = weights if before is None else before
+            state.write(row, True, lambda: weight_stats(weights, measured, row.layout))
+        elif snapshot is None:
             state.write(row, tf.constant(False))
         else:
             keys = [compat.variable_key(v) for v in variables]
@@ -324,6 +350,7 @@ class StepRecorder:
             skipped=tf.constant(True),
             layer_norms=tf.fill([layout.num_layers], nan),
             layer_nonfinite=tf.zeros([layout.num_layers], tf.int32),
+            **self._optimizer_scalars(),
         )
         self.record_row(row, self._variables)
 

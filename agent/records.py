@@ -51,6 +51,11 @@ class StepBatch:
             update (0 for a skipped step), or ``None`` with ``weight_norm``.
         weights_known: ``[n]`` bool, whether ``weight_norm`` and
             ``update_ratio`` were measured at that step (``None`` with them).
+        learning_rate: ``[n]`` float32 learning rate each update applied (NaN
+            where unknown), or ``None``. The flight recorder's: kept in incident
+            bundles, not sent.
+        loss_scale: ``[n]`` float32 dynamic loss scale of a ``LossScaleOptimizer``
+            at each step (NaN without one), or ``None``; like ``learning_rate``.
     """
 
     layers: tuple[str, ...]
@@ -67,6 +72,8 @@ class StepBatch:
     weight_norm: FloatArray | None = None
     update_ratio: FloatArray | None = None
     weights_known: BoolArray | None = None
+    learning_rate: FloatArray | None = None
+    loss_scale: FloatArray | None = None
 
     def __post_init__(self) -> None:
         n, num_layers = len(self.step), len(self.layers)
@@ -82,6 +89,10 @@ class StepBatch:
                 raise ValueError(
                     f"{name}: expected shape ({n},), got {np.shape(getattr(self, name))}"
                 )
+        for name in ("learning_rate", "loss_scale"):
+            value = getattr(self, name)
+            if value is not None and np.shape(value) != (n,):
+                raise ValueError(f"{name}: expected shape ({n},), got {np.shape(value)}")
         weights = (self.weight_norm, self.update_ratio, self.weights_known)
         if any(w is None for w in weights) and any(w is not None for w in weights):
             raise ValueError("weight_norm, update_ratio, weights_known: give all three or none")

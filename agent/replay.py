@@ -97,6 +97,8 @@ class ReplayReport:
     first_bad_op: FirstBadOp | None = None
     remedies: list[Remedy] = field(default_factory=list)
     batch_nonfinite: dict[str, int] = field(default_factory=dict)
+    learning_rate: list[tuple[int, float]] = field(default_factory=list)  # (step, rate) recorded
+    loss_scale: list[tuple[int, float]] = field(default_factory=list)  # (step, scale) recorded
 
 
 def replay(bundle: Path, model_fn: str | None = None) -> ReplayReport:
@@ -131,6 +133,10 @@ def replay(bundle: Path, model_fn: str | None = None) -> ReplayReport:
     report.first_bad_op = _first_bad_op(model, data, inner)
     report.remedies = _remedies(manifest, grads)
     report.batch_nonfinite = _nonfinite_inputs(manifest, data)
+    rows = manifest.get("recorded", [])
+    for name in ("learning_rate", "loss_scale"):
+        history = [(int(r["step"]), float(r[name])) for r in rows if r.get(name) is not None]
+        setattr(report, name, history)
     return report
 
 

@@ -23,9 +23,10 @@ from .records import StepBatch
 
 __all__ = ["Ring", "RingRead", "StepRow"]
 
-# Columns of the per-step run buffer (_WEIGHED: weight statistics were measured).
-_LOSS, _LOSS_KNOWN, _GLOBAL, _GLOBAL_CLIPPED, _COEF, _SKIPPED, _WEIGHED = range(7)
-_RUN_COLUMNS = 7
+# Columns of the per-step run buffer (_WEIGHED: weight statistics were measured;
+# _LR, _LOSS_SCALE: the flight recorder's learning rate and loss scale, NaN where unknown).
+_LOSS, _LOSS_KNOWN, _GLOBAL, _GLOBAL_CLIPPED, _COEF, _SKIPPED, _WEIGHED, _LR, _LOSS_SCALE = range(9)
+_RUN_COLUMNS = 9
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +41,12 @@ class StepRow:
     skipped: tf.Tensor
     layer_norms: tf.Tensor
     layer_nonfinite: tf.Tensor
+    weights_before: tuple[tf.Tensor, ...] | None = None
+    """The trainable weights read before the update, when every step's weights are measured."""
+    learning_rate: tf.Tensor | None = None
+    """The learning rate the update applied (a schedule's value at this step), or ``None``."""
+    loss_scale: tf.Tensor | None = None
+    """A ``LossScaleOptimizer``'s scale at this step, or ``None``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +72,10 @@ def _write_row(buffer: tf.Variable, row: tf.Tensor, value: tf.Tensor) -> None:
     buffer is a few KB and XLA updates it in place.
     """
     buffer.assign(tf.tensor_scatter_nd_update(buffer.read_value(), row, value))
+
+
+def _or_nan(value: tf.Tensor | None) -> tf.Tensor:
+    return tf.constant(float("nan")) if value is None else tf.cast(value, tf.float32)
 
 
 def _weight_columns(
@@ -127,14 +138,15 @@ class Ring(tf.Module):
     def write(
         self,
         row: StepRow,
-        weigh: tf.Tensor,
+        weigh: tf.Tensor | bool,
         measure: Callable[[], tf.Tensor] | None = None,
     ) -> None:
         """In-graph: write ``row`` (with the loss mean since the last row) at the next index.
 
         Args:
             row: The step's statistics.
-            weigh: Scalar bool: ``measure`` runs on this step (its columns are valid).
+            weigh: Scalar bool: ``measure`` runs on this step (its columns are
+                valid); Python ``True``: on every step, without a ``tf.cond``.
             measure: Returns the ``[2, num_layers]`` weight norms and update
                 ratios; ``None`` when this step cannot measure them.
         """
@@ -154,6 +166,8 @@ class Ring(tf.Module):
                 tf.cast(row.clip_coef, tf.float32),
                 tf.cast(row.skipped, tf.float32),
                 tf.cast(weigh, tf.float32),
+                _or_nan(row.learning_rate),
+                _or_nan(row.loss_scale),
             ]
         )
         _write_row(self.step_buf, index, tf.reshape(row.step, [1]))
@@ -161,7 +175,10 @@ class Ring(tf.Module):
         _write_row(self.norm_buf, index, tf.cast(row.layer_norms, tf.float32)[tf.newaxis])
         _write_row(self.nonfinite_buf, index, tf.cast(row.layer_nonfinite, tf.int32)[tf.newaxis])
         if measure is not None and self.weight_buf is not None:
-            values = tf.cond(weigh, measure, lambda: tf.zeros([2, row.layout.num_layers]))
+            if weigh is True:
+                values = measure()
+            else:
+                values = tf.cond(weigh, measure, lambda: tf.zeros([2, row.layout.num_layers]))
             _write_row(self.weight_buf, index, values[tf.newaxis])
         self.loss_sum.assign(0.0)
         self.loss_count.assign(0)
@@ -245,6 +262,8 @@ class Ring(tf.Module):
                 skipped=run[part, _SKIPPED] > 0.5,
                 grad_norm=norms[part],
                 nonfinite=nonfinite[part],
+                learning_rate=run[part, _LR].astype(np.float32),
+                loss_scale=run[part, _LOSS_SCALE].astype(np.float32),
                 **_weight_columns(weights, run[part, _WEIGHED] > 0.5, part),
             )
             for part in np.split(np.arange(len(steps)), breaks)

@@ -8,6 +8,14 @@ of careful BLAS ``nrm2`` implementations), so a float32 gradient with elements
 of 1e30 (or 1e-30) still gives its true norm. (Subnormal values, below 1.2e-38, are flushed to
 zero by TensorFlow's CPU kernels before any of this sees them.)
 
+The fast path's sum of squares uses the kernel each compiler runs fastest
+(:func:`sum_of_squares`; measured on the benchmark model's 100 variables, 6M
+float32 values, 2 CPU cores): in graph mode ``L2Loss`` reads each tensor once
+where ``reduce_sum(square(x))`` writes and reads a squared copy (1.1–1.6 ms
+against 3.6–4.8 ms); under XLA a matrix-vector product with a vector of ones,
+which XLA:CPU runs on Eigen's thread pool, where it emits a reduction on one
+thread (0.8–1.2 ms against 4.1–5.2 ms).
+
 Each variable's squared norm is kept as a pair ``(scale, ssq)`` with
 ``norm**2 == scale**2 * ssq`` until the final square root, so sums over layers
 and over the model do not overflow either.
@@ -20,6 +28,7 @@ from dataclasses import dataclass
 
 import tensorflow as tf
 
+from . import _keras_compat as compat
 from .layers import LayerLayout
 
 __all__ = [
@@ -29,6 +38,7 @@ __all__ = [
     "dense_gradient",
     "safe_norm",
     "scale_stats",
+    "sum_of_squares",
 ]
 
 # Below this a float32 sum of squares may have lost precision to underflow.
@@ -64,8 +74,23 @@ def dense_gradient(grad: tf.Tensor | tf.IndexedSlices) -> tf.Tensor:
     return tf.cast(grad, tf.float32)
 
 
+def sum_of_squares(x: tf.Tensor) -> tf.Tensor:
+    """Σx² of a float32 tensor, by the fastest kernel for the graph being traced.
+
+    Not overflow-safe (that is :func:`compute_gradient_stats`' job): a sum past
+    the float32 range is +Inf. In-graph or eager; no host sync.
+    """
+    if not compat.in_xla_context():
+        return 2.0 * tf.nn.l2_loss(x)  # exact: L2Loss is Σx²/2
+    columns = x.shape[-1] if x.shape.rank else None
+    if columns is None or columns < 8 or not x.shape.is_fully_defined():
+        return tf.reduce_sum(tf.square(x))  # small or dynamic: the dot would not pay
+    rows = tf.reshape(tf.square(x), [-1, columns])
+    return tf.reduce_sum(tf.matmul(rows, tf.ones([columns, 1], x.dtype)))
+
+
 def _fast_ssq(grads: Sequence[tf.Tensor]) -> tf.Tensor:
-    return tf.stack([tf.reduce_sum(tf.square(g)) for g in grads])
+    return tf.stack([sum_of_squares(g) for g in grads])
 
 
 def _careful_parts(grads: Sequence[tf.Tensor]) -> tuple[tf.Tensor, ...]:

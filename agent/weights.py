@@ -1,28 +1,32 @@
-"""Weight norms and update ratios ‖Δw‖/‖w‖ of a step, measured between train steps.
+"""Weight norms and update ratios ‖Δw‖/‖w‖ of a step: every step in-step, or between steps.
 
 Δw of a measured step is the change of the weights over that step: the weights
-after its update minus a snapshot of them taken just before it. So everything
-the optimizer writes counts (update rule, decoupled weight decay, constraints,
-an EMA overwrite), a skipped step has Δw = 0 exactly, and nothing depends on
-how the optimizer computes its update. w is the weight after the update.
+after its update minus the weights before it. So everything the optimizer
+writes counts (update rule, decoupled weight decay, constraints, an EMA
+overwrite), a skipped step has Δw = 0 exactly, and nothing depends on how the
+optimizer computes its update. w is the weight after the update.
 
-The monitor calls :meth:`WeightSnapshot.take` between two steps and, after the
-next one, a compiled function that calls :meth:`WeightSnapshot.measure`; the
-train step itself is unchanged. Only with ``steps_per_execution`` > 1, where
-nothing runs between the steps of an execution, does the train step measure
-its first step itself, in a ``tf.cond``. Measured on the benchmark model (6M
-parameters, CPU), every in-step alternative costs on *every* step: a read of
-the weights held across the update makes TensorFlow copy each variable on
-write; a copy inside the step needs a ``tf.cond`` that writes variables, which
-XLA copies through; taking Δw where the optimizer computes it
-(``assign_sub(lr * m / ...)``) makes XLA materialize that tensor for the
-``tf.cond`` that reduces it (×1.06 under XLA); and even a ``tf.cond`` that
-only reads the weights and the snapshot costs ×1.02 (graph and XLA). Between
-steps, a snapshot costs 0.4 ms and a measurement about 7 ms (two passes over
-the weights) on that model, once every ``stats_every`` steps.
+Two ways, by ``stats_every``:
 
-The price is memory: one copy of the trainable weights while weight
-statistics are on.
+* **Every step** (``stats_every=1``): the train step reads the weights before
+  the update (:func:`read_weights`) and measures after it
+  (:func:`weight_stats`), with no ``tf.cond`` and no host call. Holding that
+  read across the update makes TensorFlow copy each variable on write, which is
+  the one copy this costs; under XLA the difference fuses into the update.
+  Measured on the benchmark model (6M parameters, 2 CPU cores), this is the
+  cheapest exact way: taking Δw from the tensor the optimizer passes to
+  ``assign_sub`` saves about 4 ms per step in graph mode but misses decoupled
+  weight decay and constraints (written outside it), and saves nothing under
+  XLA (the update tensor must then be materialized).
+* **Every n-th step** (``stats_every`` > 1): the monitor snapshots the weights
+  between two steps (:meth:`WeightSnapshot.take`, 0.4 ms) and, after the next
+  one, calls a compiled function that measures them; the train step itself is
+  unchanged, so the 49 steps in 50 that are not measured cost nothing. Only with
+  ``steps_per_execution`` > 1, where nothing runs between the steps of an
+  execution, does the train step measure its first step itself, in a
+  ``tf.cond``. Any in-step variant costs on *every* step: a ``tf.cond`` that
+  only reads the weights and the snapshot costs ×1.02 (graph and XLA). The
+  price is memory: one copy of the trainable weights.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import tensorflow as tf
 from .layers import LayerLayout
 from .stats import compute_gradient_stats
 
-__all__ = ["WeightSnapshot", "update_ratio"]
+__all__ = ["WeightSnapshot", "read_weights", "update_ratio", "weight_stats"]
 
 
 def _raw(variable: Any) -> Any:
@@ -47,6 +51,24 @@ def _raw(variable: Any) -> Any:
 def update_ratio(update: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
     """‖Δw‖/‖w‖ per layer: 0 where nothing changed, +Inf where ‖w‖ = 0 < ‖Δw‖, NaN kept."""
     return tf.where(update == 0.0, tf.zeros_like(update), update / weights)
+
+
+def read_weights(variables: Sequence[Any]) -> tuple[tf.Tensor, ...]:
+    """In-graph (or eager), before the update: the values of ``variables`` now."""
+    return tuple(tf.convert_to_tensor(_raw(v)) for v in variables)
+
+
+def weight_stats(
+    weights: Sequence[tf.Tensor], before: Sequence[tf.Tensor], layout: LayerLayout
+) -> tf.Tensor:
+    """``[2, L]`` per-layer weight norms and update ratios, w = ``weights``, Δw = w − ``before``.
+
+    Norms are float32 and overflow-safe (:func:`~gradwatch.agent.stats.compute_gradient_stats`).
+    """
+    deltas = [w - b for w, b in zip(weights, before, strict=True)]
+    norms = compute_gradient_stats(weights, layout).layer_norms
+    updates = compute_gradient_stats(deltas, layout).layer_norms
+    return tf.stack([norms, update_ratio(updates, norms)])
 
 
 class WeightSnapshot(tf.Module):
@@ -91,14 +113,6 @@ class WeightSnapshot(tf.Module):
     def measure(
         self, variables: Sequence[Any], keys: Sequence[object], layout: LayerLayout
     ) -> tf.Tensor:
-        """In-graph, after the update: ``[2, L]`` per-layer weight norms and update ratios.
-
-        Norms are float32 and overflow-safe (:func:`~gradwatch.agent.stats.compute_gradient_stats`);
-        w is the weight after the update, Δw = w − snapshot.
-        """
-        weights = [tf.convert_to_tensor(_raw(v)) for v in variables]
+        """In-graph, after the update: :func:`weight_stats` with Δw = w − snapshot."""
         before = [tf.convert_to_tensor(self._copies[self._index[key]]) for key in keys]
-        deltas = [w - b for w, b in zip(weights, before, strict=True)]
-        norms = compute_gradient_stats(weights, layout).layer_norms
-        updates = compute_gradient_stats(deltas, layout).layer_norms
-        return tf.stack([norms, update_ratio(updates, norms)])
+        return weight_stats(read_weights(variables), before, layout)

@@ -182,6 +182,11 @@ def test_a_learning_rate_jump_skipped_by_skip_spike_is_captured_and_reproduced(t
     assert result.returncode == 0, result.stdout + result.stderr
     assert "reproduced: yes" in result.stdout
     assert "first NaN/Inf: none" in result.stdout
+    # The flight recorder kept the rate each update applied: the jump is named.
+    rates = {row["step"]: row["learning_rate"] for row in manifest["recorded"]}
+    assert rates[11] == pytest.approx(0.01)
+    assert rates[12] == rates[13] == 30.0
+    assert "30 from step 12 (×3000)" in result.stdout, result.stdout
 
 
 def test_a_custom_loop_captures_the_batch_it_offers(tmp_path):

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from gradwatch.agent.layers import LayerLayout, layout_of
-from gradwatch.agent.stats import compute_gradient_stats
+from gradwatch.agent.stats import compute_gradient_stats, sum_of_squares
 
 LAYOUT = LayerLayout(names=("a", "b"), segment_ids=(0, 0, 1))
 
@@ -96,3 +96,18 @@ def test_layout_of_groups_by_owner_path():
     )
     assert layout.names == ("m/dense", "m/sub/mha/query", "free")
     assert layout.segment_ids == (0, 0, 1, 2)
+
+
+@pytest.mark.parametrize("mode", ["eager", "graph", "xla"])
+@pytest.mark.parametrize("shape", [(), (7,), (350, 350), (350, 1), (3, 4, 64), (5, 7)])
+def test_sum_of_squares_matches_float64_in_every_compiler(mode, shape):
+    # Graph mode sums by L2Loss, XLA by a matrix-vector product where the last
+    # axis is 8 or longer: each must give the float64 sum to float32 rounding.
+    x = np.random.default_rng(len(shape)).normal(size=shape).astype(np.float32)
+
+    def ssq(t):
+        return sum_of_squares(t)
+
+    fn = {"eager": ssq, "graph": tf.function(ssq), "xla": tf.function(ssq, jit_compile=True)}
+    got = float(fn[mode](tf.constant(x)))
+    assert got == pytest.approx(float(np.sum(np.square(x.astype(np.float64)))), rel=1e-5)

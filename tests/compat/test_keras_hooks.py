@@ -100,3 +100,19 @@ def test_distributed_variables_share_one_key_across_replicas(mirrored):
         variable = keras.Variable(np.ones(2, np.float32))
     keys = {compat.variable_key(value) for value in mirrored.experimental_local_results(variable)}
     assert keys == {compat.variable_key(variable)}
+
+
+def test_the_xla_query_tells_a_jit_compiled_trace_from_a_graph_and_eager():
+    seen: dict[str, bool] = {}
+
+    def probe(name: str):
+        def traced() -> tf.Tensor:
+            seen[name] = compat.in_xla_context()
+            return tf.constant(0.0)
+
+        return traced
+
+    tf.function(probe("xla"), jit_compile=True)()
+    tf.function(probe("graph"))()
+    probe("eager")()
+    assert seen == {"xla": True, "graph": False, "eager": False}
