@@ -27,6 +27,7 @@ import contextlib
 import json
 import logging
 import math
+import socket
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -244,23 +245,24 @@ class IncidentCapture:
                 )
         return rows[-max(1, self._settings.recorder_steps) :]
 
-    def write_if_pending(self, model: Any) -> Path | None:
+    def write_if_pending(self, model: Any) -> dict[str, Any] | None:
         """Host, after a ring read: write the bundle of a captured step (one scalar read when
-        there is none). Blocks on the checkpoint write; never raises (logs instead)."""
+        there is none) and return its announcement for the server (wire ``incidents`` item).
+        Blocks on the checkpoint write; never raises (logs instead)."""
         if not self.enabled or not bool(self._pending.numpy()):
             return None
         self._pending.assign(False)
         try:
-            path = self._write(model)
+            path, manifest = self._write(model)
         except Exception:
             log.exception("gradwatch: could not write the incident bundle")
             return None
         self.written.append(path)
         if len(self.written) < self._settings.max_incidents:
             self._armed.assign(True)
-        return path
+        return _announcement(path, manifest)
 
-    def _write(self, model: Any) -> Path:
+    def _write(self, model: Any) -> tuple[Path, dict[str, Any]]:
         started = time.perf_counter()
         step = int(self._step.numpy())
         settings = self._settings
@@ -311,7 +313,32 @@ class IncidentCapture:
             f"{time.perf_counter() - started:.2f} s); replay it with "
             f"`gradwatch replay {directory}`"
         )
-        return directory
+        return directory, manifest
+
+
+def _announcement(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The wire ``incidents`` item of a written bundle (finite numbers or null only)."""
+    step = manifest["step"]
+    rows: list[dict[str, Any]] = manifest["recorded"]
+    row: dict[str, Any] = next((r for r in reversed(rows) if r["step"] == step), {})
+
+    def finite(value: Any) -> float | None:
+        return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+    return {
+        "step": step,
+        "cause": manifest["cause"],
+        "path": str(path.resolve()),
+        "host": socket.gethostname()[:255],
+        "bytes": manifest["bytes"],
+        "format": BUNDLE_FORMAT,
+        "learning_rate": finite(
+            row["learning_rate"]
+            if row.get("learning_rate") is not None
+            else manifest["learning_rate"]
+        ),
+        "loss_scale": finite(row.get("loss_scale")),
+    }
 
 
 def _structure(data: Any) -> str:

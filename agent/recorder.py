@@ -17,6 +17,7 @@ too rarely) are counted in :attr:`StepRecorder.lost_steps`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -83,6 +84,7 @@ class StepRecorder:
         self._group = group
         self._policy = policy
         self._submit = submit
+        self._announcements: list[dict[str, Any]] = []
         self._checkpointed = checkpointed
         self._model = model
         assert config.incident_dir is not None
@@ -383,11 +385,18 @@ class StepRecorder:
                 "call on_step() after every step",
                 read.lost,
             )
-        for batch in read.batches:
+        batches = list(read.batches)
+        for batch in batches:
             self._read_steps += len(batch)
             self.incidents.remember(batch)
+        announced = self.incidents.write_if_pending(self._model())
+        if announced is not None:
+            self._announcements.append(announced)
+        if self._announcements and batches:  # the server learns of a bundle with a batch
+            batches[-1] = dataclasses.replace(batches[-1], incidents=tuple(self._announcements))
+            self._announcements.clear()
+        for batch in batches:
             self._submit(batch)
-        self.incidents.write_if_pending(self._model())
 
     def _collect_if_due(self) -> None:
         """Read once ``flush_every`` steps may be pending (micro-batches counted by the caller)."""

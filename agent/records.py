@@ -56,6 +56,9 @@ class StepBatch:
             bundles, not sent.
         loss_scale: ``[n]`` float32 dynamic loss scale of a ``LossScaleOptimizer``
             at each step (NaN without one), or ``None``; like ``learning_rate``.
+        incidents: Announcements of incident bundles written since the previous batch
+            (wire ``incidents``: step, cause, path, host, bytes, format, learning_rate,
+            loss_scale), usually empty.
     """
 
     layers: tuple[str, ...]
@@ -74,6 +77,7 @@ class StepBatch:
     weights_known: BoolArray | None = None
     learning_rate: FloatArray | None = None
     loss_scale: FloatArray | None = None
+    incidents: tuple[Mapping[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         n, num_layers = len(self.step), len(self.layers)
@@ -148,6 +152,8 @@ class StepBatch:
             wire["update_ratio"] = encode_floats(self.update_ratio, mask)
         if dropped_batches:
             wire["dropped_batches"] = dict(dropped_batches)
+        if self.incidents:
+            wire["incidents"] = [dict(incident) for incident in self.incidents]
         return wire
 
     @classmethod
@@ -185,5 +191,6 @@ class StepBatch:
             skipped=np.asarray(wire["skipped"], dtype=bool),
             grad_norm=decode_floats(wire["grad_norm"])[0].reshape(n, num_layers),
             nonfinite=np.asarray(wire["nonfinite"], dtype=np.int64).reshape(n, num_layers),
+            incidents=tuple(wire.get("incidents") or ()),
             **weights,
         )

@@ -33,7 +33,7 @@ from gradwatch.wire import (
     encode_float,
 )
 
-from .detect import Rule, Severity
+from .event_schemas import IncidentIn
 from .freeform import check_free_json, describe_limits
 from .store.metric import Metric
 from .store.models import RunStatus
@@ -46,19 +46,13 @@ __all__ = [
     "BatchAck",
     "BucketedSeriesOut",
     "ErrorOut",
-    "EventList",
-    "EventOut",
     "FieldErrorOut",
     "HealthOut",
     "HeatmapOut",
-    "LayerHealthOut",
     "LayerOut",
     "LayersOut",
-    "OnsetLayerOut",
-    "OnsetOut",
     "RawSeriesOut",
     "RunCreate",
-    "RunHealthOut",
     "RunList",
     "RunOut",
     "RunPatch",
@@ -118,6 +112,9 @@ class StepBatch(_Wire):
         default=None,
         max_length=64,
         description="Batches the agent dropped since it started, cumulative, by reason.",
+    )
+    incidents: list[IncidentIn] | None = Field(
+        default=None, max_length=16, description="Incident bundles written since the last batch."
     )
 
     @field_validator("layers")
@@ -344,116 +341,6 @@ class HeatmapOut(_Out):
     layers: list[str]
     max: list[list[float | None]]
     nan_cells: list[list[int]]
-
-
-class OnsetLayerOut(_Out):
-    """A layer off its baseline when a run-level event started, from ``step`` (its first step
-    3σ out or non-finite); ``steps_before_global``: the global norm's departure step minus
-    ``step`` (negative: after it), ``null`` when the global norm had not departed."""
-
-    layer: str
-    step: int
-    steps_before_global: int | None
-
-
-class OnsetOut(_Out):
-    """Onset analysis of a run-level explosion, nonfinite or loss event at its first step.
-
-    Attributes:
-        summary: One line, e.g. "first: `model/dense_3` at step 41,012, 3 steps before the
-            global norm; loss at its baseline".
-        global_step: Step from which the global norm was off its baseline, or ``null``.
-        loss_step: The same for the loss (``null``: at its baseline, or no loss sent).
-        layers: The first departed layers (at most 10), by step, output side first on a tie;
-            ``departed_layers`` counts them all.
-        first_nonfinite_forward: Of the layers non-finite at the first step, the first in
-            the run's layer order (input side); ``first_nonfinite_backward`` the first from
-            the output side (where backpropagation made the step's first NaN/Inf).
-    """
-
-    summary: str
-    global_step: int | None
-    loss_step: int | None
-    layers: list[OnsetLayerOut]
-    departed_layers: int
-    first_nonfinite_forward: str | None
-    first_nonfinite_backward: str | None
-
-
-class EventOut(_Out):
-    """One detector event: detections of ``rule`` on one series, merged within the cooldown.
-
-    Attributes:
-        layer: The layer, or ``null`` for run-level events (global norm, loss, clip rate).
-        severity: The highest severity among the merged detections.
-        count: Detections (steps on which the rule fired) merged into this event.
-        value: The most extreme value seen: a gradient norm (explosion, vanishing), a count of
-            non-finite values (nonfinite), a fraction of clipped steps (clip_rate) or a loss
-            (loss).
-        baseline: What ``value`` was compared with (the running median estimate, the floor,
-            the limit), or ``null``.
-        onset: For a run-level explosion, nonfinite or loss event, which layers (and whether
-            the global norm and the loss) had left their baselines when it started; ``null``
-            for other events and for events stored before the analysis existed.
-    """
-
-    id: int
-    rule: Rule
-    layer: str | None
-    severity: Severity
-    first_step: int
-    last_step: int
-    count: int
-    value: float
-    baseline: float | None
-    created_at: datetime
-    updated_at: datetime
-    onset: OnsetOut | None = None
-
-
-class EventList(_Out):
-    """A page of a run's events, newest first; pass ``next_cursor`` as ``cursor`` for more."""
-
-    run_id: str
-    events: list[EventOut]
-    next_cursor: str | None
-
-
-class LayerHealthOut(_Out):
-    """A layer with detections: how many, and its gradient-norm summary."""
-
-    layer: str
-    detections: int
-    events: int
-    worst_severity: Severity
-    latest_grad_norm: float | None
-    max_grad_norm: float | None
-    nonfinite_values: int
-
-
-class RunHealthOut(_Out):
-    """Reply of ``GET /api/v1/runs/{run_id}/health``: a run's gradient health at a glance.
-
-    Attributes:
-        verdict: ``critical`` or ``warning`` when an event of that severity reaches the
-            run's recent steps, ``no_data`` while the run holds no step (nothing was
-            recorded, so nothing can be called healthy), else ``healthy``.
-        detections: Detections so far by rule, then severity (every rule and severity listed).
-        worst_layers: Layers with the most detections, most first.
-        last_event: The newest event (by first step), or ``null``.
-        onset: The onset summary of the newest run-level explosion, nonfinite or loss
-            event (``OnsetOut.summary`` prefixed with the event), or ``null``.
-    """
-
-    run_id: str
-    status: RunStatus
-    verdict: Severity | Literal["healthy", "no_data"]
-    last_step: int | None
-    last_ingest_at: datetime | None
-    detections: dict[str, dict[str, int]]
-    worst_layers: list[LayerHealthOut]
-    last_event: EventOut | None
-    onset: str | None = None
 
 
 class HealthOut(_Out):

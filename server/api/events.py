@@ -1,4 +1,4 @@
-"""Detector endpoints: a run's events and its one-look health summary."""
+"""Detector endpoints: a run's events, its one-look health summary and its incident bundles."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from fastapi import APIRouter, Query
 from gradwatch.wire import MAX_STEP
 
 from ..detect import Rule, Severity
-from ..query import health
-from ..schemas import NO_NUL_PATTERN, EventList, RunHealthOut
+from ..event_schemas import EventList, IncidentList, RunHealthOut
+from ..query import health, incidents
+from ..schemas import NO_NUL_PATTERN
 from ..store.events import EventFilter
 from .deps import ReadRunAccess, ReadSessionDep
 from .responses import RUN_NOT_FOUND
@@ -71,3 +72,12 @@ def get_health(
 ) -> RunHealthOut:
     """Summarise a run's gradient health: verdict, detections by rule, worst layers, last event."""
     return health.get_run_health(session, str(run_id), recent_steps, worst)
+
+
+@router.get("/{run_id}/incidents", responses=RUN_NOT_FOUND)
+def list_incidents(
+    run_id: UUID, session: ReadSessionDep, _principal: ReadRunAccess
+) -> IncidentList:
+    """List the incident bundles the agent wrote for a run (where they lie on the training
+    host, their size and the command that replays them), by step."""
+    return incidents.list_incidents(session, str(run_id))

@@ -106,6 +106,7 @@ def render(details: dict[str, Any]) -> Group:
     parts: list[Any] = [title, state, totals]
     if health.get("onset"):
         parts.append(Text(f"onset: {health['onset']}"))
+    parts.extend(_incident(item) for item in health.get("incidents") or [])
     parts.append(Text())
     parts.extend(_norm_chart(details["global_norm"], run["last_step"]))
     if health["worst_layers"]:
@@ -116,6 +117,19 @@ def render(details: dict[str, Any]) -> Group:
         parts.append(Text("no detector events"))
     parts.append(Text(f"run page: {details['url']}"))
     return Group(*parts)
+
+
+def _incident(item: dict[str, Any]) -> Text:
+    """One incident bundle: which step, why, where it lies and the command that replays it."""
+    why = {"nonfinite": "non-finite gradient", "skipped": "skipped by the policy"}
+    size = f"{item['bytes'] / 2**20:.1f} MiB"
+    return Text.assemble(
+        ("incident bundle", "bold"),
+        f": step {item['step']} ({why.get(item['cause'], item['cause'])}), "
+        f"on {item['host'] or 'the training host'} at {item['path']} ({size}); "
+        f"replay there: ",
+        (str(item["replay"]), "bold"),
+    )
 
 
 def _norm_chart(series: dict[str, Any], last_step: int | None) -> list[Text]:

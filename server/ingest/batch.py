@@ -40,6 +40,7 @@ from ..schemas import BatchAck, StepBatch, encode_float
 from ..store import runs as run_store
 from ..store import series as series_store
 from ..store.block import decode_blocks, encode_blocks
+from ..store.incidents import add_incidents
 from ..store.metric import METRICS, Metric, MetricKind, MetricSpec, Scope
 from ..store.models import RUN_LEVEL, Run
 from ..store.rollup import chunk_maxima
@@ -229,6 +230,8 @@ def _store(
     run = run_store.get_run(session, run_id, for_update=True)
     if run is None:
         raise RunNotFoundError(run_id)
+    if batch.incidents:  # before the resend checks: a restarted job's bundle is new
+        add_incidents(session, run_id, batch.incidents, now)
     stored = run_store.get_batch(session, run_id, record.batch_id)
     if stored is not None:
         if not _same_batch(stored, prepared.steps):

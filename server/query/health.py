@@ -12,14 +12,16 @@ from sqlalchemy.orm import Session
 
 from ..detect.event import Rule, Severity
 from ..errors import RunNotFoundError
-from ..schemas import EventList, EventOut, LayerHealthOut, RunHealthOut
+from ..event_schemas import EventList, EventOut, IncidentOut, LayerHealthOut, RunHealthOut
 from ..store import events as event_store
+from ..store import incidents as incident_store
 from ..store import runs as run_store
 from ..store import series as series_store
 from ..store.events import EventFilter
 from ..store.models import RUN_LEVEL, Event, Run, RunStatus
 from ..store.series import LayerStats
 from .cursor import decode_cursor, encode_cursor
+from .incidents import incident_out, incidents_by_event
 from .onset import event_summary, onset_out
 from .summary import last_value, max_value
 
@@ -30,6 +32,8 @@ _ANALYSED = EventFilter(
     rules=[Rule.EXPLOSION.value, Rule.NONFINITE.value, Rule.LOSS.value], layer=RUN_LEVEL
 )
 """The events that carry an onset analysis: run-level explosion, nonfinite and loss."""
+_HEALTH_INCIDENTS = 20
+"""Incident bundles a health reply lists at most (the newest)."""
 
 
 def list_events(
@@ -51,7 +55,12 @@ def list_events(
     rows = event_store.list_events(session, run_id, where, after, limit + 1)
     page = rows[:limit]
     next_cursor = encode_cursor([page[-1].first_step, page[-1].id]) if len(rows) > limit else None
-    return EventList(run_id=run_id, events=[_event_out(e) for e in page], next_cursor=next_cursor)
+    incidents = incidents_by_event(session, run_id, page)
+    return EventList(
+        run_id=run_id,
+        events=[_event_out(e, incidents.get(e.id, [])) for e in page],
+        next_cursor=next_cursor,
+    )
 
 
 def get_run_health(session: Session, run_id: str, recent_steps: int, worst: int) -> RunHealthOut:
@@ -69,7 +78,7 @@ def get_run_health(session: Session, run_id: str, recent_steps: int, worst: int)
         raise RunNotFoundError(run_id)
     counts = event_store.get_detector_counts(session, run_id)
     latest = event_store.list_events(session, run_id, EventFilter(), None, 1)
-    incident = event_store.list_events(session, run_id, _ANALYSED, None, 1)
+    analysed = event_store.list_events(session, run_id, _ANALYSED, None, 1)
     layers = {stats.name: stats for stats in series_store.list_layer_stats(session, run_id)}
     worst_layers = [
         _layer_health(layer, detections, events, severity, layers.get(layer))
@@ -77,6 +86,10 @@ def get_run_health(session: Session, run_id: str, recent_steps: int, worst: int)
             session, run_id, worst
         )
     ]
+    last_event = None
+    if latest:
+        attached = incidents_by_event(session, run_id, latest)
+        last_event = _event_out(latest[0], attached.get(latest[0].id, []))
     return RunHealthOut(
         run_id=run_id,
         status=RunStatus(run.status),
@@ -88,8 +101,12 @@ def get_run_health(session: Session, run_id: str, recent_steps: int, worst: int)
             for rule in Rule
         },
         worst_layers=worst_layers,
-        last_event=_event_out(latest[0]) if latest else None,
-        onset=event_summary(incident[0]) if incident else None,
+        last_event=last_event,
+        onset=event_summary(analysed[0]) if analysed else None,
+        incidents=[
+            incident_out(row)
+            for row in incident_store.list_incidents(session, run_id, _HEALTH_INCIDENTS)
+        ],
     )
 
 
@@ -124,7 +141,7 @@ def _layer_health(
     )
 
 
-def _event_out(event: Event) -> EventOut:
+def _event_out(event: Event, incidents: list[IncidentOut]) -> EventOut:
     return EventOut(
         id=event.id,
         rule=Rule(event.rule),
@@ -138,6 +155,7 @@ def _event_out(event: Event) -> EventOut:
         created_at=event.created_at,
         updated_at=event.updated_at,
         onset=onset_out(event),
+        incidents=incidents,
     )
 
 

@@ -10,7 +10,7 @@ import logging
 
 from ..detect.event import Rule
 from ..detect.onset import Onset
-from ..schemas import OnsetLayerOut, OnsetOut
+from ..event_schemas import OnsetLayerOut, OnsetOut
 from ..store.models import Event
 
 __all__ = ["event_summary", "onset_out"]

@@ -45,6 +45,7 @@ __all__ = [
     "DetectorCount",
     "DetectorState",
     "Event",
+    "Incident",
     "ProjectSettings",
     "Run",
     "RunStatus",
@@ -273,6 +274,30 @@ class AgentDrop(Base):
     count: Mapped[int] = mapped_column(BigInteger)
     as_of_step: Mapped[int] = mapped_column(BigInteger)
     """Last step of the batch that reported ``count``; older reports never overwrite newer."""
+
+
+class Incident(Base):
+    """An incident bundle the agent wrote and announced: where it lies and what it holds.
+
+    One per (run, step); the first announcement of a step is kept (a resend is a no-op). The
+    bundle itself stays on the training host (``host``, ``path``): the server stores where."""
+
+    __tablename__ = "incidents"
+
+    run_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True
+    )
+    step: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    cause: Mapped[str] = mapped_column(String(16))
+    """Why the step was captured: ``nonfinite`` or ``skipped``."""
+    path: Mapped[str] = mapped_column(String(4096))
+    host: Mapped[str] = mapped_column(String(255))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    """Size of the bundle's checkpoint on disk."""
+    format: Mapped[str] = mapped_column(String(64))
+    learning_rate: Mapped[float | None] = mapped_column(Double)
+    loss_scale: Mapped[float | None] = mapped_column(Double)
+    announced_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
 class ApiToken(Base):

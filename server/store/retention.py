@@ -40,6 +40,7 @@ from .models import (
     DetectorCount,
     DetectorState,
     Event,
+    Incident,
     Rollup,
     Run,
     RunStatus,
@@ -101,6 +102,7 @@ _PARTS: tuple[_Part, ...] = (
     _Part(DetectorState, (DetectorState.run_id,)),
     _Part(DetectorCount, (DetectorCount.rule, DetectorCount.severity)),
     _Part(AgentDrop, (AgentDrop.reason,)),
+    _Part(Incident, (Incident.step,)),
 )
 
 TABLES: tuple[str, ...] = (*(part.table for part in _PARTS), "runs")

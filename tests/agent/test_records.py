@@ -132,3 +132,13 @@ def test_step_batch_wants_all_weight_fields_or_none():
             update_ratio=np.ones((3, 1), np.float32),
             weights_known=np.ones(2, bool),
         )
+
+
+def test_incident_announcements_travel_with_the_batch_and_come_back():
+    batch = _batch(2, 1, np.ones((2, 1), np.float32), np.zeros(2, np.float32), np.ones(2, bool))
+    assert "incidents" not in batch.to_wire()
+    note = {"step": 1, "cause": "nonfinite", "path": "/x/step-1", "host": "h", "bytes": 3}
+    announced = dataclasses.replace(batch, incidents=(note,))
+    wire = json.loads(json.dumps(announced.to_wire(), allow_nan=False))
+    assert wire["incidents"] == [note]
+    assert StepBatch.from_wire(wire).incidents == (note,)

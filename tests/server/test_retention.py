@@ -53,13 +53,27 @@ def _rows(database: Database, run_id: str) -> dict[str, int]:
 
 
 def _seed(client: TestClient, name: str, batches: int = 4, *, status: str | None) -> str:
-    """A run with blocks, rollups, events (a non-finite step), drops and detector state."""
+    """A run with blocks, rollups, events (a non-finite step), drops, detector state and an
+    announced incident bundle per batch."""
     run_id = create_run(client, name=name)
     for index in range(batches):
         steps = list(range(index * 10, index * 10 + 10))
         nonfinite = [[0, 0] for _ in steps]
         nonfinite[3] = [0, 2]
-        body = make_batch(steps, nonfinite=nonfinite, dropped_batches={"queue_full": index})
+        incident = {
+            "step": steps[3],
+            "cause": "nonfinite",
+            "path": f"/incidents/step-{steps[3]}",
+            "host": "trainer",
+            "bytes": 10,
+            "format": "gradwatch-incident/1",
+        }
+        body = make_batch(
+            steps,
+            nonfinite=nonfinite,
+            dropped_batches={"queue_full": index},
+            incidents=[incident],
+        )
         assert post_batch(client, run_id, body).status_code == 200
     if status is not None:
         response = client.patch(f"/api/v1/runs/{run_id}", json={"status": status})

@@ -4,7 +4,8 @@ Shaped like ``gradwatch demo``'s runs (``server/cli/demo.py``): a three-layer ML
 in batches of 25, ``clip.global_norm(5.0)``, weight statistics every 50 steps. The exploding
 run is calm for 80% of its steps (the detectors learn its baseline), then
 ``demo_mlp/hidden_2`` blows up first (×4 a step from step 256), the other layers follow
-four steps later (×2 a step), and its last steps overflow to +Inf with NaN gradient values.
+four steps later (×2 a step), and its last steps overflow to +Inf with NaN gradient values;
+the first of them comes with an incident bundle's announcement.
 Built from :class:`gradwatch.agent.records.StepBatch` (what the agent sends), so the server
 runs its real ingest and detectors.
 """
@@ -70,6 +71,7 @@ def batches(exploding: bool, seed: int = 0) -> list[StepBatch]:
     with np.errstate(invalid="ignore"):
         update_ratio = (1e-3 * norms / np.maximum(norms.max(axis=0), 1)).astype(np.float32)
     out = []
+    bad = np.flatnonzero(~np.isfinite(global_norm))
     for first in range(0, STEPS, FLUSH_EVERY):
         s = slice(first, first + FLUSH_EVERY)
         n = len(range(STEPS)[s])
@@ -88,9 +90,25 @@ def batches(exploding: bool, seed: int = 0) -> list[StepBatch]:
                 weight_norm=weight_norm[s],
                 update_ratio=np.nan_to_num(update_ratio[s], posinf=1.0),
                 weights_known=weights_known[s],
+                incidents=tuple(
+                    _incident(int(step)) for step in bad[:1] if first <= step < first + n
+                ),
             )
         )
     return out
+
+
+def _incident(step: int) -> dict[str, object]:
+    """The agent's announcement of the first non-finite step's bundle."""
+    return {
+        "step": step,
+        "cause": "nonfinite",
+        "path": f"/home/me/gradwatch-runs/incidents/demo/step-{step}",
+        "host": "trainer-1",
+        "bytes": 3 * 2**20,
+        "format": "gradwatch-incident/1",
+        "learning_rate": 0.05,
+    }
 
 
 def post_run(client: httpx.Client, name: str, exploding: bool, status: str = "finished") -> DemoRun:

@@ -88,6 +88,31 @@ def test_event_marker_opens_its_details(ui, demo):
     ui.check_clean()
 
 
+def test_incident_bundle_is_shown_with_its_replay_command(ui, demo):
+    _open_run(ui, demo.exploding.run_id)
+    page = ui.page
+    incident = page.locator("#health p.incident")
+    assert incident.count() == 1
+    step = incident.get_attribute("data-step")
+    text = incident.inner_text()
+    assert f"step {step} (non-finite gradient), 3.0 MiB on trainer-1:/home/me/" in text
+    replay = f"gradwatch replay /home/me/gradwatch-runs/incidents/demo/step-{step}"
+    assert incident.locator("code.replay").inner_text() == replay
+    # The run-level events holding the step (the nonfinite one among them) say so, and show
+    # it in their details.
+    marked = page.locator("#events li:has(.bundle-mark)")
+    assert marked.count() >= 1
+    assert all(" · run · " in text for text in marked.all_inner_texts())
+    event = page.locator("#events li:has(.bundle-mark):has-text('nonfinite')")
+    assert event.count() == 1
+    event.click()
+    details = page.locator("#event-details")
+    details.wait_for(state="visible", timeout=TIMEOUT_MS)
+    assert details.locator("dd code.replay").inner_text() == replay
+    ui.shot("run-incident")
+    ui.check_clean()
+
+
 def test_deep_link_restores_layer_range_and_log_scale(ui, demo):
     query = f"?layer={EXPLODING_LAYER}&from=200&to=300&log=0"
     _open_run(ui, demo.exploding.run_id, query)

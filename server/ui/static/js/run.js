@@ -117,6 +117,7 @@ export async function renderRun(view, runId, params) {
         el("dt", { text: "baseline" }), el("dd", { text: fmt(event.baseline) }),
         el("dt", { text: "seen" }), el("dd", { text: ago(event.updated_at) }),
         event.onset ? [el("dt", { text: "onset" }), el("dd", { class: "onset", text: event.onset.summary })] : "",
+        (event.incidents || []).flatMap((incident) => [el("dt", { text: "incident bundle" }), el("dd", {}, incidentLine(incident))]),
       ),
       el(
         "div",
@@ -211,6 +212,7 @@ export async function renderRun(view, runId, params) {
         ? el("p", {}, "Worst layers: ", ...health.worst_layers.map((l, i) => [i ? ", " : "", el("a", { href: "#", onclick: (e) => { e.preventDefault(); openLayer(l.layer); }, text: `${l.layer} (${l.detections})` })]))
         : "",
       health.onset ? el("p", { class: "onset", text: `Onset: ${health.onset}` }) : "",
+      ...(health.incidents || []).map((incident) => el("p", { class: "incident", dataset: { step: incident.step } }, "Incident bundle: ", incidentLine(incident))),
     );
     $.range.textContent = state.from !== null || state.to !== null ? `steps ${fmt(state.from ?? 0)}–${state.to === null ? "end" : fmt(state.to)}` : "whole run";
   }
@@ -294,6 +296,7 @@ export async function renderRun(view, runId, params) {
         { dataset: { eventId: event.id }, onclick: () => showEvent(event) },
         el("span", { class: `sev-${event.severity}`, text: event.rule }),
         ` step ${fmt(event.first_step)}${event.last_step !== event.first_step ? `–${fmt(event.last_step)}` : ""} · ${event.layer || "run"} · ×${event.count}`,
+        event.incidents && event.incidents.length ? el("span", { class: "bundle-mark", title: "an incident bundle was written for a step of this event", text: " · bundle" }) : "",
       ),
     );
     $.events.replaceChildren(items.length ? el("ul", {}, items) : el("p", { class: "muted", text: "No events." }));
@@ -326,4 +329,34 @@ export async function renderRun(view, runId, params) {
       delete window.gradwatchTimings;
     },
   };
+}
+
+const CAUSES = { nonfinite: "non-finite gradient", skipped: "skipped by the policy" };
+
+// One incident bundle: the step, why, where it lies and the command that replays it there.
+function incidentLine(incident) {
+  const command = el("code", { class: "replay", text: incident.replay });
+  const copy = el("button", {
+    type: "button",
+    class: "copy",
+    title: "Copy the replay command",
+    onclick: async (e) => {
+      e.stopPropagation();
+      try {
+        await navigator.clipboard.writeText(incident.replay);
+        copy.textContent = "Copied";
+      } catch {
+        window.getSelection().selectAllChildren(command); // no clipboard: select it for Ctrl+C
+      }
+    },
+  }, "Copy");
+  const where = `${incident.host || "the training host"}:${incident.path}`;
+  return [
+    `step ${fmt(incident.step)} (${CAUSES[incident.cause] || incident.cause}), ${(incident.bytes / 2 ** 20).toFixed(1)} MiB on `,
+    el("span", { class: "path", text: where }),
+    ". Replay there: ",
+    command,
+    " ",
+    copy,
+  ];
 }

@@ -1,0 +1,124 @@
+"""Incident bundles announced in batches: stored once per step, listed, attached to the
+run-level events whose steps hold them, summarised by /health; bad announcements are refused
+with the batch (nothing stored)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from tests.server.wire import create_run, make_batch, post_batch
+
+_LAYERS = ("dense", "dense_1")
+
+
+def _incident(step: int, **extra: object) -> dict[str, object]:
+    return {
+        "step": step,
+        "cause": "nonfinite",
+        "path": f"/runs/incidents/abc/step-{step}",
+        "host": "trainer-1",
+        "bytes": 123_456,
+        "format": "gradwatch-incident/1",
+        "learning_rate": 0.01,
+        "loss_scale": None,
+        **extra,
+    }
+
+
+def _nan_batch(steps: list[int], nan_step: int, **extra: object) -> dict:
+    """A batch whose ``nan_step`` has NaN gradients in ``dense`` (a run-level nonfinite event)."""
+    grad = [[math.nan if s == nan_step else 1.0, 1.0] for s in steps]
+    nonfinite = [[3 if s == nan_step else 0, 0] for s in steps]
+    global_norm = [math.nan if s == nan_step else 1.5 for s in steps]
+    return make_batch(
+        steps, _LAYERS, grad_norm=grad, nonfinite=nonfinite, global_norm=global_norm, **extra
+    )
+
+
+def test_announced_bundle_is_listed_on_its_event_and_in_health(client):
+    run_id = create_run(client)
+    body = _nan_batch(list(range(10)), 7, incidents=[_incident(7)])
+    assert post_batch(client, run_id, body).status_code == 200
+
+    listed = client.get(f"/api/v1/runs/{run_id}/incidents").json()
+    assert listed["run_id"] == run_id
+    [incident] = listed["incidents"]
+    assert incident["step"] == 7
+    assert incident["cause"] == "nonfinite"
+    assert incident["host"] == "trainer-1"
+    assert incident["bytes"] == 123_456
+    assert incident["learning_rate"] == 0.01
+    assert incident["loss_scale"] is None
+    assert incident["replay"] == "gradwatch replay /runs/incidents/abc/step-7"
+
+    events = client.get(f"/api/v1/runs/{run_id}/events").json()["events"]
+    run_level = [e for e in events if e["layer"] is None and e["rule"] == "nonfinite"]
+    assert run_level and run_level[0]["incidents"] == [incident]
+    assert all(e["incidents"] == [] for e in events if e["layer"] is not None)
+
+    health = client.get(f"/api/v1/runs/{run_id}/health").json()
+    assert health["incidents"] == [incident]
+
+
+def test_resend_and_second_announcement_of_a_step_keep_the_first(client):
+    run_id = create_run(client)
+    body = _nan_batch(list(range(10)), 7, incidents=[_incident(7)])
+    assert post_batch(client, run_id, body).status_code == 200
+    assert post_batch(client, run_id, body).json()["duplicate"] is True
+    # A restarted job resends stored steps with a new batch id and announces the step again.
+    again = _nan_batch(list(range(10)), 7, incidents=[_incident(7, path="/elsewhere/step-7")])
+    assert post_batch(client, run_id, again).status_code == 200
+    later = make_batch([10, 11], _LAYERS, incidents=[_incident(11, cause="skipped")])
+    assert post_batch(client, run_id, later).status_code == 200
+
+    incidents = client.get(f"/api/v1/runs/{run_id}/incidents").json()["incidents"]
+    assert [(i["step"], i["cause"], i["path"]) for i in incidents] == [
+        (7, "nonfinite", "/runs/incidents/abc/step-7"),
+        (11, "skipped", "/runs/incidents/abc/step-11"),
+    ]
+
+
+def test_path_with_spaces_is_quoted_in_the_replay_command(client):
+    run_id = create_run(client)
+    body = make_batch([0], _LAYERS, incidents=[_incident(0, path="/my runs/step-0")])
+    assert post_batch(client, run_id, body).status_code == 200
+    [incident] = client.get(f"/api/v1/runs/{run_id}/incidents").json()["incidents"]
+    assert incident["replay"] == "gradwatch replay '/my runs/step-0'"
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"cause": "boom"}, "cause"),
+        ({"path": ""}, "path"),
+        ({"path": "/a\x00b"}, "path"),
+        ({"bytes": -1}, "bytes"),
+        ({"learning_rate": "NaN"}, "learning_rate"),
+        ({"format": "a b"}, "format"),
+        ({"surprise": 1}, "surprise"),
+    ],
+)
+def test_bad_announcement_refuses_the_batch_naming_the_field(client, change, field):
+    run_id = create_run(client)
+    body = make_batch([0, 1], _LAYERS, incidents=[_incident(1, **change)])
+    response = post_batch(client, run_id, body)
+    assert response.status_code == 422, response.text
+    assert field in response.json()["detail"]
+    assert client.get(f"/api/v1/runs/{run_id}").json()["last_step"] is None
+    assert client.get(f"/api/v1/runs/{run_id}/incidents").json()["incidents"] == []
+
+
+def test_at_most_sixteen_announcements_a_batch(client):
+    run_id = create_run(client)
+    body = make_batch([0], _LAYERS, incidents=[_incident(s) for s in range(17)])
+    response = post_batch(client, run_id, body)
+    assert response.status_code == 422
+    assert "incidents" in response.json()["detail"]
+
+
+def test_unknown_run_is_404(client):
+    response = client.get("/api/v1/runs/00000000-0000-4000-8000-000000000000/incidents")
+    assert response.status_code == 404
+    assert response.json()["code"] == "run_not_found"
