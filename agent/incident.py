@@ -137,7 +137,31 @@ class IncidentCapture:
         bad_gradient = tf.logical_or(
             tf.logical_not(tf.math.is_finite(global_norm)), tf.reduce_any(nonfinite > 0)
         )
-        trigger = tf.logical_and(tf.logical_or(bad_gradient, skipped), self._armed)
+        self._copy_if(tf.logical_or(bad_gradient, skipped), bad_gradient, step)
+
+    def on_overflow(self, step: Any, loss: Any, loss_known: Any, loss_scale: Any) -> None:
+        """In-graph, on a step a ``LossScaleOptimizer`` skips for overflow, before it changes
+        its scale: copy the state if the overflow is not the scaling's doing, i.e. the
+        step's loss is non-finite (the forward pass broke) or the scale is down to 1 (the
+        float16 gradient overflows unscaled). An overflow at a high scale is the loss
+        scaling at work and is not captured. The skipped update leaves the weights and the
+        inner optimizer's state as they were before the step, so the copy is exact.
+
+        Args:
+            step: The step (int64 scalar); ``loss``: its unscaled loss (float32 scalar);
+            loss_known: Scalar bool, whether the step's loss was seen at all;
+            loss_scale: The LSO's scale before this step (float32 scalar) or ``None``.
+        """
+        if not self.enabled:
+            return
+        broken = tf.logical_and(loss_known, tf.logical_not(tf.math.is_finite(loss)))
+        if loss_scale is not None:
+            broken = tf.logical_or(broken, loss_scale <= 1.0)
+        self._copy_if(broken, tf.constant(True), step)
+
+    def _copy_if(self, bad: Any, nonfinite: Any, step: Any) -> None:
+        """In-graph: when ``bad`` and armed, copy the state and mark the step's batch due."""
+        trigger = tf.logical_and(bad, self._armed)
 
         def copy() -> tf.Tensor:
             for shadow, variable in zip(self._shadows, self._variables, strict=True):
@@ -147,7 +171,7 @@ class IncidentCapture:
             self._batch_due.assign(True)
             self._batch_ok.assign(False)
             self._step.assign(tf.cast(step, tf.int64))
-            self._cause.assign(tf.where(bad_gradient, 0, 1))
+            self._cause.assign(tf.where(nonfinite, 0, 1))
             return tf.constant(True)
 
         tf.cond(trigger, copy, lambda: tf.constant(False))

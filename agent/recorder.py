@@ -111,6 +111,9 @@ class StepRecorder:
         self._measure_fn: Any = None  # the host-called measurement, for the current ring
         self._accumulation = 1  # micro-batches per recorded step
         self._inner: Any = None  # the wrapped optimizer, for the flight recorder's scalars
+        self.loss_scaler: Any = None
+        """The ``LossScaleOptimizer`` whose inner optimizer ``fit`` wraps (its scale is
+        recorded), set by the callback while it hooks it; else ``None``."""
         self._unread_estimate = 0
         self._read_count: int | None = None
         self._lost_steps = 0
@@ -271,7 +274,7 @@ class StepRecorder:
         current iteration); ``dynamic_scale`` is a ``LossScaleOptimizer``'s.
         """
         inner = self._inner
-        scale = getattr(inner, "dynamic_scale", None)
+        scale = getattr(self.loss_scaler or inner, "dynamic_scale", None)
         return {
             "learning_rate": tf.cast(inner.learning_rate, tf.float32),
             "loss_scale": None if scale is None else tf.cast(scale, tf.float32),
@@ -343,6 +346,10 @@ class StepRecorder:
         layout = state.layout
         nan = tf.constant(float("nan"), tf.float32)
         step = self._checkpointed.step.read_value()
+        scalars = self._optimizer_scalars()
+        self.incidents.on_overflow(
+            step, state.pending_loss(), state.loss_count > 0, scalars["loss_scale"]
+        )
         row = StepRow(
             step=step,
             layout=layout,
@@ -352,7 +359,7 @@ class StepRecorder:
             skipped=tf.constant(True),
             layer_norms=tf.fill([layout.num_layers], nan),
             layer_nonfinite=tf.zeros([layout.num_layers], tf.int32),
-            **self._optimizer_scalars(),
+            **scalars,
         )
         self.record_row(row, self._variables)
 

@@ -135,6 +135,13 @@ class Ring(tf.Module):
         self.loss_sum.assign_add(value)
         self.loss_count.assign_add(1)
 
+    def pending_loss(self) -> tf.Tensor:
+        """In-graph: the mean of the losses added for the next row (NaN when none was;
+        :attr:`loss_count` > 0 tells)."""
+        count = self.loss_count.read_value()
+        mean = self.loss_sum.read_value() / tf.cast(tf.maximum(count, 1), tf.float32)
+        return tf.where(count > 0, mean, float("nan"))
+
     def write(
         self,
         row: StepRow,
@@ -152,11 +159,7 @@ class Ring(tf.Module):
         """
         index = tf.reshape(tf.math.floormod(self.recorded.read_value(), self.capacity), [1, 1])
         count = self.loss_count.read_value()
-        loss = tf.where(
-            count > 0,
-            self.loss_sum.read_value() / tf.cast(tf.maximum(count, 1), tf.float32),
-            float("nan"),
-        )
+        loss = self.pending_loss()
         run_row = tf.stack(
             [
                 loss,

@@ -169,11 +169,13 @@ class OptimizerSwap:
         self._unhook_loss_scale()
         compat.hook_loss_scale(optimizer, self._recorder.record_overflow_step, self._record_loss)
         self._hooked_lso = optimizer
+        self._recorder.loss_scaler = optimizer
 
     def _unhook_loss_scale(self) -> None:
         optimizer, self._hooked_lso = self._hooked_lso, None
         if optimizer is not None:
             compat.unhook_loss_scale(optimizer)
+            self._recorder.loss_scaler = None
 
     def _check_own(self, wrapper: MonitoredOptimizer) -> None:
         if wrapper.monitor is not self._monitor:

@@ -52,3 +52,26 @@ def linear() -> keras.Model:
 def wide() -> keras.Model:
     """Not the model of any bundle: 16 hidden units (for the mismatch test)."""
     return _compiled(keras.layers.Dense(16, name="hidden"), keras.layers.Dense(1))
+
+
+class Amplify(keras.layers.Layer):  # type: ignore[misc]
+    """x × 1000 in the layer's compute dtype: past float16's 65,504 for inputs above ~65."""
+
+    def call(self, x: Any) -> Any:
+        return x * tf.cast(1000.0, x.dtype)
+
+
+def planted_overflow() -> keras.Model:
+    """Under ``mixed_float16``: an :class:`Amplify` layer whose float16 output overflows to
+    Inf on a batch holding a large input; linear layers carry it to the loss, so that step's
+    loss is non-finite (compiled with a ``LossScaleOptimizer``, as Keras does for the
+    policy). Restores the float32 policy."""
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        return _compiled(
+            Amplify(name="amplify"),
+            keras.layers.Dense(8, name="hidden"),
+            keras.layers.Dense(1, name="out", dtype="float32"),
+        )
+    finally:
+        keras.config.set_dtype_policy("float32")

@@ -20,7 +20,7 @@ import pytest
 import tensorflow as tf
 
 from gradwatch.agent import ConfigError, GradientMonitor, clip
-from tests.agent.incident_models import linear, plain, planted_log
+from tests.agent.incident_models import linear, plain, planted_log, planted_overflow
 
 BAD_STEP = 7
 BATCH = 16
@@ -250,3 +250,37 @@ def test_a_replay_of_a_bundle_with_the_wrong_model_says_so(tmp_path):
 def test_incident_settings_are_checked_at_construction(tmp_path, name, value):
     with pytest.raises(ConfigError, match=name):
         GradientMonitor(run="x", local_dir=str(tmp_path), **{name: value})
+
+
+def test_a_float16_overflow_of_the_forward_pass_under_mixed_precision_is_captured(tmp_path):
+    """Under mixed_float16 the LossScaleOptimizer skips every step whose scaled gradient
+    overflows, and halves its scale: usually nothing to see. A step whose *loss* is
+    non-finite is another matter (no loss scale makes it finite): it is captured, and the
+    replay names the planted float16 overflow."""
+    x, y = _data(zero_in_batch=None)
+    x[BAD_STEP * BATCH + 2, 0] = 100.0  # ×1000 in float16: Inf
+    model = planted_overflow()
+    assert type(model.optimizer).__name__ == "LossScaleOptimizer"
+    monitor = _monitor(tmp_path)
+    _fit(model, monitor, x, y)
+
+    (bundle,) = monitor.incidents
+    manifest = _manifest(bundle)
+    assert manifest["step"] == BAD_STEP
+    assert manifest["cause"] == "nonfinite"
+    row = manifest["recorded"][-1]
+    assert row["step"] == BAD_STEP
+    assert row["skipped"] is True
+    assert row["loss"] in ("inf", "nan")
+    assert row["loss_scale"] is not None
+    reader = tf.train.load_checkpoint(str(Path(bundle) / manifest["checkpoint"]))
+    captured_x = reader.get_tensor("batch/0/.ATTRIBUTES/VARIABLE_VALUE")[: BATCH * 4]
+    np.testing.assert_array_equal(
+        captured_x.reshape(BATCH, 4), x[BAD_STEP * BATCH : (BAD_STEP + 1) * BATCH]
+    )
+
+    result = _replay(bundle, "tests.agent.incident_models:planted_overflow")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "reproduced: yes" in result.stdout, result.stdout
+    assert "first NaN/Inf: op Mul in layer sequential/amplify" in result.stdout, result.stdout

@@ -55,7 +55,8 @@ def test_announced_bundle_is_listed_on_its_event_and_in_health(client):
 
     events = client.get(f"/api/v1/runs/{run_id}/events").json()["events"]
     run_level = [e for e in events if e["layer"] is None and e["rule"] == "nonfinite"]
-    assert run_level and run_level[0]["incidents"] == [incident]
+    assert run_level
+    assert run_level[0]["incidents"] == [incident]
     assert all(e["incidents"] == [] for e in events if e["layer"] is not None)
 
     health = client.get(f"/api/v1/runs/{run_id}/health").json()
