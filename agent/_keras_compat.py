@@ -27,6 +27,9 @@ tests here rather than somewhere in the monitor.
 * ``tensorflow.python.ops.control_flow_util.GraphOrParentsInXlaContext``: whether the
   step being traced is compiled by XLA (``jit_compile=True``), to pick the reduction
   kernel XLA:CPU runs fastest (:func:`gradwatch.agent.stats.sum_of_squares`).
+* The name ``seed_generator_state`` that ``keras.random.SeedGenerator`` gives its state
+  variable: how a model's RNG states are told from its other non-trainable variables
+  (batch-norm statistics), so incident capture copies them at the start of every step.
 * ``LossScaleOptimizer._stateful_handle_non_finite_grads`` and ``scale_loss``:
   shadowed while training, so overflow steps the LSO skips without calling the
   wrapper are recorded, and the unscaled loss is seen.
@@ -64,6 +67,7 @@ __all__ = [
     "default_variables",
     "hook_loss_scale",
     "in_xla_context",
+    "is_seed_state",
     "set_untracked",
     "shadow",
     "sublayers",
@@ -181,6 +185,13 @@ def in_xla_context() -> bool:
         return False
     graph = tf.compat.v1.get_default_graph()
     return bool(control_flow_util.GraphOrParentsInXlaContext(graph))
+
+
+def is_seed_state(variable: Any) -> bool:
+    """Whether a non-trainable variable is a ``keras.random.SeedGenerator``'s state (the
+    seed each draw of Dropout, a noise layer or ``keras.random.*(seed=generator)`` uses)."""
+    name = str(getattr(variable, "name", ""))
+    return name.rsplit("/", 1)[-1].split(":")[0] == "seed_generator_state"
 
 
 def default_variables(optimizer: Any) -> list[Any]:

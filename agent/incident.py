@@ -39,6 +39,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from . import _keras_compat as compat
 from .notice import say
 from .records import StepBatch
 
@@ -84,6 +85,14 @@ class IncidentCapture:
         self._buffers: list[tf.Variable | None] | None = None  # None: no batch traced yet
         self._shapes: list[tf.Variable] = []
         self._structure = ""
+        self._jit_compile = False  # whether the step that copies was traced for XLA
+        # The model's non-trainable variables (trace time, fit only): RNG states copied at
+        # every step start into _seed_latest, copied with the rest on a capture.
+        self._seed_sources: list[Any] | None = None
+        self._seed_latest: list[tf.Variable] = []
+        self._seed_captured: list[tf.Variable] = []
+        self._state_sources: list[Any] = []
+        self._state_captured: list[tf.Variable] = []
         # Batches as read (references, no copy): rows are formatted only when a bundle is written.
         self._recent: deque[StepBatch] = deque()
         self.written: list[Path] = []
@@ -125,6 +134,31 @@ class IncidentCapture:
 
     # -- in-graph ------------------------------------------------------------------------
 
+    def at_step_start(self, model: Any) -> None:
+        """In-graph, at the start of a ``train_step`` in ``fit``: note the model's RNG states.
+
+        Dropout, noise layers and a GAN's ``keras.random.normal(seed=generator)`` draw from
+        seed-generator states that each draw advances; copying them at the start of every
+        step (a few int64 pairs, no ``tf.cond``) lets the replay draw the same masks and
+        noise. Not called in custom loops (their bundles hold the states after the step).
+        """
+        if not self.enabled:
+            return
+        if self._seed_sources is None:
+            self._make_state_shadows(model)
+        for latest, source in zip(self._seed_latest, self._seed_sources or [], strict=True):
+            latest.assign(tf.convert_to_tensor(source))
+
+    def _make_state_shadows(self, model: Any) -> None:
+        state = list(getattr(model, "non_trainable_variables", []))
+        seeds = [v for v in state if compat.is_seed_state(v)]
+        with tf.init_scope():
+            self._seed_latest = [_shadow_of(v) for v in seeds]
+            self._seed_captured = [_shadow_of(v) for v in seeds]
+            self._state_sources = [v for v in state if not compat.is_seed_state(v)]
+            self._state_captured = [_shadow_of(v) for v in self._state_sources]
+        self._seed_sources = seeds
+
     def before_update(self, step: Any, global_norm: Any, nonfinite: Any, skipped: Any) -> None:
         """In-graph, before the inner optimizer's update: copy the state if this step is bad.
 
@@ -161,11 +195,16 @@ class IncidentCapture:
 
     def _copy_if(self, bad: Any, nonfinite: Any, step: Any) -> None:
         """In-graph: when ``bad`` and armed, copy the state and mark the step's batch due."""
+        self._jit_compile = compat.in_xla_context()
         trigger = tf.logical_and(bad, self._armed)
 
         def copy() -> tf.Tensor:
             for shadow, variable in zip(self._shadows, self._variables, strict=True):
                 shadow.assign(variable)
+            for captured, latest in zip(self._seed_captured, self._seed_latest, strict=True):
+                captured.assign(latest)
+            for captured, source in zip(self._state_captured, self._state_sources, strict=True):
+                captured.assign(tf.convert_to_tensor(source))
             self._armed.assign(False)
             self._pending.assign(True)
             self._batch_due.assign(True)
@@ -299,6 +338,8 @@ class IncidentCapture:
             optimizer=self._shadows[self._trainable :],
             batch=list(self._buffers or []) if batch_ok else [],
             batch_shape=self._shapes if batch_ok else [],
+            rng=self._seed_captured,
+            model_state=self._state_captured,
         )
         prefix = checkpoint.write(str(directory / "state"))
         size = sum(p.stat().st_size for p in directory.glob("state*"))
@@ -309,6 +350,7 @@ class IncidentCapture:
             "step": step,
             "cause": _CAUSES[int(self._cause.numpy())],
             "captured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "jit_compile": self._jit_compile,
             "checkpoint": Path(prefix).name,
             "bytes": size,
             "policy": settings.policy,
@@ -317,6 +359,14 @@ class IncidentCapture:
             "model": _model_description(model),
             "weights": [_describe(v) for v in self._variables[: self._trainable]],
             "optimizer_variables": [_describe(v) for v in self._variables[self._trainable :]],
+            # fit only (null in custom loops): RNG states at the step's start; the other
+            # non-trainable variables (batch-norm statistics) after its forward pass.
+            "rng_states": (
+                None if self._seed_sources is None else [_describe(v) for v in self._seed_sources]
+            ),
+            "model_state": (
+                None if self._seed_sources is None else [_describe(v) for v in self._state_sources]
+            ),
             "batch": (
                 {
                     "structure": self._structure,
@@ -370,6 +420,10 @@ def _structure(data: Any) -> str:
     if isinstance(data, tuple | list) and 1 <= len(data) <= 3:
         return ",".join(("x", "y", "sample_weight")[: len(data)])
     return "x"
+
+
+def _shadow_of(variable: Any) -> tf.Variable:
+    return tf.Variable(tf.zeros(variable.shape, variable.dtype), trainable=False)
 
 
 def _describe(variable: Any) -> dict[str, Any]:

@@ -33,7 +33,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from . import _keras_compat as compat
 from .incident import BUNDLE_FORMAT
+from .remedies import Remedy, remedies
 
 __all__ = ["BundleError", "FirstBadOp", "LayerNorms", "Remedy", "ReplayReport", "replay"]
 
@@ -70,17 +72,6 @@ class LayerNorms:
     replayed_float64: float
     recorded: float | None
     nonfinite: int
-
-
-@dataclass(frozen=True, slots=True)
-class Remedy:
-    """A clip policy applied to the replayed gradient: its threshold, and the result."""
-
-    name: str
-    threshold: float
-    finite: bool
-    global_norm: float
-    note: str
 
 
 @dataclass(slots=True)
@@ -127,11 +118,11 @@ def replay(bundle: Path, model_fn: str | None = None) -> ReplayReport:
     restore = _restorer(model, inner, manifest, reader)
 
     restore()
-    grads, variables = _gradients(model, data, inner)
+    grads, variables = _gradients(model, data, inner, bool(manifest.get("jit_compile")))
     report = _compare(bundle, manifest, grads, variables)
     restore()
     report.first_bad_op = _first_bad_op(model, data, inner)
-    report.remedies = _remedies(manifest, grads)
+    report.remedies = remedies(manifest, grads)
     report.batch_nonfinite = _nonfinite_inputs(manifest, data)
     rows = manifest.get("recorded", [])
     for name in ("learning_rate", "loss_scale"):
@@ -239,10 +230,20 @@ def _compile(model: Any, manifest: dict[str, Any]) -> None:
 def _restorer(model: Any, inner: Any, manifest: dict[str, Any], reader: Any) -> Callable[[], None]:
     """Check that the model's variables match the bundle's; return what restores them."""
     pairs: list[tuple[Any, np.ndarray]] = []
+    state = list(model.non_trainable_variables)
+    seeds = [v for v in state if compat.is_seed_state(v)]
     for kind, variables, specs in (
         ("weights", model.trainable_variables, manifest["weights"]),
         ("optimizer", inner.variables, manifest["optimizer_variables"]),
+        ("rng", seeds, manifest.get("rng_states")),  # absent: custom loops, older bundles
+        (
+            "model_state",
+            [v for v in state if not compat.is_seed_state(v)],
+            manifest.get("model_state"),
+        ),
     ):
+        if specs is None:
+            continue
         if len(variables) != len(specs):
             raise BundleError(
                 f"{kind}: the model has {len(variables)} variables, the bundle {len(specs)}: "
@@ -290,9 +291,25 @@ def _intercepted_step(model: Any, data: tuple[Any, ...], inner: Any) -> list[Any
     return seen[-1]  # type: ignore[no-any-return]
 
 
-def _gradients(model: Any, data: tuple[Any, ...], inner: Any) -> tuple[list[Any], list[Any]]:
-    grads, variables = _intercepted_step(model, data, inner)
-    return [None if g is None else np.asarray(tf.convert_to_tensor(g)) for g in grads], variables
+def _gradients(
+    model: Any, data: tuple[Any, ...], inner: Any, jit_compile: bool
+) -> tuple[list[Any], list[Any]]:
+    """The step's gradients as NumPy arrays, and their variables. A step trained under XLA
+    is replayed under XLA: its stateless RNG (dropout masks) draws differently from the
+    eager kernels', and its float rounding may differ too."""
+    if not jit_compile:
+        grads, variables = _intercepted_step(model, data, inner)
+        return [None if g is None else np.asarray(g) for g in grads], variables
+    found: list[Any] = []
+
+    def step(batch: Any) -> list[Any]:
+        grads, variables = _intercepted_step(model, batch, inner)
+        found[:] = [variables, [g is not None for g in grads]]
+        return [g for g in grads if g is not None]
+
+    computed = iter(tf.function(step, jit_compile=True)(data))
+    variables, present = found
+    return [np.asarray(next(computed)) if p else None for p in present], variables
 
 
 def _layer_of(variable: Any) -> str:
@@ -422,67 +439,3 @@ def _where(tb: Any) -> tuple[str | None, str | None, str | None]:
             code = summary.line
         tb = tb.tb_next
     return layer, frame, code
-
-
-# -- remedies ----------------------------------------------------------------------------------
-
-
-def _remedies(manifest: dict[str, Any], grads: list[Any]) -> list[Remedy]:
-    present = [g.astype(np.float64) for g in grads if g is not None]
-    with np.errstate(all="ignore"):
-        norm = math.sqrt(sum(float(np.sum(np.square(g))) for g in present))
-    history = [
-        float(row["global_norm"])
-        for row in manifest.get("recorded", [])
-        if row["step"] < manifest["step"] and math.isfinite(float(row["global_norm"]))
-    ]
-    typical = float(np.median(history)) if history else 1.0
-    policy = _policy_thresholds(manifest.get("policy"))
-    remedies = []
-    limit = policy.get("global_norm", typical)
-    if math.isfinite(norm):
-        remedies.append(Remedy("global_norm", limit, True, min(norm, limit), "scaled to the limit"))
-    else:
-        remedies.append(
-            Remedy("global_norm", limit, True, 0.0, "a non-finite norm becomes a zero update")
-        )
-    value = policy.get("by_value", 1.0)
-    clipped = [np.clip(g, -value, value) for g in present]
-    with np.errstate(all="ignore"):
-        clipped_norm = math.sqrt(sum(float(np.sum(np.square(g))) for g in clipped))
-    remedies.append(
-        Remedy(
-            "by_value",
-            value,
-            math.isfinite(clipped_norm),
-            clipped_norm,
-            "±Inf clipped to the limit" if math.isfinite(clipped_norm) else "NaN passes through",
-        )
-    )
-    mean = float(np.mean(history)) if history else typical
-    std = float(np.std(history)) if history else 0.0
-    threshold = mean + 2.5 * std
-    if math.isfinite(norm):
-        remedies.append(
-            Remedy("zclip", threshold, True, min(norm, threshold), "z = 2.5 of the recorded norms")
-        )
-    else:
-        remedies.append(
-            Remedy("zclip", threshold, False, math.nan, "a non-finite norm cannot be scaled down")
-        )
-    return remedies
-
-
-def _policy_thresholds(policy: Any) -> dict[str, float]:
-    """``global_norm``/``by_value`` limits of the run's policy (searched through chains)."""
-    found: dict[str, float] = {}
-    stack = [policy]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            if item.get("policy") == "global_norm" and "max_norm" in item:
-                found["global_norm"] = float(item["max_norm"])
-            if item.get("policy") == "by_value" and "limit" in item:
-                found["by_value"] = float(item["limit"])
-            stack.extend(item.get("policies", []))
-    return found

@@ -75,3 +75,13 @@ def planted_overflow() -> keras.Model:
         )
     finally:
         keras.config.set_dtype_policy("float32")
+
+
+def dropout() -> keras.Model:
+    """Linear layers around a ``Dropout(0.5)``: its mask changes every step, so a replay that
+    draws its own mask gets another gradient (the learning-rate-jump test's model with one)."""
+    return _compiled(
+        keras.layers.Dense(16, name="wide"),
+        keras.layers.Dropout(0.5, name="drop"),
+        keras.layers.Dense(1, name="out"),
+    )

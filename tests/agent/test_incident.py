@@ -20,7 +20,7 @@ import pytest
 import tensorflow as tf
 
 from gradwatch.agent import ConfigError, GradientMonitor, clip
-from tests.agent.incident_models import linear, plain, planted_log, planted_overflow
+from tests.agent.incident_models import dropout, linear, plain, planted_log, planted_overflow
 
 BAD_STEP = 7
 BATCH = 16
@@ -187,6 +187,50 @@ def test_a_learning_rate_jump_skipped_by_skip_spike_is_captured_and_reproduced(t
     assert rates[11] == pytest.approx(0.01)
     assert rates[12] == rates[13] == 30.0
     assert "30 from step 12 (×3000)" in result.stdout, result.stdout
+
+
+def _jump_learning_rate(model, monitor, x, y, **compile_options) -> None:
+    """fit with the learning rate ×3000 from step 12 (a finite spike ``skip_spike`` skips)."""
+
+    class JumpAt(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch == 12:
+                self.model.optimizer.learning_rate.assign(30.0)
+
+    if compile_options:
+        model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse", **compile_options)
+    model.fit(
+        x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[JumpAt(), monitor]
+    )
+    monitor.close()
+
+
+@pytest.mark.parametrize("options", [{}, {"jit_compile": True}], ids=["graph", "xla"])
+def test_dropout_masks_are_replayed_from_the_rng_states_at_the_step_start(tmp_path, options):
+    """The bundle holds the seed generators' states from the start of the bad step, so the
+    replay draws the same dropout mask and gives the recorded norms back, layer by layer."""
+    x, y = _data(zero_in_batch=None)
+    monitor = GradientMonitor(
+        run="dropout",
+        policy=clip.skip_spike(sigma=6.0, window=16, min_history=8),
+        flush_every=4,
+        local_dir=str(tmp_path / "runs"),
+    )
+    _jump_learning_rate(dropout(), monitor, x, y, **options)
+
+    (bundle,) = monitor.incidents
+    manifest = _manifest(bundle)
+    assert [state["path"].rsplit("/", 1)[-1] for state in manifest["rng_states"]] == [
+        "seed_generator_state"
+    ]
+    result = _replay(bundle, "tests.agent.incident_models:dropout")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "reproduced: yes" in result.stdout, result.stdout
+    for layer in ("sequential/wide", "sequential/out"):
+        line = next(row for row in result.stdout.splitlines() if layer in row)
+        replayed, _, recorded = (float(v) for v in line.split("│")[2:5])
+        assert replayed == pytest.approx(recorded, rel=1e-5), line
 
 
 def test_a_custom_loop_captures_the_batch_it_offers(tmp_path):

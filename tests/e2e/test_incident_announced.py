@@ -56,6 +56,10 @@ def test_bundle_of_a_planted_log_zero_is_announced_to_the_server(server, api, tm
     [run_level] = [e for e in events["events"] if e["layer"] is None]
     assert run_level["first_step"] == BAD_STEP
     assert run_level["incidents"] == [incident]
+    # The onset names the planted layer: the first (and only) one with NaN gradients.
+    onset = run_level["onset"]
+    assert onset["first_nonfinite_backward"] == onset["first_nonfinite_forward"]
+    assert onset["first_nonfinite_backward"] == "sequential/hidden"
     assert api.get(f"/api/v1/runs/{run_id}/health").json()["incidents"] == [incident]
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRADWATCH_")}
