@@ -23,11 +23,8 @@ Not thread-safe: the training thread owns it.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import math
-import socket
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -40,15 +37,22 @@ import numpy as np
 import tensorflow as tf
 
 from . import _keras_compat as compat
+from .bundle import (
+    BUNDLE_FORMAT,
+    announcement,
+    describe,
+    learning_rate,
+    model_description,
+    recorded_rows,
+    structure,
+)
 from .notice import say
 from .records import StepBatch
 
-__all__ = ["BUNDLE_FORMAT", "IncidentCapture", "IncidentSettings"]
+__all__ = ["IncidentCapture", "IncidentSettings"]
 
 log = logging.getLogger("gradwatch.agent")
 
-BUNDLE_FORMAT = "gradwatch-incident/1"
-"""``manifest.json``'s ``format``: bump when a field changes meaning."""
 
 _CAUSES = ("nonfinite", "skipped")
 
@@ -273,7 +277,7 @@ class IncidentCapture:
                     tf.Variable(tf.zeros([leaf.shape.rank or 0], tf.int64), trainable=False)
                 )
         self._buffers = buffers
-        self._structure = _structure(data)
+        self._structure = structure(data)
 
     # -- host side -----------------------------------------------------------------------
 
@@ -288,25 +292,7 @@ class IncidentCapture:
 
     def _recorded_rows(self, step: int) -> list[dict[str, Any]]:
         """The last ``recorder_steps`` recorded rows up to ``step``, as JSON-able dicts."""
-        rows = []
-        for batch in self._recent:
-            for i in range(len(batch.step)):
-                if int(batch.step[i]) > step:
-                    continue
-                rows.append(
-                    {
-                        "step": int(batch.step[i]),
-                        "loss": _number(batch.loss[i]) if batch.loss_known[i] else None,
-                        "global_norm": _number(batch.global_norm[i]),
-                        "clip_coef": _number(batch.clip_coef[i]),
-                        "skipped": bool(batch.skipped[i]),
-                        "grad_norm": [_number(v) for v in batch.grad_norm[i]],
-                        "nonfinite": [int(v) for v in batch.nonfinite[i]],
-                        "learning_rate": _recorded(batch.learning_rate, i),
-                        "loss_scale": _recorded(batch.loss_scale, i),
-                    }
-                )
-        return rows[-max(1, self._settings.recorder_steps) :]
+        return recorded_rows(self._recent, step, self._settings.recorder_steps)
 
     def write_if_pending(self, model: Any) -> dict[str, Any] | None:
         """Host, after a ring read: write the bundle of a captured step (one scalar read when
@@ -323,7 +309,7 @@ class IncidentCapture:
         self.written.append(path)
         if len(self.written) < self._settings.max_incidents:
             self._armed.assign(True)
-        return _announcement(path, manifest)
+        return announcement(path, manifest)
 
     def _write(self, model: Any) -> tuple[Path, dict[str, Any]]:
         started = time.perf_counter()
@@ -354,18 +340,18 @@ class IncidentCapture:
             "checkpoint": Path(prefix).name,
             "bytes": size,
             "policy": settings.policy,
-            "learning_rate": _learning_rate(self._inner),
+            "learning_rate": learning_rate(self._inner),
             "optimizer": keras.optimizers.serialize(self._inner),
-            "model": _model_description(model),
-            "weights": [_describe(v) for v in self._variables[: self._trainable]],
-            "optimizer_variables": [_describe(v) for v in self._variables[self._trainable :]],
+            "model": model_description(model),
+            "weights": [describe(v) for v in self._variables[: self._trainable]],
+            "optimizer_variables": [describe(v) for v in self._variables[self._trainable :]],
             # fit only (null in custom loops): RNG states at the step's start; the other
             # non-trainable variables (batch-norm statistics) after its forward pass.
             "rng_states": (
-                None if self._seed_sources is None else [_describe(v) for v in self._seed_sources]
+                None if self._seed_sources is None else [describe(v) for v in self._seed_sources]
             ),
             "model_state": (
-                None if self._seed_sources is None else [_describe(v) for v in self._state_sources]
+                None if self._seed_sources is None else [describe(v) for v in self._state_sources]
             ),
             "batch": (
                 {
@@ -390,77 +376,5 @@ class IncidentCapture:
         return directory, manifest
 
 
-def _announcement(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """The wire ``incidents`` item of a written bundle (finite numbers or null only)."""
-    step = manifest["step"]
-    rows: list[dict[str, Any]] = manifest["recorded"]
-    row: dict[str, Any] = next((r for r in reversed(rows) if r["step"] == step), {})
-
-    def finite(value: Any) -> float | None:
-        return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
-
-    return {
-        "step": step,
-        "cause": manifest["cause"],
-        "path": str(path.resolve()),
-        "host": socket.gethostname()[:255],
-        "bytes": manifest["bytes"],
-        "format": BUNDLE_FORMAT,
-        "learning_rate": finite(
-            row["learning_rate"]
-            if row.get("learning_rate") is not None
-            else manifest["learning_rate"]
-        ),
-        "loss_scale": finite(row.get("loss_scale")),
-    }
-
-
-def _structure(data: Any) -> str:
-    """How a batch unpacks: ``x``, ``x,y`` or ``x,y,sample_weight`` (Keras' convention)."""
-    if isinstance(data, tuple | list) and 1 <= len(data) <= 3:
-        return ",".join(("x", "y", "sample_weight")[: len(data)])
-    return "x"
-
-
 def _shadow_of(variable: Any) -> tf.Variable:
     return tf.Variable(tf.zeros(variable.shape, variable.dtype), trainable=False)
-
-
-def _describe(variable: Any) -> dict[str, Any]:
-    return {
-        "path": str(getattr(variable, "path", variable.name)),
-        "shape": [int(d) for d in variable.shape],
-        "dtype": tf.as_dtype(variable.dtype).name,
-    }
-
-
-def _number(value: Any) -> float | str:
-    number = float(value)
-    return number if math.isfinite(number) else str(number)
-
-
-def _recorded(column: Any, i: int) -> float | str | None:
-    """Row ``i`` of a flight-recorder column: ``None`` where it is not recorded (NaN)."""
-    if column is None or np.isnan(column[i]):
-        return None
-    return _number(column[i])
-
-
-def _learning_rate(optimizer: Any) -> float | None:
-    try:
-        return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
-    except Exception:
-        return None
-
-
-def _model_description(model: Any) -> dict[str, Any] | None:
-    if model is None:
-        return None
-    description: dict[str, Any] = {"class": type(model).__qualname__, "json": None}
-    with contextlib.suppress(Exception):  # subclassed models without get_config
-        description["json"] = model.to_json()
-    try:
-        description["compile"] = model.get_compile_config()
-    except Exception:
-        description["compile"] = None
-    return description

@@ -34,7 +34,7 @@ import numpy as np
 import tensorflow as tf
 
 from . import _keras_compat as compat
-from .incident import BUNDLE_FORMAT
+from .bundle import BUNDLE_FORMAT
 from .remedies import Remedy, remedies
 
 __all__ = ["BundleError", "FirstBadOp", "LayerNorms", "Remedy", "ReplayReport", "replay"]

@@ -1,0 +1,130 @@
+"""The incident bundle on disk: its manifest's parts and the server's announcement of it.
+
+Pure host-side helpers of :mod:`gradwatch.agent.incident` (JSON-able values from variables,
+recorded batches and models); thread-safe, no TensorFlow graph work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import socket
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from .records import StepBatch
+
+__all__ = [
+    "BUNDLE_FORMAT",
+    "announcement",
+    "describe",
+    "learning_rate",
+    "model_description",
+    "number",
+    "recorded",
+    "recorded_rows",
+    "structure",
+]
+
+BUNDLE_FORMAT = "gradwatch-incident/1"
+"""``manifest.json``'s ``format``: bump when a field changes meaning."""
+
+
+def recorded_rows(recent: Iterable[StepBatch], step: int, keep: int) -> list[dict[str, Any]]:
+    """The last ``keep`` rows of ``recent`` up to ``step``, as JSON-able dicts."""
+    rows = []
+    for batch in recent:
+        for i in range(len(batch.step)):
+            if int(batch.step[i]) > step:
+                continue
+            rows.append(
+                {
+                    "step": int(batch.step[i]),
+                    "loss": number(batch.loss[i]) if batch.loss_known[i] else None,
+                    "global_norm": number(batch.global_norm[i]),
+                    "clip_coef": number(batch.clip_coef[i]),
+                    "skipped": bool(batch.skipped[i]),
+                    "grad_norm": [number(v) for v in batch.grad_norm[i]],
+                    "nonfinite": [int(v) for v in batch.nonfinite[i]],
+                    "learning_rate": recorded(batch.learning_rate, i),
+                    "loss_scale": recorded(batch.loss_scale, i),
+                }
+            )
+    return rows[-max(1, keep) :]
+
+
+def announcement(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The wire ``incidents`` item of a written bundle (finite numbers or null only)."""
+    step = manifest["step"]
+    rows: list[dict[str, Any]] = manifest["recorded"]
+    row: dict[str, Any] = next((r for r in reversed(rows) if r["step"] == step), {})
+
+    def finite(value: Any) -> float | None:
+        return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+    return {
+        "step": step,
+        "cause": manifest["cause"],
+        "path": str(path.resolve()),
+        "host": socket.gethostname()[:255],
+        "bytes": manifest["bytes"],
+        "format": BUNDLE_FORMAT,
+        "learning_rate": finite(
+            row["learning_rate"]
+            if row.get("learning_rate") is not None
+            else manifest["learning_rate"]
+        ),
+        "loss_scale": finite(row.get("loss_scale")),
+    }
+
+
+def structure(data: Any) -> str:
+    """How a batch unpacks: ``x``, ``x,y`` or ``x,y,sample_weight`` (Keras' convention)."""
+    if isinstance(data, tuple | list) and 1 <= len(data) <= 3:
+        return ",".join(("x", "y", "sample_weight")[: len(data)])
+    return "x"
+
+
+def describe(variable: Any) -> dict[str, Any]:
+    return {
+        "path": str(getattr(variable, "path", variable.name)),
+        "shape": [int(d) for d in variable.shape],
+        "dtype": tf.as_dtype(variable.dtype).name,
+    }
+
+
+def number(value: Any) -> float | str:
+    number = float(value)
+    return number if math.isfinite(number) else str(number)
+
+
+def recorded(column: Any, i: int) -> float | str | None:
+    """Row ``i`` of a flight-recorder column: ``None`` where it is not recorded (NaN)."""
+    if column is None or np.isnan(column[i]):
+        return None
+    return number(column[i])
+
+
+def learning_rate(optimizer: Any) -> float | None:
+    try:
+        return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+    except Exception:
+        return None
+
+
+def model_description(model: Any) -> dict[str, Any] | None:
+    if model is None:
+        return None
+    description: dict[str, Any] = {"class": type(model).__qualname__, "json": None}
+    with contextlib.suppress(Exception):  # subclassed models without get_config
+        description["json"] = model.to_json()
+    try:
+        description["compile"] = model.get_compile_config()
+    except Exception:
+        description["compile"] = None
+    return description
