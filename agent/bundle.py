@@ -22,6 +22,7 @@ from .records import StepBatch
 __all__ = [
     "BUNDLE_FORMAT",
     "announcement",
+    "bundle_path",
     "describe",
     "learning_rate",
     "model_description",
@@ -90,9 +91,14 @@ def structure(data: Any) -> str:
     return "x"
 
 
+def bundle_path(variable: Any) -> str:
+    """A variable's name in a manifest: its Keras path (``model/dense/kernel``)."""
+    return str(getattr(variable, "path", variable.name))
+
+
 def describe(variable: Any) -> dict[str, Any]:
     return {
-        "path": str(getattr(variable, "path", variable.name)),
+        "path": bundle_path(variable),
         "shape": [int(d) for d in variable.shape],
         "dtype": tf.as_dtype(variable.dtype).name,
     }

@@ -21,8 +21,9 @@ training-thread-only :class:`GroupMerger`.
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -180,6 +181,7 @@ class GroupMerger:
     def __init__(self, submit: Callable[[StepBatch], object]) -> None:
         self._submit = submit
         self._pending: dict[int, list[StepBatch]] = {}
+        self._incidents: list[Mapping[str, Any]] = []  # announced, not yet sent
 
     @property
     def pending(self) -> bool:
@@ -202,5 +204,12 @@ class GroupMerger:
         """
         pending, self._pending = self._pending, {}
         groups = [(names, pending.get(i, [])) for i, names in enumerate(layers)]
-        for batch in merge_group_batches(groups):
+        self._incidents.extend(
+            n for batches in pending.values() for b in batches for n in b.incidents
+        )
+        merged = merge_group_batches(groups)
+        if merged and self._incidents:  # announcements ride on the last merged batch
+            merged[-1] = dataclasses.replace(merged[-1], incidents=tuple(self._incidents))
+            self._incidents.clear()
+        for batch in merged:
             self._submit(batch)

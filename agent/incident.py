@@ -40,21 +40,24 @@ from . import _keras_compat as compat
 from .bundle import (
     BUNDLE_FORMAT,
     announcement,
+    bundle_path,
     describe,
     learning_rate,
     model_description,
     recorded_rows,
     structure,
 )
+from .incident_state import SharedCapture
+from .incident_trigger import ExplosionWatch
 from .notice import say
 from .records import StepBatch
 
-__all__ = ["IncidentCapture", "IncidentSettings"]
+__all__ = ["IncidentCapture", "IncidentSettings", "SharedCapture"]
 
 log = logging.getLogger("gradwatch.agent")
 
 
-_CAUSES = ("nonfinite", "skipped")
+_CAUSES = ("nonfinite", "skipped", "explosion")
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +70,7 @@ class IncidentSettings:
         max_bytes: Cap on the memory held for one capture (weights, optimizer state, batch).
         recorder_steps: Recorded steps kept in the bundle, up to and including the bad one.
         run_id: The run's id; ``run``: its name; ``policy``: the policy's description.
+        group: The optimizer group whose steps this capture watches, or ``None``.
     """
 
     directory: Path
@@ -76,38 +80,57 @@ class IncidentSettings:
     run_id: str
     run: str
     policy: dict[str, Any] | None
+    group: str | None = None
 
 
 class IncidentCapture:
-    """Shadow copies of one optimizer's variables and of a batch, filled on the first bad step."""
+    """Shadow copies of the weights, one optimizer's variables and a batch, filled on the
+    first bad step (of the run: a group's capture shares its :class:`SharedCapture`)."""
 
-    def __init__(self, settings: IncidentSettings) -> None:
+    def __init__(self, settings: IncidentSettings, shared: SharedCapture | None = None) -> None:
         self._settings = settings
+        self.shared = shared or SharedCapture(settings.max_incidents)
+        self._explosion = ExplosionWatch()  # a finite step the server would call critical
+        self._group_paths: list[str] | None = None  # a group's own variables, by path
         self._variables: list[Any] = []
         self._shadows: list[tf.Variable] = []
         self._inner: Any = None
         self._buffers: list[tf.Variable | None] | None = None  # None: no batch traced yet
         self._shapes: list[tf.Variable] = []
         self._structure = ""
+        self._packed = True  # the batch was a tuple (x, y), not a bare tensor
         self._jit_compile = False  # whether the step that copies was traced for XLA
-        # The model's non-trainable variables (trace time, fit only): RNG states copied at
-        # every step start into _seed_latest, copied with the rest on a capture.
-        self._seed_sources: list[Any] | None = None
-        self._seed_latest: list[tf.Variable] = []
-        self._seed_captured: list[tf.Variable] = []
-        self._state_sources: list[Any] = []
-        self._state_captured: list[tf.Variable] = []
         # Batches as read (references, no copy): rows are formatted only when a bundle is written.
         self._recent: deque[StepBatch] = deque()
-        self.written: list[Path] = []
         self.enabled = False
 
     # -- building ------------------------------------------------------------------------
 
-    def build(self, variables: Sequence[Any], inner: keras.optimizers.Optimizer) -> None:
-        """Create the shadow variables (eagerly, once), or say why capture is off."""
+    @property
+    def written(self) -> list[Path]:
+        """The run's bundles written so far (every group's, for a group's capture)."""
+        return self.shared.written
+
+    def build(
+        self, variables: Sequence[Any], inner: keras.optimizers.Optimizer, model: Any = None
+    ) -> None:
+        """Create the shadow variables (eagerly, once), or say why capture is off.
+
+        A group's capture copies every trainable weight of ``model`` (the other groups'
+        too: the replay runs the whole ``train_step``), and its own optimizer's state.
+        """
         if self.enabled or self._settings.max_incidents == 0:
             return
+        if self._settings.group is not None:
+            if model is None:
+                log.info(
+                    "gradwatch: incident capture of group %r is off: call "
+                    "monitor.set_model(model) in a custom loop",
+                    self._settings.group,
+                )
+                return
+            self._group_paths = [bundle_path(v) for v in variables]
+            variables = list(model.trainable_variables)
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         if replicas > 1 or inner.gradient_accumulation_steps:
             why = "tf.distribute" if replicas > 1 else "gradient_accumulation_steps"
@@ -126,42 +149,18 @@ class IncidentCapture:
                 tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False, name="incident_copy")
                 for v in watched
             ]
-            self._armed = tf.Variable(True, trainable=False, name="incident_armed")
+            self._armed = self.shared.armed
             self._pending = tf.Variable(False, trainable=False, name="incident_pending")
             self._batch_due = tf.Variable(False, trainable=False, name="incident_batch_due")
             self._batch_ok = tf.Variable(False, trainable=False, name="incident_batch_ok")
             self._step = tf.Variable(tf.constant(-1, tf.int64), trainable=False)
             self._cause = tf.Variable(0, trainable=False, name="incident_cause")
+            self._explosion.build()
         self._variables, self._inner = watched, inner
         self._trainable = len(variables)
         self.enabled = True
 
     # -- in-graph ------------------------------------------------------------------------
-
-    def at_step_start(self, model: Any) -> None:
-        """In-graph, at the start of a ``train_step`` in ``fit``: note the model's RNG states.
-
-        Dropout, noise layers and a GAN's ``keras.random.normal(seed=generator)`` draw from
-        seed-generator states that each draw advances; copying them at the start of every
-        step (a few int64 pairs, no ``tf.cond``) lets the replay draw the same masks and
-        noise. Not called in custom loops (their bundles hold the states after the step).
-        """
-        if not self.enabled:
-            return
-        if self._seed_sources is None:
-            self._make_state_shadows(model)
-        for latest, source in zip(self._seed_latest, self._seed_sources or [], strict=True):
-            latest.assign(tf.convert_to_tensor(source))
-
-    def _make_state_shadows(self, model: Any) -> None:
-        state = list(getattr(model, "non_trainable_variables", []))
-        seeds = [v for v in state if compat.is_seed_state(v)]
-        with tf.init_scope():
-            self._seed_latest = [_shadow_of(v) for v in seeds]
-            self._seed_captured = [_shadow_of(v) for v in seeds]
-            self._state_sources = [v for v in state if not compat.is_seed_state(v)]
-            self._state_captured = [_shadow_of(v) for v in self._state_sources]
-        self._seed_sources = seeds
 
     def before_update(self, step: Any, global_norm: Any, nonfinite: Any, skipped: Any) -> None:
         """In-graph, before the inner optimizer's update: copy the state if this step is bad.
@@ -175,7 +174,9 @@ class IncidentCapture:
         bad_gradient = tf.logical_or(
             tf.logical_not(tf.math.is_finite(global_norm)), tf.reduce_any(nonfinite > 0)
         )
-        self._copy_if(tf.logical_or(bad_gradient, skipped), bad_gradient, step)
+        explosion = self._explosion.update(global_norm, skipped)
+        cause = tf.where(bad_gradient, 0, tf.where(skipped, 1, 2))
+        self._copy_if(bad_gradient | skipped | explosion, cause, step)
 
     def on_overflow(self, step: Any, loss: Any, loss_known: Any, loss_scale: Any) -> None:
         """In-graph, on a step a ``LossScaleOptimizer`` skips for overflow, before it changes
@@ -195,26 +196,24 @@ class IncidentCapture:
         broken = tf.logical_and(loss_known, tf.logical_not(tf.math.is_finite(loss)))
         if loss_scale is not None:
             broken = tf.logical_or(broken, loss_scale <= 1.0)
-        self._copy_if(broken, tf.constant(True), step)
+        self._copy_if(broken, tf.constant(0), step)
 
-    def _copy_if(self, bad: Any, nonfinite: Any, step: Any) -> None:
-        """In-graph: when ``bad`` and armed, copy the state and mark the step's batch due."""
+    def _copy_if(self, bad: Any, cause: Any, step: Any) -> None:
+        """In-graph: when ``bad`` and armed, copy the state and mark the step's batch due
+        (``cause``: int32 index into ``_CAUSES``)."""
         self._jit_compile = compat.in_xla_context()
         trigger = tf.logical_and(bad, self._armed)
 
         def copy() -> tf.Tensor:
             for shadow, variable in zip(self._shadows, self._variables, strict=True):
                 shadow.assign(variable)
-            for captured, latest in zip(self._seed_captured, self._seed_latest, strict=True):
-                captured.assign(latest)
-            for captured, source in zip(self._state_captured, self._state_sources, strict=True):
-                captured.assign(tf.convert_to_tensor(source))
+            self.shared.copy_model_state()
             self._armed.assign(False)
             self._pending.assign(True)
             self._batch_due.assign(True)
             self._batch_ok.assign(False)
             self._step.assign(tf.cast(step, tf.int64))
-            self._cause.assign(tf.where(nonfinite, 0, 1))
+            self._cause.assign(cause)
             return tf.constant(True)
 
         tf.cond(trigger, copy, lambda: tf.constant(False))
@@ -278,6 +277,7 @@ class IncidentCapture:
                 )
         self._buffers = buffers
         self._structure = structure(data)
+        self._packed = isinstance(data, tuple | list)
 
     # -- host side -----------------------------------------------------------------------
 
@@ -306,9 +306,7 @@ class IncidentCapture:
         except Exception:
             log.exception("gradwatch: could not write the incident bundle")
             return None
-        self.written.append(path)
-        if len(self.written) < self._settings.max_incidents:
-            self._armed.assign(True)
+        self.shared.wrote(path)
         return announcement(path, manifest)
 
     def _write(self, model: Any) -> tuple[Path, dict[str, Any]]:
@@ -324,8 +322,8 @@ class IncidentCapture:
             optimizer=self._shadows[self._trainable :],
             batch=list(self._buffers or []) if batch_ok else [],
             batch_shape=self._shapes if batch_ok else [],
-            rng=self._seed_captured,
-            model_state=self._state_captured,
+            rng=self.shared.seed_captured,
+            model_state=self.shared.state_captured,
         )
         prefix = checkpoint.write(str(directory / "state"))
         size = sum(p.stat().st_size for p in directory.glob("state*"))
@@ -337,6 +335,8 @@ class IncidentCapture:
             "cause": _CAUSES[int(self._cause.numpy())],
             "captured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "jit_compile": self._jit_compile,
+            "group": self._settings.group,
+            "group_variables": self._group_paths,
             "checkpoint": Path(prefix).name,
             "bytes": size,
             "policy": settings.policy,
@@ -347,15 +347,11 @@ class IncidentCapture:
             "optimizer_variables": [describe(v) for v in self._variables[self._trainable :]],
             # fit only (null in custom loops): RNG states at the step's start; the other
             # non-trainable variables (batch-norm statistics) after its forward pass.
-            "rng_states": (
-                None if self._seed_sources is None else [describe(v) for v in self._seed_sources]
-            ),
-            "model_state": (
-                None if self._seed_sources is None else [describe(v) for v in self._state_sources]
-            ),
+            **self.shared.describe_model_state(),
             "batch": (
                 {
                     "structure": self._structure,
+                    "packed": self._packed,
                     "inputs": [
                         None if b is None else {"dtype": b.dtype.name} for b in self._buffers or []
                     ],
@@ -374,7 +370,3 @@ class IncidentCapture:
             f"`gradwatch replay {directory}`"
         )
         return directory, manifest
-
-
-def _shadow_of(variable: Any) -> tf.Variable:
-    return tf.Variable(tf.zeros(variable.shape, variable.dtype), trainable=False)

@@ -162,6 +162,7 @@ class GradientMonitor(keras.callbacks.Callback, compat.Trackable):  # type: igno
             self._checkpointed,
             self._layer_owners,
             lambda groups: self._sender.add_run_config(groups=groups),
+            model=lambda: self.model,
         )
         self._loss_capture = LossCapture(self._recorders, lambda: bool(self._groups))
         self._wrapper: MonitoredOptimizer | None = None
@@ -316,14 +317,16 @@ class GradientMonitor(keras.callbacks.Callback, compat.Trackable):  # type: igno
 
         Call it in the step function after ``apply_gradients``, with the batch as ``fit``
         would get it (``x``, ``(x, y)`` or ``(x, y, sample_weight)``): if that step was bad,
-        the batch goes into its incident bundle. A no-op on healthy steps and with groups.
+        the batch goes into its incident bundle. A no-op on healthy steps.
         """
-        self._recorder.incidents.capture_batch(data)
+        for recorder in self._recorders():
+            recorder.incidents.capture_batch(data)
 
     @property
     def incidents(self) -> tuple[str, ...]:
         """Directories of the incident bundles written so far (see ``max_incidents``)."""
-        return tuple(str(path) for path in self._recorder.incidents.written)
+        paths = (str(p) for r in self._recorders() for p in r.incidents.written)
+        return tuple(dict.fromkeys(paths))  # a run's groups share one list
 
     def on_step(self, step: int | None = None) -> None:
         """Custom loops: call after each training step (host side, cheap).

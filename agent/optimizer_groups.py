@@ -17,6 +17,7 @@ import keras
 from .clip import ClipPolicy
 from .config import ConfigError, MonitorConfig
 from .groups import GroupMerger, check_group_name
+from .incident import SharedCapture
 from .optimizer import MonitoredOptimizer
 from .recorder import StepRecorder
 from .records import StepBatch
@@ -41,6 +42,7 @@ class OptimizerGroups:
         owners: Layer paths from the model's tree (see :class:`StepRecorder`).
         describe: Called with ``{group: its policy's description}`` whenever a group is
             added, for the run's config on the server.
+        model: The monitor's model now (``fit``'s, or ``set_model``'s), or ``None``.
     """
 
     def __init__(
@@ -50,11 +52,14 @@ class OptimizerGroups:
         checkpointed: Any,
         owners: Callable[[], Mapping[object, str] | None],
         describe: Callable[[dict[str, Any]], object] = lambda groups: None,
+        model: Callable[[], Any] = lambda: None,
     ) -> None:
         self._config = config
         self._describe = describe
         self._checkpointed = checkpointed
         self._owners = owners
+        self._model = model
+        self._shared = SharedCapture(config.max_incidents)  # one incident cap for the run
         self._merger = GroupMerger(submit)
         self._groups: list[_Group] = []
         self._traced: tuple[Any, Any] | None = None  # (model, train function) traced with hooks
@@ -112,6 +117,8 @@ class OptimizerGroups:
             self._checkpointed,
             self._owners,
             group=name,
+            model=self._model,
+            shared=self._shared,
         )
         wrapper = MonitoredOptimizer(optimizer, monitor, recorder)
         self._groups.append(_Group(name, recorder, wrapper))

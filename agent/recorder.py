@@ -29,7 +29,7 @@ from . import _keras_compat as compat
 from .clip import ClipContext, ClipPolicy
 from .clip.base import state_variable
 from .config import ConfigError, MonitorConfig
-from .incident import IncidentCapture, IncidentSettings
+from .incident import IncidentCapture, IncidentSettings, SharedCapture
 from .layers import LayerLayout, layout_of
 from .records import StepBatch
 from .ring import Ring, StepRow
@@ -78,6 +78,7 @@ class StepRecorder:
         owners: Callable[[], Mapping[object, str] | None] = lambda: None,
         group: str | None = None,
         model: Callable[[], Any] = lambda: None,
+        shared: SharedCapture | None = None,
     ) -> None:
         self._config = config
         self._owners = owners
@@ -91,13 +92,15 @@ class StepRecorder:
         self.incidents = IncidentCapture(
             IncidentSettings(
                 directory=config.incident_dir,
-                max_incidents=config.max_incidents if group is None else 0,
+                max_incidents=config.max_incidents,
                 max_bytes=config.incident_max_bytes,
                 recorder_steps=config.recorder_steps,
                 run_id=config.run_id,
                 run=config.run,
                 policy=policy.describe() if policy is not None else None,
-            )
+                group=group,
+            ),
+            shared,
         )
         self.ring: Ring | None = None
         self.steps_per_call = 1  # steps per host callback (steps_per_execution)
@@ -167,7 +170,7 @@ class StepRecorder:
                     self._checkpointed, self._policy_attribute, self._policy.init(variables, layout)
                 )
             self._read_count = 0
-            self.incidents.build(variables, inner)
+            self.incidents.build(variables, inner, self._model())
             if self._weights_on and not self._every_step:
                 step = int(self._checkpointed.step.numpy())
                 keys = [compat.variable_key(v) for v in variables]

@@ -34,7 +34,7 @@ import numpy as np
 import tensorflow as tf
 
 from . import _keras_compat as compat
-from .bundle import BUNDLE_FORMAT
+from .bundle import BUNDLE_FORMAT, bundle_path
 from .remedies import Remedy, remedies
 
 __all__ = ["BundleError", "FirstBadOp", "LayerNorms", "Remedy", "ReplayReport", "replay"]
@@ -106,24 +106,29 @@ def replay(bundle: Path, model_fn: str | None = None) -> ReplayReport:
     """
     manifest, reader = _open(bundle)
     model = _build_model(manifest, model_fn)
-    data = _batch(manifest, reader)
+    leaves = _batch(manifest, reader)
+    # As fit gave it: a bare tensor (``fit(images)``) or a tuple ((x, y), (x, y, w)).
+    packed = (manifest.get("batch") or {}).get("packed", True)
+    data: Any = leaves if packed or len(leaves) != 1 else leaves[0]
     x = keras.utils.unpack_x_y_sample_weight(data)[0]
     if not model.built:
         model(x)
-    if not getattr(model, "compiled", False) or model.optimizer is None:
+    group = manifest.get("group_variables")  # a GAN's group: its own apply is the step's
+    if not getattr(model, "compiled", False) or (model.optimizer is None and group is None):
         _compile(model, manifest)
-    optimizer = model.optimizer
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
-    inner.build(model.trainable_variables)
+    inner = None
+    if group is None:  # a group's optimizer is not known by name: its state is not restored
+        inner = getattr(model.optimizer, "inner_optimizer", model.optimizer)
+        inner.build(model.trainable_variables)
     restore = _restorer(model, inner, manifest, reader)
 
     restore()
-    grads, variables = _gradients(model, data, inner, bool(manifest.get("jit_compile")))
+    grads, variables = _gradients(model, data, group, bool(manifest.get("jit_compile")))
     report = _compare(bundle, manifest, grads, variables)
     restore()
-    report.first_bad_op = _first_bad_op(model, data, inner)
+    report.first_bad_op = _first_bad_op(model, data, group)
     report.remedies = remedies(manifest, grads)
-    report.batch_nonfinite = _nonfinite_inputs(manifest, data)
+    report.batch_nonfinite = _nonfinite_inputs(manifest, leaves)
     rows = manifest.get("recorded", [])
     for name in ("learning_rate", "loss_scale"):
         history = [(int(r["step"]), float(r[name])) for r in rows if r.get(name) is not None]
@@ -227,14 +232,20 @@ def _compile(model: Any, manifest: dict[str, Any]) -> None:
     model.optimizer = keras.optimizers.deserialize(manifest["optimizer"])
 
 
-def _restorer(model: Any, inner: Any, manifest: dict[str, Any], reader: Any) -> Callable[[], None]:
+def _restorer(
+    model: Any, inner: Any | None, manifest: dict[str, Any], reader: Any
+) -> Callable[[], None]:
     """Check that the model's variables match the bundle's; return what restores them."""
     pairs: list[tuple[Any, np.ndarray]] = []
     state = list(model.non_trainable_variables)
     seeds = [v for v in state if compat.is_seed_state(v)]
     for kind, variables, specs in (
         ("weights", model.trainable_variables, manifest["weights"]),
-        ("optimizer", inner.variables, manifest["optimizer_variables"]),
+        (
+            "optimizer",
+            [] if inner is None else inner.variables,
+            None if inner is None else manifest["optimizer_variables"],
+        ),
         ("rng", seeds, manifest.get("rng_states")),  # absent: custom loops, older bundles
         (
             "model_state",
@@ -269,16 +280,25 @@ def _restorer(model: Any, inner: Any, manifest: dict[str, Any], reader: Any) -> 
 # -- running the step --------------------------------------------------------------------------
 
 
-def _intercepted_step(model: Any, data: tuple[Any, ...], inner: Any) -> list[Any]:
-    """Run ``model.train_step(data)`` eagerly; return the (grads, variables) that reached
-    ``apply`` (nothing is applied)."""
+def _optimizers(model: Any) -> list[Any]:
+    """Every optimizer a ``train_step`` may apply: the model's, and any optimizer attribute
+    (a GAN's ``d_optimizer``), with the inner optimizer of a ``LossScaleOptimizer``."""
+    found = [model.optimizer, *vars(model).values()]
+    optimizers = [o for o in found if isinstance(o, keras.optimizers.Optimizer)]
+    inner = [getattr(o, "inner_optimizer", None) for o in optimizers]
+    unique = {id(o): o for o in [*optimizers, *inner] if o is not None}
+    return list(unique.values())
+
+
+def _intercepted_step(model: Any, data: tuple[Any, ...], group: list[str] | None) -> list[Any]:
+    """Run ``model.train_step(data)``; return the (grads, variables) that reached ``apply``
+    (nothing is applied): the last apply, or the one of ``group``'s variables (by path)."""
     seen: list[Any] = []
-    optimizer = model.optimizer
 
     def apply(grads: Sequence[Any], variables: Sequence[Any] | None = None) -> None:
         seen.append((list(grads), list(variables or model.trainable_variables)))
 
-    targets = {id(o): o for o in (optimizer, inner)}.values()
+    targets = _optimizers(model)
     for target in targets:
         target.__dict__["apply"] = apply
     try:
@@ -286,24 +306,27 @@ def _intercepted_step(model: Any, data: tuple[Any, ...], inner: Any) -> list[Any
     finally:
         for target in targets:
             target.__dict__.pop("apply", None)
+    if group is not None:
+        seen = [item for item in seen if [bundle_path(v) for v in item[1]] == group]
     if not seen:
-        raise BundleError("the model's train_step applied no gradients")
+        which = "" if group is None else " to the captured group's variables"
+        raise BundleError(f"the model's train_step applied no gradients{which}")
     return seen[-1]  # type: ignore[no-any-return]
 
 
 def _gradients(
-    model: Any, data: tuple[Any, ...], inner: Any, jit_compile: bool
+    model: Any, data: tuple[Any, ...], group: list[str] | None, jit_compile: bool
 ) -> tuple[list[Any], list[Any]]:
     """The step's gradients as NumPy arrays, and their variables. A step trained under XLA
     is replayed under XLA: its stateless RNG (dropout masks) draws differently from the
     eager kernels', and its float rounding may differ too."""
     if not jit_compile:
-        grads, variables = _intercepted_step(model, data, inner)
+        grads, variables = _intercepted_step(model, data, group)
         return [None if g is None else np.asarray(g) for g in grads], variables
     found: list[Any] = []
 
     def step(batch: Any) -> list[Any]:
-        grads, variables = _intercepted_step(model, batch, inner)
+        grads, variables = _intercepted_step(model, batch, group)
         found[:] = [variables, [g is not None for g in grads]]
         return [g for g in grads if g is not None]
 
@@ -398,7 +421,7 @@ def _is_library(filename: str) -> bool:
     return installed or resolved.startswith(_LIBRARIES)
 
 
-def _first_bad_op(model: Any, data: tuple[Any, ...], inner: Any) -> FirstBadOp | None:
+def _first_bad_op(model: Any, data: tuple[Any, ...], group: list[str] | None) -> FirstBadOp | None:
     # Keras and TensorFlow drop their own frames from tracebacks; the layer is found there.
     keras_filtering = keras.config.is_traceback_filtering_enabled()
     tf_filtering = tf.debugging.is_traceback_filtering_enabled()
@@ -406,7 +429,7 @@ def _first_bad_op(model: Any, data: tuple[Any, ...], inner: Any) -> FirstBadOp |
     tf.debugging.disable_traceback_filtering()
     tf.debugging.enable_check_numerics()
     try:
-        _intercepted_step(model, data, inner)
+        _intercepted_step(model, data, group)
     except tf.errors.InvalidArgumentError as error:
         message = str(error.message if hasattr(error, "message") else error)
         match = _OP.search(message)

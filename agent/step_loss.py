@@ -74,8 +74,8 @@ class LossCapture:
             for recorder in traced:
                 recorder.traced_loss = recorder.traced_row = False
             seen.clear()
-            for recorder in traced:
-                recorder.incidents.at_step_start(model)
+            if traced:  # a run's captures share one copy of the RNG states
+                traced[0].incidents.shared.at_step_start(model)
             logs = train_step(data)
             wrote = [r for r in traced if r.traced_row]
             if wrote and seen and not any(r.traced_loss for r in traced):

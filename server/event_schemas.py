@@ -30,7 +30,7 @@ __all__ = [
     "RunHealthOut",
 ]
 
-INCIDENT_CAUSES = ("nonfinite", "skipped")
+INCIDENT_CAUSES = ("nonfinite", "skipped", "explosion")
 """Why the agent captures a step (``gradwatch.agent.incident``)."""
 
 _NO_NUL = r"^[^\x00]*$"
@@ -45,7 +45,8 @@ class IncidentIn(BaseModel):
 
     Attributes:
         step: The captured (bad) step.
-        cause: ``nonfinite`` (a NaN/±Inf gradient) or ``skipped`` (a policy skipped it).
+        cause: ``nonfinite`` (a NaN/±Inf gradient or loss), ``skipped`` (a policy skipped
+            it) or ``explosion`` (a critical explosion of the global norm, judged in-graph).
         path: The bundle's directory on ``host`` (absolute).
         bytes: Size of its checkpoint on disk.
         format: The bundle's format, e.g. ``gradwatch-incident/1``.
@@ -56,7 +57,7 @@ class IncidentIn(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     step: Annotated[StrictInt, Field(ge=0, le=MAX_STEP)]
-    cause: Literal["nonfinite", "skipped"]
+    cause: Literal["nonfinite", "skipped", "explosion"]
     path: Annotated[StrictStr, Field(min_length=1, max_length=4096, pattern=_NO_NUL)]
     host: Annotated[StrictStr, Field(max_length=255, pattern=_NO_NUL)]
     bytes: Annotated[StrictInt, Field(ge=0, le=MAX_COUNT)]
@@ -74,7 +75,7 @@ class IncidentOut(_Out):
     """
 
     step: int
-    cause: Literal["nonfinite", "skipped"]
+    cause: Literal["nonfinite", "skipped", "explosion"]
     path: str
     host: str
     bytes: int

@@ -15,6 +15,7 @@ from typing import Any
 from rich.text import Text
 
 __all__ = [
+    "INCIDENT_CAUSES",
     "Sparkline",
     "as_float",
     "describe_health",
@@ -37,6 +38,13 @@ NAN_MARK = "×"
 """Sparkline cell of a bucket whose values are all NaN."""
 INF_MARK = "∞"
 """Sparkline cell of a bucket that holds +Inf."""
+
+INCIDENT_CAUSES = {
+    "nonfinite": "non-finite gradient",
+    "skipped": "skipped by the policy",
+    "explosion": "exploding gradient",
+}
+"""Why an incident bundle was written, for a person (its ``cause``)."""
 
 
 def as_float(value: Any) -> float | None:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from .exits import CliError, ExitCode, report_errors
+from .format import INCIDENT_CAUSES
 
 if TYPE_CHECKING:
     from gradwatch.agent.replay import ReplayReport
@@ -99,7 +100,8 @@ def _print(report: ReplayReport) -> None:
     console = Console()
     verdict = "yes" if report.reproduced else "no"
     console.print(
-        f"step {report.step} ({report.cause} gradient), replayed from {report.bundle}\n"
+        f"step {report.step} ({INCIDENT_CAUSES.get(report.cause, report.cause)}), replayed from "
+        f"{report.bundle}\n"
         f"reproduced: {verdict}; global norm {_number(report.global_norm)} "
         f"(recorded {_number(report.recorded_global_norm)})"
     )
@@ -116,7 +118,12 @@ def _print(report: ReplayReport) -> None:
     if bad is None:
         console.print("first NaN/Inf: none (every operation of the step stayed finite)")
     else:
-        console.print(f"first NaN/Inf: op {bad.op} in layer {bad.layer or '?'}", highlight=False)
+        where = (
+            f"in layer {bad.layer}"
+            if bad.layer
+            else "outside any layer's call (backpropagation or the train step's own code)"
+        )
+        console.print(f"first NaN/Inf: op {bad.op} {where}", highlight=False)
         if bad.frame:
             console.print(f"  at {bad.frame}", highlight=False)
         if bad.code:

@@ -20,6 +20,7 @@ from .client import (
 )
 from .exits import report_errors
 from .format import (
+    INCIDENT_CAUSES,
     INF_MARK,
     NAN_MARK,
     describe_health,
@@ -121,11 +122,10 @@ def render(details: dict[str, Any]) -> Group:
 
 def _incident(item: dict[str, Any]) -> Text:
     """One incident bundle: which step, why, where it lies and the command that replays it."""
-    why = {"nonfinite": "non-finite gradient", "skipped": "skipped by the policy"}
     size = f"{item['bytes'] / 2**20:.1f} MiB"
     return Text.assemble(
         ("incident bundle", "bold"),
-        f": step {item['step']} ({why.get(item['cause'], item['cause'])}), "
+        f": step {item['step']} ({INCIDENT_CAUSES.get(item['cause'], item['cause'])}), "
         f"on {item['host'] or 'the training host'} at {item['path']} ({size}); "
         f"replay there: ",
         (str(item["replay"]), "bold"),

@@ -36,7 +36,7 @@ def incident_out(row: Incident) -> IncidentOut:
     """One stored incident as a reply, with the command that replays it on its host."""
     return IncidentOut(
         step=row.step,
-        cause=cast(Literal["nonfinite", "skipped"], row.cause),
+        cause=cast(Literal["nonfinite", "skipped", "explosion"], row.cause),
         path=row.path,
         host=row.host,
         bytes=row.bytes,

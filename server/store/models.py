@@ -289,7 +289,7 @@ class Incident(Base):
     )
     step: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     cause: Mapped[str] = mapped_column(String(16))
-    """Why the step was captured: ``nonfinite`` or ``skipped``."""
+    """Why the step was captured: ``nonfinite``, ``skipped`` or ``explosion``."""
     path: Mapped[str] = mapped_column(String(4096))
     host: Mapped[str] = mapped_column(String(255))
     bytes: Mapped[int] = mapped_column(BigInteger)

@@ -85,3 +85,102 @@ def dropout() -> keras.Model:
         keras.layers.Dropout(0.5, name="drop"),
         keras.layers.Dense(1, name="out"),
     )
+
+
+LATENT = 4
+
+
+class BackwardFault(keras.layers.Layer):  # type: ignore[misc]
+    """Identity forward; its gradient is NaN while the non-trainable ``armed`` is 1 (a
+    callback sets it), so only what backpropagates through it (the generator's own
+    update) breaks, not the discriminator's."""
+
+    def build(self, input_shape: Any) -> None:
+        self.armed = self.add_weight(shape=(), initializer="zeros", trainable=False, name="armed")
+
+    def call(self, x: Any) -> Any:
+        broken = tf.convert_to_tensor(self.armed) > 0
+
+        @tf.custom_gradient  # type: ignore[misc]
+        def fault(inputs: Any) -> Any:
+            def grad(upstream: Any) -> Any:
+                return upstream * tf.where(broken, float("nan"), 1.0)
+
+            return tf.identity(inputs), grad
+
+        return fault(x)
+
+
+class GAN(keras.Model):  # type: ignore[misc]
+    """keras-io's ``dcgan_overriding_train_step.py`` (latent vectors drawn in the step from
+    the model's ``SeedGenerator``, noisy labels), on 8×8 images."""
+
+    def __init__(self, discriminator: keras.Model, generator: keras.Model) -> None:
+        super().__init__(name="gan")
+        self.discriminator = discriminator
+        self.generator = generator
+        self.seed_generator = keras.random.SeedGenerator(1337)
+
+    def call(self, images: Any) -> Any:
+        return self.discriminator(images)
+
+    def compile(self, d_optimizer: Any, g_optimizer: Any, loss_fn: Any) -> None:
+        super().compile()
+        self.d_optimizer = d_optimizer
+        self.g_optimizer = g_optimizer
+        self.loss_fn = loss_fn
+
+    def train_step(self, real_images: Any) -> Any:
+        batch_size = tf.shape(real_images)[0]
+        latent = keras.random.normal((batch_size, LATENT), seed=self.seed_generator)
+        images = tf.concat([self.generator(latent), real_images], axis=0)
+        labels = tf.concat([tf.ones((batch_size, 1)), tf.zeros((batch_size, 1))], axis=0)
+        labels += 0.05 * keras.random.uniform(tf.shape(labels), seed=self.seed_generator)
+        with tf.GradientTape() as tape:
+            d_loss = self.loss_fn(labels, self.discriminator(images))
+        grads = tape.gradient(d_loss, self.discriminator.trainable_weights)
+        self.d_optimizer.apply_gradients(
+            zip(grads, self.discriminator.trainable_weights, strict=True)
+        )
+        latent = keras.random.normal((batch_size, LATENT), seed=self.seed_generator)
+        with tf.GradientTape() as tape:
+            predictions = self.discriminator(self.generator(latent))
+            g_loss = self.loss_fn(tf.zeros((batch_size, 1)), predictions)
+        grads = tape.gradient(g_loss, self.generator.trainable_weights)
+        self.g_optimizer.apply_gradients(zip(grads, self.generator.trainable_weights, strict=True))
+        return {"d_loss": d_loss, "g_loss": g_loss}
+
+
+def planted_gan(wrap: Any = None) -> GAN:
+    """A small DCGAN whose generator has a :class:`BackwardFault` between its two layers
+    (compiled; ``wrap(optimizer, group)`` wraps each optimizer, e.g. ``monitor.wrap``)."""
+    keras.utils.set_random_seed(1)
+    discriminator = keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Conv2D(4, 3, strides=2, padding="same", name="conv"),
+            keras.layers.LeakyReLU(0.2),
+            keras.layers.Flatten(),
+            keras.layers.Dense(1, name="logit"),
+        ],
+        name="discriminator",
+    )
+    generator = keras.Sequential(
+        [
+            keras.Input((LATENT,)),
+            keras.layers.Dense(4 * 4 * 4, name="project"),
+            BackwardFault(name="fault"),
+            keras.layers.LeakyReLU(0.2),
+            keras.layers.Reshape((4, 4, 4)),
+            keras.layers.Conv2DTranspose(1, 3, strides=2, padding="same", name="deconv"),
+        ],
+        name="generator",
+    )
+    gan = GAN(discriminator, generator)
+    wrap = wrap or (lambda optimizer, group: optimizer)
+    gan.compile(
+        d_optimizer=wrap(keras.optimizers.Adam(1e-3), "discriminator"),
+        g_optimizer=wrap(keras.optimizers.Adam(1e-3), "generator"),
+        loss_fn=keras.losses.BinaryCrossentropy(from_logits=True),
+    )
+    return gan

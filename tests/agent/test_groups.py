@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from gradwatch.agent import ConfigError
-from gradwatch.agent.groups import check_group_name, merge_group_batches
+from gradwatch.agent.groups import GroupMerger, check_group_name, merge_group_batches
 from gradwatch.agent.records import StepBatch
 
 
@@ -71,3 +73,18 @@ def test_no_rows_from_any_group_is_no_batch():
 def test_group_names_that_cannot_prefix_a_layer_are_config_errors(name):
     with pytest.raises(ConfigError, match=r"^group: "):
         check_group_name(name)
+
+
+def test_incident_announcements_of_any_group_ride_on_the_merged_batch():
+    sent = []
+    merger = GroupMerger(sent.append)
+    note = {"step": 1, "cause": "nonfinite", "path": "/b/step-1", "host": "h", "bytes": 1}
+    d = _batch(["d/a"], [0, 1], [[1], [1]])
+    g = dataclasses.replace(_batch(["g/c"], [0, 1], [[2], [np.nan]]), incidents=(note,))
+    merger.collector(0)(d)
+    merger.collector(1)(g)
+    merger.flush([d.layers, g.layers])
+    (merged,) = sent
+    assert merged.incidents == (note,)
+    merger.flush([d.layers, g.layers])  # nothing pending: nothing sent, nothing repeated
+    assert len(sent) == 1

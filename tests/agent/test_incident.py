@@ -20,7 +20,14 @@ import pytest
 import tensorflow as tf
 
 from gradwatch.agent import ConfigError, GradientMonitor, clip
-from tests.agent.incident_models import dropout, linear, plain, planted_log, planted_overflow
+from tests.agent.incident_models import (
+    dropout,
+    linear,
+    plain,
+    planted_gan,
+    planted_log,
+    planted_overflow,
+)
 
 BAD_STEP = 7
 BATCH = 16
@@ -205,6 +212,39 @@ def _jump_learning_rate(model, monitor, x, y, **compile_options) -> None:
     monitor.close()
 
 
+def test_an_explosion_with_finite_gradients_is_captured_where_the_server_calls_it_critical(
+    tmp_path,
+):
+    """No skip policy, no NaN: 250 healthy steps (the 200-sample warm-up and then some, no
+    capture), then the learning rate ×3000. The next step's gradient is a critical explosion
+    by the server's rule, captured in-graph before its update."""
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.5, 1.5, size=(270 * 4, 4)).astype("float32")
+    y = rng.normal(size=(270 * 4, 1)).astype("float32")
+    monitor = GradientMonitor(run="explosion", flush_every=16, local_dir=str(tmp_path / "runs"))
+
+    class JumpAt(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch == 250:
+                self.model.optimizer.learning_rate.assign(30.0)
+
+    linear().fit(
+        x, y, batch_size=4, epochs=1, shuffle=False, verbose=0, callbacks=[JumpAt(), monitor]
+    )
+    monitor.close()
+
+    (bundle,) = monitor.incidents
+    manifest = _manifest(bundle)
+    assert manifest["cause"] == "explosion"
+    assert manifest["step"] == 251
+    norms = {row["step"]: float(row["global_norm"]) for row in manifest["recorded"]}
+    assert norms[251] > 30 * norms[249]
+    result = _replay(bundle, "tests.agent.incident_models:linear")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "step 251 (exploding gradient)" in result.stdout
+    assert "reproduced: yes" in result.stdout, result.stdout
+
+
 @pytest.mark.parametrize("options", [{}, {"jit_compile": True}], ids=["graph", "xla"])
 def test_dropout_masks_are_replayed_from_the_rng_states_at_the_step_start(tmp_path, options):
     """The bundle holds the seed generators' states from the start of the bad step, so the
@@ -328,3 +368,47 @@ def test_a_float16_overflow_of_the_forward_pass_under_mixed_precision_is_capture
     assert result.returncode == 0, result.stdout + result.stderr
     assert "reproduced: yes" in result.stdout, result.stdout
     assert "first NaN/Inf: op Mul in layer sequential/amplify" in result.stdout, result.stdout
+
+
+def test_a_gan_generator_fault_is_captured_for_its_group_and_replayed_exactly(tmp_path):
+    """keras-io's DCGAN with both optimizers as groups: the generator's gradient goes NaN at
+    step 7 (after the discriminator's update in the same step). The bundle holds every
+    weight as the generator's gradient saw them and the seed generator's state from the
+    step's start, so the replay draws the same latent vectors and gives the recorded norms
+    of the generator's finite layer back."""
+    monitor = GradientMonitor(
+        run="gan", policy=clip.skip_nonfinite(), flush_every=4, local_dir=str(tmp_path / "runs")
+    )
+    gan = planted_gan(lambda optimizer, group: monitor.wrap(optimizer, group=group))
+    fault = gan.generator.get_layer("fault")
+
+    class FaultAt(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            fault.armed.assign(1.0 if batch == BAD_STEP else 0.0)
+
+    images = np.random.default_rng(0).uniform(size=(12 * 8, 8, 8, 1)).astype("float32")
+    gan.fit(
+        images, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[FaultAt(), monitor]
+    )
+    monitor.close()
+
+    (bundle,) = monitor.incidents
+    manifest = _manifest(bundle)
+    assert manifest["step"] == BAD_STEP
+    assert manifest["group"] == "generator"
+    assert manifest["group_variables"] == [v.path for v in gan.generator.trainable_variables]
+    assert len(manifest["weights"]) == len(gan.trainable_variables)  # both networks
+    recorded = dict(zip(manifest["layers"], manifest["recorded"][-1]["grad_norm"], strict=True))
+
+    result = _replay(bundle, "tests.agent.incident_models:planted_gan")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "reproduced: yes" in out, out
+    assert "first NaN/Inf: op SelectV2 outside any layer's call (backpropagation" in out, out
+    assert 'return upstream * tf.where(broken, float("nan"), 1.0)' in out
+    deconv = next(line for line in out.splitlines() if "generator/deconv" in line)
+    replayed = float(deconv.split("│")[2])
+    assert replayed == pytest.approx(float(recorded["generator/deconv"]), rel=1e-5), deconv
+    project = next(line for line in out.splitlines() if "generator/project" in line)
+    assert "nan" in project

@@ -331,7 +331,7 @@ export async function renderRun(view, runId, params) {
   };
 }
 
-const CAUSES = { nonfinite: "non-finite gradient", skipped: "skipped by the policy" };
+const CAUSES = { nonfinite: "non-finite gradient", skipped: "skipped by the policy", explosion: "exploding gradient" };
 
 // One incident bundle: the step, why, where it lies and the command that replays it there.
 function incidentLine(incident) {

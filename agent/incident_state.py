@@ -1,0 +1,104 @@
+"""What the incident captures of one run share (:mod:`gradwatch.agent.incident`).
+
+One :class:`SharedCapture` per monitor, handed to the capture of every optimizer group (a
+GAN's discriminator and generator), so that
+
+* the first bad step of *any* group is the run's incident, and ``max_incidents`` caps the
+  run, not each group (one in-graph ``armed`` flag: a group that captures disarms the others
+  within the same step, since reads and writes of one resource are ordered in the graph);
+* the model's RNG states are copied once per step, at its start: Dropout, noise layers and
+  a GAN's ``keras.random.normal(seed=self.seed_generator)`` draw from
+  ``keras.random.SeedGenerator`` states that each draw advances, so the replay can draw the
+  same masks and noise only from the states the step began with (a few int64 pairs a step,
+  no ``tf.cond``); the other non-trainable variables (batch-norm statistics) are copied with
+  the capture, after the step's forward pass.
+
+Variables are made eagerly (``tf.init_scope``) on first use, at the first trace of the train
+step. Not thread-safe: the training thread owns it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import tensorflow as tf
+
+from . import _keras_compat as compat
+from .bundle import describe
+
+__all__ = ["SharedCapture"]
+
+
+class SharedCapture:
+    """The arming flag, the bundles written, and the model's state shadows of one run.
+
+    Args:
+        max_incidents: Bundles the run may write (0: never armed).
+    """
+
+    def __init__(self, max_incidents: int) -> None:
+        self.max_incidents = max_incidents
+        self.written: list[Path] = []
+        self._armed: tf.Variable | None = None
+        self._seed_sources: list[Any] | None = None  # None: no step start seen (custom loop)
+        self._seed_latest: list[tf.Variable] = []
+        self.seed_captured: list[tf.Variable] = []
+        self._state_sources: list[Any] = []
+        self.state_captured: list[tf.Variable] = []
+
+    @property
+    def armed(self) -> tf.Variable:
+        """The in-graph flag (made eagerly on first use): true while a capture may happen."""
+        if self._armed is None:
+            with tf.init_scope():
+                self._armed = tf.Variable(True, trainable=False, name="incident_armed")
+        return self._armed
+
+    def wrote(self, path: Path) -> None:
+        """Host: a bundle was written; arm again unless the run's cap is reached."""
+        self.written.append(path)
+        if len(self.written) < self.max_incidents:
+            self.armed.assign(True)
+
+    def at_step_start(self, model: Any) -> None:
+        """In-graph, at the start of a ``train_step`` in ``fit``: copy the model's RNG states
+        (the shadows are made at the first trace)."""
+        if self.max_incidents == 0:
+            return
+        if self._seed_sources is None:
+            self._make_shadows(model)
+        for latest, source in zip(self._seed_latest, self._seed_sources or [], strict=True):
+            latest.assign(tf.convert_to_tensor(source))
+
+    def copy_model_state(self) -> None:
+        """In-graph, inside a capture's copy: the step-start RNG states and the other
+        non-trainable variables as they are now."""
+        for captured, latest in zip(self.seed_captured, self._seed_latest, strict=True):
+            captured.assign(latest)
+        for captured, source in zip(self.state_captured, self._state_sources, strict=True):
+            captured.assign(tf.convert_to_tensor(source))
+
+    def describe_model_state(self) -> dict[str, Any]:
+        """The manifest's ``rng_states`` and ``model_state`` (``null`` without a step start:
+        a custom loop's bundle)."""
+        if self._seed_sources is None:
+            return {"rng_states": None, "model_state": None}
+        return {
+            "rng_states": [describe(v) for v in self._seed_sources],
+            "model_state": [describe(v) for v in self._state_sources],
+        }
+
+    def _make_shadows(self, model: Any) -> None:
+        state = list(getattr(model, "non_trainable_variables", []))
+        seeds = [v for v in state if compat.is_seed_state(v)]
+        with tf.init_scope():
+            self._seed_latest = [_shadow_of(v) for v in seeds]
+            self.seed_captured = [_shadow_of(v) for v in seeds]
+            self._state_sources = [v for v in state if not compat.is_seed_state(v)]
+            self.state_captured = [_shadow_of(v) for v in self._state_sources]
+        self._seed_sources = seeds
+
+
+def _shadow_of(variable: Any) -> tf.Variable:
+    return tf.Variable(tf.zeros(variable.shape, variable.dtype), trainable=False)
