@@ -58,6 +58,11 @@ log = logging.getLogger("gradwatch.agent")
 
 
 _CAUSES = ("nonfinite", "skipped", "explosion")
+_SAID = {
+    "nonfinite": "had a non-finite gradient",
+    "skipped": "was skipped by the policy",
+    "explosion": "had an exploding gradient",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,7 +369,7 @@ class IncidentCapture:
         }
         (directory / "manifest.json").write_text(json.dumps(manifest, indent=1))
         say(
-            f"step {step} had a {manifest['cause']} gradient: its weights, optimizer state "
+            f"step {step} {_SAID[manifest['cause']]}: its weights, optimizer state "
             f"and batch are in {directory} ({size / 2**20:.1f} MiB, written in "
             f"{time.perf_counter() - started:.2f} s); replay it with "
             f"`gradwatch replay {directory}`"
