@@ -365,7 +365,11 @@ class IncidentCapture:
                 else None
             ),
             "layers": list(self._recent[-1].layers) if self._recent else [],
-            "recorded": self._recorded_rows(step),
+            "position": self.shared.position(step),
+            "recorded": [
+                {**row, **(self.shared.position(row["step"]) or {})}
+                for row in self._recorded_rows(step)
+            ],
         }
         (directory / "manifest.json").write_text(json.dumps(manifest, indent=1))
         say(

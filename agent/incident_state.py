@@ -46,6 +46,7 @@ class SharedCapture:
         self.seed_captured: list[tf.Variable] = []
         self._state_sources: list[Any] = []
         self.state_captured: list[tf.Variable] = []
+        self._epochs: list[tuple[int, int]] = []  # (epoch, its first step), fit only
 
     @property
     def armed(self) -> tf.Variable:
@@ -60,6 +61,20 @@ class SharedCapture:
         self.written.append(path)
         if len(self.written) < self.max_incidents:
             self.armed.assign(True)
+
+    def note_epoch(self, epoch: int, first_step: int) -> None:
+        """Host, at ``on_epoch_begin``: epoch ``epoch`` starts at step ``first_step``."""
+        self._epochs = [*self._epochs[-999:], (epoch, first_step)]
+
+    def position(self, step: int) -> dict[str, int] | None:
+        """Where ``step`` was in the data: its epoch and its step within it (``None`` outside
+        ``fit``). With ``gradient_accumulation_steps=n``, step k of an epoch read batches
+        ``k·n`` to ``k·n + n − 1``."""
+        starts = [(epoch, first) for epoch, first in self._epochs if first <= step]
+        if not starts:
+            return None
+        epoch, first = starts[-1]
+        return {"epoch": epoch, "step_in_epoch": step - first}
 
     def at_step_start(self, model: Any) -> None:
         """In-graph, at the start of a ``train_step`` in ``fit``: copy the model's RNG states

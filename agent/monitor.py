@@ -21,12 +21,9 @@ How a step flows:
 3. Every ``flush_every`` steps the callback (or :meth:`GradientMonitor.on_step`
    in a custom loop) reads the buffers once and submits a
    :class:`~gradwatch.agent.records.StepBatch` to the sender thread.
-4. Every ``stats_every`` steps it snapshots the weights before a step and
-   measures them after it, each with a call of its own between steps, and
-   writes the weight norms and update ratios into that step's row
-   (:mod:`gradwatch.agent.weights`). With ``steps_per_execution`` > 1 there is
-   no call between the steps of an execution, so the train step measures its
-   first step itself, in a ``tf.cond`` (about ×1.02 per step).
+4. Every ``stats_every`` steps the weight norms and update ratios of a step go
+   into its row (:mod:`gradwatch.agent.weights`; every step: measured in-graph).
+5. A bad step is captured before its update (:mod:`gradwatch.agent.incident`).
 
 The ring and the weight statistics are :mod:`gradwatch.agent.recorder`'s job.
 """
@@ -175,7 +172,7 @@ class GradientMonitor(keras.callbacks.Callback, compat.Trackable):  # type: igno
         self._fit_batches = 0  # train batches of the current fit
         self._steps_per_call = 1  # steps_per_execution of the current fit (groups)
         self._fit_first_step = 0  # recorded_steps when it began
-        close_at_exit(self._close_at_exit)  # weak: the monitor can still be collected
+        close_at_exit(self.close)  # weak: the monitor can still be collected
         if self.cluster is not None and not delivers:
             say(f"run {run!r} ({self.run_id}): {self.cluster.delegation}")
         elif self.config.server is not None:
@@ -410,10 +407,14 @@ class GradientMonitor(keras.callbacks.Callback, compat.Trackable):  # type: igno
         self._loss_capture.install(model)  # before any trace: Keras binds train_step then
         self._swap.begin_fit(model, self._loss_capture.made_with_hooks)
         self._loss_capture.remember(model.train_function)
-        self._sender.set_status("running")
-        self._train_active = True
-        self._fit_batches = 0
-        self._fit_first_step = self._recorded_steps
+        self._fit_started()
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        step = getattr(self._checkpointed, "step", None)  # made when the optimizer builds
+        first = step if step is not None else getattr(self.model.optimizer, "iterations", 0)
+        self._recorders()[0].incidents.shared.note_epoch(
+            epoch, int(keras.ops.convert_to_numpy(first))
+        )
 
     def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         if self._groups:
@@ -453,6 +454,9 @@ class GradientMonitor(keras.callbacks.Callback, compat.Trackable):  # type: igno
         self._loss_capture.install(model)
         self._steps_per_call = max(1, int(getattr(model, "steps_per_execution", 1) or 1))
         self._groups.begin_fit(model, self._steps_per_call)
+        self._fit_started()
+
+    def _fit_started(self) -> None:
         self._sender.set_status("running")
         self._train_active = True
         self._fit_batches = 0
@@ -483,13 +487,7 @@ class GradientMonitor(keras.callbacks.Callback, compat.Trackable):  # type: igno
     def _layer_owners(self) -> dict[object, str] | None:
         """Layer paths from the model's tree (``fit`` sets the model; custom loops: set_model)."""
         model = self.model
-        if model is None:
-            return None
-        return layer_paths(model, compat.sublayers, compat.variable_key)
-
-    def _close_at_exit(self) -> None:
-        """Interpreter exit: close with the default timeout and status."""
-        self.close()
+        return None if model is None else layer_paths(model, compat.sublayers, compat.variable_key)
 
     def _print_local_summary(self) -> None:
         """Local mode: wait for the file writes, then print the run's totals (once per change)."""

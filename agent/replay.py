@@ -90,6 +90,8 @@ class ReplayReport:
     batch_nonfinite: dict[str, int] = field(default_factory=dict)
     learning_rate: list[tuple[int, float]] = field(default_factory=list)  # (step, rate) recorded
     loss_scale: list[tuple[int, float]] = field(default_factory=list)  # (step, scale) recorded
+    position: dict[str, int] | None = None  # epoch and step in it (fit only)
+    group: str | None = None  # the optimizer group whose step it was
 
 
 def replay(bundle: Path, model_fn: str | None = None) -> ReplayReport:
@@ -129,6 +131,8 @@ def replay(bundle: Path, model_fn: str | None = None) -> ReplayReport:
     report.first_bad_op = _first_bad_op(model, data, group)
     report.remedies = remedies(manifest, grads)
     report.batch_nonfinite = _nonfinite_inputs(manifest, leaves)
+    report.position = manifest.get("position")
+    report.group = manifest.get("group")
     rows = manifest.get("recorded", [])
     for name in ("learning_rate", "loss_scale"):
         history = [(int(r["step"]), float(r[name])) for r in rows if r.get(name) is not None]

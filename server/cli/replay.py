@@ -99,9 +99,12 @@ def _print(report: ReplayReport) -> None:
 
     console = Console()
     verdict = "yes" if report.reproduced else "no"
+    group = "" if report.group is None else f" of group {report.group}"
+    why = INCIDENT_CAUSES.get(report.cause, report.cause)
+    if report.position is not None:
+        why += f"; epoch {report.position['epoch']}, step {report.position['step_in_epoch']} of it"
     console.print(
-        f"step {report.step} ({INCIDENT_CAUSES.get(report.cause, report.cause)}), replayed from "
-        f"{report.bundle}\n"
+        f"step {report.step}{group} ({why}), replayed from {report.bundle}\n"
         f"reproduced: {verdict}; global norm {_number(report.global_norm)} "
         f"(recorded {_number(report.recorded_global_norm)})"
     )

@@ -216,7 +216,7 @@ def test_an_explosion_with_finite_gradients_is_captured_where_the_server_calls_i
     tmp_path,
 ):
     """No skip policy, no NaN: 250 healthy steps (the 200-sample warm-up and then some, no
-    capture), then the learning rate ×3000. The next step's gradient is a critical explosion
+    capture), then the learning rate ×300,000. The next step's gradient is a critical explosion
     by the server's rule, captured in-graph before its update."""
     rng = np.random.default_rng(0)
     x = rng.uniform(0.5, 1.5, size=(270 * 4, 4)).astype("float32")
@@ -226,7 +226,7 @@ def test_an_explosion_with_finite_gradients_is_captured_where_the_server_calls_i
     class JumpAt(keras.callbacks.Callback):
         def on_train_batch_begin(self, batch, logs=None):
             if batch == 250:
-                self.model.optimizer.learning_rate.assign(30.0)
+                self.model.optimizer.learning_rate.assign(3000.0)
 
     linear().fit(
         x, y, batch_size=4, epochs=1, shuffle=False, verbose=0, callbacks=[JumpAt(), monitor]
@@ -241,7 +241,7 @@ def test_an_explosion_with_finite_gradients_is_captured_where_the_server_calls_i
     assert norms[251] > 30 * norms[249]
     result = _replay(bundle, "tests.agent.incident_models:linear")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "step 251 (exploding gradient)" in result.stdout
+    assert "step 251 (exploding gradient; epoch 0, step 251 of it)" in result.stdout
     assert "reproduced: yes" in result.stdout, result.stdout
 
 
@@ -412,3 +412,24 @@ def test_a_gan_generator_fault_is_captured_for_its_group_and_replayed_exactly(tm
     assert replayed == pytest.approx(float(recorded["generator/deconv"]), rel=1e-5), deconv
     project = next(line for line in out.splitlines() if "generator/project" in line)
     assert "nan" in project
+
+
+def test_a_bundle_says_where_its_batch_was_in_the_data(tmp_path):
+    """Two epochs of 12 batches with log(0) in batch 7: the second bundle is step 19, batch 7
+    of epoch 1 (what a user seeks in the dataset), and every recorded row has its position."""
+    x, y = _data()
+    monitor = _monitor(tmp_path, max_incidents=2)
+    planted_log().fit(
+        x[: 12 * BATCH], y[: 12 * BATCH], batch_size=BATCH, epochs=2, shuffle=False, verbose=0,
+        callbacks=[monitor],
+    )  # fmt: skip
+    monitor.close()
+
+    first, second = (_manifest(bundle) for bundle in monitor.incidents)
+    assert (first["step"], first["position"]) == (7, {"epoch": 0, "step_in_epoch": 7})
+    assert (second["step"], second["position"]) == (19, {"epoch": 1, "step_in_epoch": 7})
+    rows = {row["step"]: (row["epoch"], row["step_in_epoch"]) for row in second["recorded"]}
+    assert rows[11] == (0, 11)
+    assert rows[12] == (1, 0)
+    result = _replay(monitor.incidents[1], "tests.agent.incident_models:planted_log")
+    assert "step 19 (non-finite gradient; epoch 1, step 7 of it)" in result.stdout
