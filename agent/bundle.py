@@ -81,6 +81,14 @@ def announcement(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
             else manifest["learning_rate"]
         ),
         "loss_scale": finite(row.get("loss_scale")),
+        # The flight recorder's scalars the server has no series of, up to the bad step.
+        "recorded": {
+            "step": [r["step"] for r in rows],
+            "learning_rate": [finite(r.get("learning_rate")) for r in rows],
+            "loss_scale": [finite(r.get("loss_scale")) for r in rows],
+            "epoch": [r.get("epoch") for r in rows],
+            "step_in_epoch": [r.get("step_in_epoch") for r in rows],
+        },
     }
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 
 from gradwatch.wire import MAX_COUNT, MAX_STEP
 
@@ -24,6 +24,7 @@ __all__ = [
     "IncidentIn",
     "IncidentList",
     "IncidentOut",
+    "IncidentRows",
     "LayerHealthOut",
     "OnsetLayerOut",
     "OnsetOut",
@@ -40,6 +41,35 @@ class _Out(BaseModel):
     model_config = ConfigDict(ser_json_inf_nan="strings", frozen=True)
 
 
+_Rows = Annotated[list[int | None], Field(max_length=4096)]
+_Floats = Annotated[
+    list[Annotated[float, Field(allow_inf_nan=False)] | None], Field(max_length=4096)
+]
+
+
+class IncidentRows(BaseModel):
+    """The flight recorder's rows up to the bad step, columnar (one entry per step; ``null``
+    where unknown): what the server keeps no series of."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    step: Annotated[list[Annotated[StrictInt, Field(ge=0, le=MAX_STEP)]], Field(max_length=4096)]
+    learning_rate: _Floats
+    loss_scale: _Floats
+    epoch: _Rows
+    step_in_epoch: _Rows
+
+    @model_validator(mode="after")
+    def _one_per_step(self) -> IncidentRows:
+        for name in ("learning_rate", "loss_scale", "epoch", "step_in_epoch"):
+            if len(getattr(self, name)) != len(self.step):
+                raise ValueError(
+                    f"{name}: has {len(getattr(self, name))} values, expected "
+                    f"{len(self.step)} (one per step)"
+                )
+        return self
+
+
 class IncidentIn(BaseModel):
     """An incident bundle the agent wrote, announced in a ``StepBatch``'s ``incidents``.
 
@@ -52,6 +82,7 @@ class IncidentIn(BaseModel):
         format: The bundle's format, e.g. ``gradwatch-incident/1``.
         learning_rate: The learning rate the step would have applied (finite), or ``null``.
         loss_scale: A ``LossScaleOptimizer``'s loss scale at the step (finite), or ``null``.
+        recorded: The recorder's rows up to the step, or ``null``.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -64,6 +95,7 @@ class IncidentIn(BaseModel):
     format: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9._/-]{1,64}$")]
     learning_rate: Annotated[float, Field(allow_inf_nan=False)] | None = None
     loss_scale: Annotated[float, Field(allow_inf_nan=False)] | None = None
+    recorded: IncidentRows | None = None
 
 
 class IncidentOut(_Out):
@@ -72,6 +104,10 @@ class IncidentOut(_Out):
     Attributes:
         replay: The command that replays it on ``host``.
         announced_at: When the server stored the announcement.
+        recorded: The recorder's rows up to the step (learning rate, loss scale, position).
+        learning_rate_history: Those rows' learning rate as runs of equal values, e.g.
+            ``learning rate: 0.01 at steps 0–11, 30 from step 12 (×3000)``; ``null`` if none.
+        loss_scale_history: The same for the loss scale.
     """
 
     step: int
@@ -84,6 +120,9 @@ class IncidentOut(_Out):
     loss_scale: float | None
     announced_at: datetime
     replay: str
+    recorded: IncidentRows | None = None
+    learning_rate_history: str | None = None
+    loss_scale_history: str | None = None
 
 
 class IncidentList(_Out):

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from ..history import history_line
 from .exits import CliError, ExitCode, report_errors
 from .format import INCIDENT_CAUSES
 
@@ -66,33 +67,6 @@ def _number(value: float | None) -> str:
     return f"{value:.6g}" if math.isfinite(value) else str(value)
 
 
-def _history(name: str, history: list[tuple[int, float]]) -> str | None:
-    """One line of a recorded scalar over the last steps, as its runs of equal values.
-
-    ``learning rate: 0.01 at steps 1–11, 30 from step 12 (×3000)``; ``None`` when nothing
-    was recorded (a bundle from before the flight recorder kept it).
-    """
-    if not history:
-        return None
-    runs: list[list[Any]] = []  # [first step, last step, value]
-    for step, value in history:
-        if runs and (runs[-1][2] == value or (math.isnan(value) and math.isnan(runs[-1][2]))):
-            runs[-1][1] = step
-        else:
-            runs.append([step, step, value])
-    parts = []
-    for i, (first, last, value) in enumerate(runs):
-        if i > 0 and i == len(runs) - 1:
-            where = f"from step {first}"
-        else:
-            where = f"at step {first}" if first == last else f"at steps {first}–{last}"
-        previous = runs[i - 1][2] if i > 0 else 0.0
-        ratio = value / previous if previous else math.nan
-        change = f" (×{ratio:.4g})" if math.isfinite(ratio) else ""
-        parts.append(f"{_number(value)} {where}{change}")
-    return f"{name}: " + ", ".join(parts)
-
-
 def _print(report: ReplayReport) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -112,7 +86,7 @@ def _print(report: ReplayReport) -> None:
         ("learning rate", report.learning_rate),
         ("loss scale", report.loss_scale),
     ):
-        line = _history(label, history)
+        line = history_line(label, history)
         if line is not None:
             console.print(line, highlight=False)
     for name, count in report.batch_nonfinite.items():

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Sequence
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 from sqlalchemy.orm import Session
 
 from ..errors import RunNotFoundError
-from ..event_schemas import IncidentList, IncidentOut
+from ..event_schemas import IncidentList, IncidentOut, IncidentRows
+from ..history import history_line
 from ..store import incidents as incident_store
 from ..store import runs as run_store
 from ..store.models import RUN_LEVEL, Event, Incident
@@ -45,7 +46,17 @@ def incident_out(row: Incident) -> IncidentOut:
         loss_scale=row.loss_scale,
         announced_at=row.announced_at,
         replay=f"gradwatch replay {shlex.quote(row.path)}",
+        recorded=None if row.recorded is None else IncidentRows.model_validate(row.recorded),
+        learning_rate_history=_history("learning rate", row.recorded, "learning_rate"),
+        loss_scale_history=_history("loss scale", row.recorded, "loss_scale"),
     )
+
+
+def _history(label: str, recorded: dict[str, Any] | None, column: str) -> str | None:
+    if not recorded:
+        return None
+    pairs = zip(recorded["step"], recorded[column], strict=True)
+    return history_line(label, [(int(step), float(v)) for step, v in pairs if v is not None])
 
 
 def incidents_by_event(

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -36,6 +36,8 @@ class Announcement(Protocol):
     def learning_rate(self) -> float | None: ...
     @property
     def loss_scale(self) -> float | None: ...
+    @property
+    def recorded(self) -> Any: ...
 
 
 def add_incidents(
@@ -67,6 +69,7 @@ def add_incidents(
                 format=item.format,
                 learning_rate=item.learning_rate,
                 loss_scale=item.loss_scale,
+                recorded=None if item.recorded is None else item.recorded.model_dump(),
                 announced_at=now,
             )
         )

@@ -297,6 +297,8 @@ class Incident(Base):
     format: Mapped[str] = mapped_column(String(64))
     learning_rate: Mapped[float | None] = mapped_column(Double)
     loss_scale: Mapped[float | None] = mapped_column(Double)
+    recorded: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
+    """The flight recorder's rows up to the step (``IncidentRows`` as JSON), or NULL."""
     announced_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 

@@ -50,6 +50,9 @@ def test_bundle_of_a_planted_log_zero_is_announced_to_the_server(server, api, tm
     assert incident["bytes"] == on_disk > 0
     assert incident["learning_rate"] == pytest.approx(0.01)
     assert incident["loss_scale"] is None
+    assert incident["recorded"]["step"][-1] == BAD_STEP
+    assert incident["recorded"]["step_in_epoch"][-1] == BAD_STEP
+    assert incident["learning_rate_history"] == f"learning rate: 0.01 at steps 0–{BAD_STEP}"
     assert incident["replay"] == f"gradwatch replay {incident['path']}"
 
     events = api.get(f"/api/v1/runs/{run_id}/events", params={"rule": "nonfinite"}).json()
@@ -72,3 +75,4 @@ def test_bundle_of_a_planted_log_zero_is_announced_to_the_server(server, api, tm
     ).stdout
     assert f"incident bundle: step {BAD_STEP} (non-finite gradient)" in shown
     assert incident["replay"] in shown
+    assert f"before it: learning rate: 0.01 at steps 0–{BAD_STEP}" in shown

@@ -81,6 +81,35 @@ def test_resend_and_second_announcement_of_a_step_keep_the_first(client):
     ]
 
 
+def test_recorded_rows_are_kept_and_summarised(client):
+    run_id = create_run(client)
+    recorded = {
+        "step": [5, 6, 7],
+        "learning_rate": [0.01, 30.0, 30.0],
+        "loss_scale": [None, None, None],
+        "epoch": [0, 0, 0],
+        "step_in_epoch": [5, 6, 7],
+    }
+    body = make_batch([7], _LAYERS, incidents=[_incident(7, recorded=recorded)])
+    assert post_batch(client, run_id, body).status_code == 200
+    [incident] = client.get(f"/api/v1/runs/{run_id}/incidents").json()["incidents"]
+    assert incident["recorded"] == recorded
+    assert incident["learning_rate_history"] == (
+        "learning rate: 0.01 at step 5, 30 from step 6 (×3000)"
+    )
+    assert incident["loss_scale_history"] is None
+
+
+def test_recorded_rows_of_unequal_lengths_are_refused(client):
+    run_id = create_run(client)
+    recorded = {"step": [1, 2], "learning_rate": [0.1], "loss_scale": [None, None],
+                "epoch": [0, 0], "step_in_epoch": [1, 2]}  # fmt: skip
+    body = make_batch([2], _LAYERS, incidents=[_incident(2, recorded=recorded)])
+    response = post_batch(client, run_id, body)
+    assert response.status_code == 422
+    assert "learning_rate: has 1 values, expected 2" in response.json()["detail"]
+
+
 def test_path_with_spaces_is_quoted_in_the_replay_command(client):
     run_id = create_run(client)
     body = make_batch([0], _LAYERS, incidents=[_incident(0, path="/my runs/step-0")])

@@ -108,6 +108,13 @@ def _incident(step: int) -> dict[str, object]:
         "bytes": 3 * 2**20,
         "format": "gradwatch-incident/1",
         "learning_rate": 0.05,
+        "recorded": {
+            "step": [step - 2, step - 1, step],
+            "learning_rate": [0.05, 0.05, 0.05],
+            "loss_scale": [None, None, None],
+            "epoch": [0, 0, 0],
+            "step_in_epoch": [step - 2, step - 1, step],
+        },
     }
 
 

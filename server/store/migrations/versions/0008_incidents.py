@@ -36,6 +36,7 @@ def upgrade() -> None:
         sa.Column("format", sa.String(64), nullable=False),
         sa.Column("learning_rate", sa.Double(), nullable=True),
         sa.Column("loss_scale", sa.Double(), nullable=True),
+        sa.Column("recorded", sa.JSON(none_as_null=True), nullable=True),
         sa.Column("announced_at", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
             ["run_id"], ["runs.id"], name=op.f("fk_incidents_run_id_runs"), ondelete="CASCADE"

@@ -358,5 +358,8 @@ function incidentLine(incident) {
     command,
     " ",
     copy,
+    ...[incident.learning_rate_history, incident.loss_scale_history]
+      .filter(Boolean)
+      .map((line) => el("span", { class: "recorded muted", text: `Before it: ${line}.` })),
   ];
 }
