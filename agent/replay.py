@@ -65,13 +65,15 @@ class FirstBadOp:
 
 @dataclass(frozen=True, slots=True)
 class LayerNorms:
-    """One layer's gradient L2 norm: replayed (float32, float64) and recorded."""
+    """One layer's gradient L2 norm: replayed (float32, float64) and recorded; its count of
+    non-finite values and its largest finite magnitude (``max_abs``, 0 when none is)."""
 
     layer: str
     replayed: float
     replayed_float64: float
     recorded: float | None
     nonfinite: int
+    max_abs: float = 0.0
 
 
 @dataclass(slots=True)
@@ -350,6 +352,7 @@ def _compare(
     sums32: dict[str, float] = {}
     sums64: dict[str, float] = {}
     bad: dict[str, int] = {}
+    largest: dict[str, float] = {}
     for grad, variable in zip(grads, variables, strict=True):
         if grad is None:
             continue
@@ -360,7 +363,10 @@ def _compare(
             square64 = float(np.sum(np.square(grad.astype(np.float64))))
         sums32[layer] = sums32.get(layer, 0.0) + square32
         sums64[layer] = sums64.get(layer, 0.0) + square64
-        bad[layer] = bad.get(layer, 0) + int(np.size(grad) - np.count_nonzero(np.isfinite(grad)))
+        finite = np.isfinite(grad)
+        bad[layer] = bad.get(layer, 0) + int(np.size(grad) - np.count_nonzero(finite))
+        peak = float(np.max(np.abs(grad[finite]))) if finite.any() else 0.0
+        largest[layer] = max(largest.get(layer, 0.0), peak)
     step = int(manifest["step"])
     rows = [row for row in manifest.get("recorded", []) if row["step"] == step]
     recorded_row = rows[-1] if rows else None
@@ -376,6 +382,7 @@ def _compare(
             replayed_float64=math.sqrt(sums64[layer]) if sums64[layer] >= 0 else math.nan,
             recorded=_recorded(recorded, layer),
             nonfinite=bad[layer],
+            max_abs=largest[layer],
         )
         for layer in sums32
     ]

@@ -105,7 +105,7 @@ def _print(report: ReplayReport) -> None:
             console.print(f"  at {bad.frame}", highlight=False)
         if bad.code:
             console.print(f"    {bad.code}", highlight=False)
-    table = Table("layer", "replayed", "float64", "recorded", "non-finite values")
+    table = Table("layer", "replayed", "float64", "recorded", "non-finite values", "max |g|")
     for layer in report.layers:
         table.add_row(
             layer.layer,
@@ -113,6 +113,7 @@ def _print(report: ReplayReport) -> None:
             _number(layer.replayed_float64),
             _number(layer.recorded),
             str(layer.nonfinite),
+            _number(layer.max_abs),
         )
     console.print(table)
     remedies = Table("remedy", "threshold", "finite", "global norm after", "why")

@@ -139,6 +139,8 @@ def test_planted_log_of_zero_is_captured_before_its_update_and_replay_names_the_
     assert "return tf.math.log(x)" in out
     hidden = next(line for line in out.splitlines() if "sequential/hidden" in line)
     assert "nan" in hidden  # the layer after log: NaN replayed, NaN recorded
+    out_row = next(line for line in out.splitlines() if "sequential/out" in line)
+    assert float(out_row.split("│")[6]) > 0  # its largest finite |g|
     assert "global_norm" in out
     assert "by_value" in out
     assert "zclip" in out
