@@ -71,8 +71,11 @@ class MonitorConfig:
         close_timeout_seconds: Default timeout of ``close()`` and of the close
             run at interpreter exit, seconds (> 0).
         max_incidents: Incident bundles written per run (>= 0; 0 turns capture off): the
-            weights, optimizer state and batch of a step whose gradient was non-finite or
-            that a policy skipped, captured before its update (:mod:`gradwatch.agent.incident`).
+            weights, optimizer state and batch of a step whose gradient was non-finite, that
+            a policy skipped or (``incident_on_explosion``) that exploded, captured before its
+            update (:mod:`gradwatch.agent.incident`).
+        incident_on_explosion: Whether a critical explosion of a finite global norm (the
+            server's default rule, judged in-graph) is an incident too (a bool).
         incident_max_bytes: Cap on the memory held for that capture, bytes (> 0); a model
             whose weights and optimizer state take more is not captured (said at build).
         incident_dir: Root of the bundles; default ``$GRADWATCH_INCIDENT_DIR``, else
@@ -98,6 +101,7 @@ class MonitorConfig:
     incident_max_bytes: int = 2**30
     incident_dir: Path | None = None
     recorder_steps: int = 64
+    incident_on_explosion: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.run, str) or not 1 <= len(self.run) <= 200:
@@ -129,6 +133,10 @@ class MonitorConfig:
         _check_int_or_off("max_incidents", self.max_incidents, "incident capture")
         _check_positive_int("incident_max_bytes", self.incident_max_bytes)
         _check_positive_int("recorder_steps", self.recorder_steps)
+        if not isinstance(self.incident_on_explosion, bool):
+            raise ConfigError(
+                f"incident_on_explosion: expected True or False, got {self.incident_on_explosion!r}"
+            )
         incidents = self.incident_dir or os.environ.get("GRADWATCH_INCIDENT_DIR") or None
         if incidents is None:
             incidents = self.local_dir / "incidents"

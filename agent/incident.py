@@ -76,6 +76,7 @@ class IncidentSettings:
         recorder_steps: Recorded steps kept in the bundle, up to and including the bad one.
         run_id: The run's id; ``run``: its name; ``policy``: the policy's description.
         group: The optimizer group whose steps this capture watches, or ``None``.
+        explosion: Whether a critical explosion of a finite global norm is captured too.
     """
 
     directory: Path
@@ -86,6 +87,7 @@ class IncidentSettings:
     run: str
     policy: dict[str, Any] | None
     group: str | None = None
+    explosion: bool = True
 
 
 class IncidentCapture:
@@ -179,7 +181,11 @@ class IncidentCapture:
         bad_gradient = tf.logical_or(
             tf.logical_not(tf.math.is_finite(global_norm)), tf.reduce_any(nonfinite > 0)
         )
-        explosion = self._explosion.update(global_norm, skipped)
+        explosion = (
+            self._explosion.update(global_norm, skipped)
+            if self._settings.explosion
+            else tf.constant(False)
+        )
         cause = tf.where(bad_gradient, 0, tf.where(skipped, 1, 2))
         self._copy_if(bad_gradient | skipped | explosion, cause, step)
 

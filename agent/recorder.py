@@ -99,6 +99,7 @@ class StepRecorder:
                 run=config.run,
                 policy=policy.describe() if policy is not None else None,
                 group=group,
+                explosion=config.incident_on_explosion,
             ),
             shared,
         )

@@ -246,6 +246,14 @@ def test_an_explosion_with_finite_gradients_is_captured_where_the_server_calls_i
     assert "step 251 (exploding gradient; epoch 0, step 251 of it)" in result.stdout
     assert "reproduced: yes" in result.stdout, result.stdout
 
+    off = GradientMonitor(
+        run="explosion", flush_every=16, local_dir=str(tmp_path / "off"),
+        incident_on_explosion=False,
+    )  # fmt: skip
+    linear().fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0, callbacks=[JumpAt(), off])
+    off.close()
+    assert off.incidents == ()
+
 
 @pytest.mark.parametrize("options", [{}, {"jit_compile": True}], ids=["graph", "xla"])
 def test_dropout_masks_are_replayed_from_the_rng_states_at_the_step_start(tmp_path, options):
@@ -331,7 +339,12 @@ def test_a_replay_of_a_bundle_with_the_wrong_model_says_so(tmp_path):
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("max_incidents", -1), ("incident_max_bytes", 0), ("recorder_steps", 0)],
+    [
+        ("max_incidents", -1),
+        ("incident_max_bytes", 0),
+        ("recorder_steps", 0),
+        ("incident_on_explosion", "yes"),
+    ],
 )
 def test_incident_settings_are_checked_at_construction(tmp_path, name, value):
     with pytest.raises(ConfigError, match=name):
