@@ -62,7 +62,13 @@ def remedies(manifest: dict[str, Any], grads: list[Any]) -> list[Remedy]:
             value,
             math.isfinite(clipped_norm),
             clipped_norm,
-            "±Inf clipped to the limit" if math.isfinite(clipped_norm) else "NaN passes through",
+            (
+                "NaN passes through"
+                if not math.isfinite(clipped_norm)
+                else "±Inf clipped to the limit"
+                if not math.isfinite(norm)
+                else "each value clipped to ±limit"
+            ),
         )
     )
     mean = float(np.mean(history)) if history else typical
