@@ -16,7 +16,9 @@ swings less than wall time when other processes share the cores):
 (h) (b) without them (``stats_every=0``): the cost of the weight statistics;
 (i) (b) with incident capture off (``max_incidents=0``): the cost of keeping the capture
     armed (one predicate per step and the shadow copies' memory; nothing is copied while
-    every step is healthy).
+    every step is healthy);
+(j) (b) with ``incident_on_explosion=False``: the cost of the in-graph explosion trigger
+    (about 30 scalar operations a step).
 
 (b), (c) and (f) use the monitor's defaults (``stats_every``, one incident bundle).
 
@@ -83,6 +85,7 @@ MONITORED: dict[str, dict[str, Any]] = {
     "g": {"stats_every": 1},
     "h": {"stats_every": 0},
     "i": {"max_incidents": 0},
+    "j": {"incident_on_explosion": False},
 }
 
 
@@ -121,6 +124,7 @@ LABELS = {
     "g": "(g) (b), stats_every=1",
     "h": "(h) (b), stats_every=0",
     "i": "(i) (b), max_incidents=0",
+    "j": "(j) (b), no explosion trigger",
 }
 
 
@@ -181,6 +185,7 @@ def main() -> None:
         ("weight statistics every step, (g) ÷ (h)", "g", "h"),
         ("weight statistics at the default stats_every, (b) ÷ (h)", "b", "h"),
         ("incident capture armed, (b) ÷ (i)", "b", "i"),
+        ("in-graph explosion trigger, (b) ÷ (j)", "b", "j"),
     ):
         if num in configs and den in configs:
             ratio, best_ratio = median[num] / median[den], best[num] / best[den]
