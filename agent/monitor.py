@@ -411,10 +411,9 @@ class GradientMonitor(keras.callbacks.Callback, compat.Trackable):  # type: igno
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         step = getattr(self._checkpointed, "step", None)  # made when the optimizer builds
-        first = step if step is not None else getattr(self.model.optimizer, "iterations", 0)
-        self._recorders()[0].incidents.shared.note_epoch(
-            epoch, int(keras.ops.convert_to_numpy(first))
-        )
+        first = step if step is not None else getattr(self.model.optimizer, "iterations", None)
+        start = 0 if first is None else int(first.numpy())  # numpy(): also of a MirroredVariable
+        self._recorders()[0].incidents.shared.note_epoch(epoch, start)
 
     def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         if self._groups:

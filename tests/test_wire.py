@@ -22,7 +22,15 @@ from gradwatch.agent.records import StepBatch as AgentBatch
 from gradwatch.server.schemas import StepBatch as ServerBatch
 from tests.fakes import step_batch
 
-_ENVELOPE = {"schema", "batch_id", "layers", "step", "dropped_batches"}
+_ENVELOPE = {"schema", "batch_id", "layers", "step", "dropped_batches", "incidents"}
+_INCIDENT = {
+    "step": 1,
+    "cause": "nonfinite",
+    "path": "/runs/incidents/r/step-1",
+    "host": "trainer",
+    "bytes": 10,
+    "format": "gradwatch-incident/1",
+}
 
 
 def _full_agent_batch(values: np.ndarray, steps: np.ndarray) -> AgentBatch:
@@ -42,6 +50,7 @@ def _full_agent_batch(values: np.ndarray, steps: np.ndarray) -> AgentBatch:
         weight_norm=values.copy(),
         update_ratio=values.copy(),
         weights_known=known,
+        incidents=(_INCIDENT,),
     )
 
 
@@ -57,7 +66,7 @@ def test_wire_server_reads_exactly_the_fields_the_module_lists():
     optional = {
         f.alias or name for name, f in ServerBatch.model_fields.items() if not f.is_required()
     }
-    assert optional == set(wire.OPTIONAL_FIELDS) | {"dropped_batches"}
+    assert optional == set(wire.OPTIONAL_FIELDS) | {"dropped_batches", "incidents"}
 
 
 def test_wire_schema_version_is_the_one_both_sides_use():
