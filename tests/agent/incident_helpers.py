@@ -1,0 +1,84 @@
+"""What the incident tests share: the planted-fault data, the monitor they use, a fit that
+keeps the weights before the bad step, and the real ``gradwatch replay`` command."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from gradwatch.agent import GradientMonitor, clip
+
+BAD_STEP = 7
+BATCH = 16
+
+_SCRIPT = Path(sys.executable).with_name("gradwatch")
+GRADWATCH = [str(_SCRIPT)] if _SCRIPT.exists() else [shutil.which("gradwatch") or "gradwatch"]
+ROOT = Path(__file__).parents[2]
+
+
+def planted_data(zero_in_batch: int | None = BAD_STEP, nan_in_batch: int | None = None):
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.5, 1.5, size=(20 * BATCH, 4)).astype("float32")
+    y = rng.normal(size=(20 * BATCH, 1)).astype("float32")
+    if zero_in_batch is not None:
+        x[zero_in_batch * BATCH + 3, 2] = 0.0  # log(0) = -inf in that step's forward pass
+    if nan_in_batch is not None:
+        x[nan_in_batch * BATCH + 5, 1] = np.nan
+    return x, y
+
+
+def planted_monitor(tmp_path: Path, **settings) -> GradientMonitor:
+    return GradientMonitor(
+        run="planted",
+        policy=clip.chain(clip.skip_nonfinite(), clip.global_norm(1.0)),
+        flush_every=4,
+        local_dir=str(tmp_path / "runs"),
+        **settings,
+    )
+
+
+def fit_planted(model, monitor, x, y, **compile_options):
+    if compile_options:
+        model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse", **compile_options)
+    weights_before = None
+
+    class KeepWeights(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            nonlocal weights_before
+            if batch == BAD_STEP:
+                weights_before = [w.copy() for w in self.model.get_weights()]
+
+    callbacks = (
+        [monitor]
+        if compile_options.get("steps_per_execution", 1) > 1
+        else [
+            KeepWeights(),
+            monitor,
+        ]
+    )
+    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=callbacks)
+    monitor.close()
+    return weights_before
+
+
+def run_replay(bundle: str, model_fn: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRADWATCH_")}
+    env.update({"COLUMNS": "200", "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)})
+    return subprocess.run(
+        [*GRADWATCH, "replay", bundle, "--model-fn", model_fn],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+
+
+def read_manifest(bundle: str) -> dict:
+    return json.loads((Path(bundle) / "manifest.json").read_text())
