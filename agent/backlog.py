@@ -109,12 +109,27 @@ class SpoolBacklog:
         self._delivery_log.run_created()
 
     def _send(self, wire: dict[str, Any]) -> None:
-        """One attempt at one wire batch, with the drop counts so far."""
+        """One attempt at one wire batch, with the drop counts so far.
+
+        A server older than incident announcements refuses a batch carrying them (422 naming
+        ``incidents``): the batch is sent again without them, so no step is lost for it, and
+        the user is told once where the bundle stays."""
         with self._cond:
             drops = dict(self._dropped)
-        self._transport.send_batch(
-            self._run.run_id, {**wire, "dropped_batches": drops} if drops else wire
-        )
+        body = {**wire, "dropped_batches": drops} if drops else wire
+        try:
+            self._transport.send_batch(self._run.run_id, body)
+        except RejectedError as exc:
+            if exc.status_code != 422 or "incidents" not in body or "incidents" not in str(exc):
+                raise
+            paths = ", ".join(str(item.get("path")) for item in body["incidents"])
+            log.warning(
+                "gradwatch: the server does not take incident announcements (an older gradwatch "
+                "server?); the bundle stays at %s: upgrade the server to see it there",
+                paths,
+            )
+            body = {key: value for key, value in body.items() if key != "incidents"}
+            self._transport.send_batch(self._run.run_id, body)
 
     def _delivered(self, steps: int) -> None:
         with self._cond:

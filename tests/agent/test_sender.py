@@ -7,6 +7,7 @@ deadlines are checked exactly and nothing sleeps.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -190,6 +191,37 @@ def test_sender_never_retries_a_rejection_logs_it_once_and_counts_it(make_sender
     ]
     # The count travels with the next batch.
     assert transport.batches[-1]["dropped_batches"] == {DropReason.REJECTED: 2}
+
+
+class OldServerTransport(ScriptedTransport):
+    """A server from before incident announcements: extra fields are a 422 naming them."""
+
+    def send_batch(self, run_id: str, batch: dict[str, Any]) -> None:
+        if "incidents" in batch:
+            self.calls.append("send_batch")
+            raise RejectedError(
+                "POST /api/v1/runs/x/batches: HTTP 422: incidents: Extra inputs are not permitted",
+                422,
+            )
+        super().send_batch(run_id, batch)
+
+
+def test_a_server_without_incident_announcements_still_gets_every_step(make_sender, caplog):
+    transport = OldServerTransport()
+    sender = make_sender(transport)
+    note = {"step": 1, "cause": "nonfinite", "path": "/runs/incidents/r/step-1", "host": "h"}
+    with caplog.at_level(logging.WARNING, logger="gradwatch.agent"):
+        sender.submit(dataclasses.replace(step_batch(1), incidents=(note,)))
+        closed = sender.close(timeout_seconds=5)
+    assert closed, (transport.calls, sender.dropped_batches, caplog.text)
+    assert [b["step"] for b in transport.batches] == [[1]]
+    assert "incidents" not in transport.batches[0]
+    assert sender.dropped_batches == {}
+    warnings = [
+        r.getMessage() for r in caplog.records if "incident announcements" in r.getMessage()
+    ]
+    assert len(warnings) == 1
+    assert "/runs/incidents/r/step-1" in warnings[0]
 
 
 def test_sender_keeps_every_batch_when_the_server_refuses_the_run(make_sender, tmp_path, caplog):
