@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ __all__ = [
     "model_description",
     "number",
     "recorded",
+    "recorded_columns",
     "recorded_rows",
     "structure",
 ]
@@ -36,12 +37,14 @@ BUNDLE_FORMAT = "gradwatch-incident/1"
 """``manifest.json``'s ``format``: bump when a field changes meaning."""
 
 
-def recorded_rows(recent: Iterable[StepBatch], step: int, keep: int) -> list[dict[str, Any]]:
-    """The last ``keep`` rows of ``recent`` up to ``step``, as JSON-able dicts."""
+def recorded_rows(
+    recent: Iterable[StepBatch], step: int, keep: int, after: int = -1
+) -> list[dict[str, Any]]:
+    """The last ``keep`` rows of ``recent`` with ``after < step' <= step``, as JSON-able dicts."""
     rows = []
     for batch in recent:
         for i in range(len(batch.step)):
-            if int(batch.step[i]) > step:
+            if not after < int(batch.step[i]) <= step:
                 continue
             rows.append(
                 {
@@ -65,9 +68,6 @@ def announcement(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     rows: list[dict[str, Any]] = manifest["recorded"]
     row: dict[str, Any] = next((r for r in reversed(rows) if r["step"] == step), {})
 
-    def finite(value: Any) -> float | None:
-        return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
-
     return {
         "step": step,
         "cause": manifest["cause"],
@@ -82,14 +82,25 @@ def announcement(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
         ),
         "loss_scale": finite(row.get("loss_scale")),
         # The flight recorder's scalars the server has no series of, up to the bad step.
-        "recorded": {
-            "step": [r["step"] for r in rows],
-            "learning_rate": [finite(r.get("learning_rate")) for r in rows],
-            "loss_scale": [finite(r.get("loss_scale")) for r in rows],
-            "epoch": [r.get("epoch") for r in rows],
-            "step_in_epoch": [r.get("step_in_epoch") for r in rows],
-        },
+        "recorded": recorded_columns(rows),
     }
+
+
+def recorded_columns(rows: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Recorded rows as the wire's columns (``IncidentRows``): the scalars the server keeps
+    no series of, one entry per step, finite numbers or null."""
+    return {
+        "step": [r["step"] for r in rows],
+        "learning_rate": [finite(r.get("learning_rate")) for r in rows],
+        "loss_scale": [finite(r.get("loss_scale")) for r in rows],
+        "epoch": [r.get("epoch") for r in rows],
+        "step_in_epoch": [r.get("step_in_epoch") for r in rows],
+    }
+
+
+def finite(value: Any) -> float | None:
+    """``value`` as a float when it is a finite number, else ``None``."""
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
 
 
 def structure(data: Any) -> str:

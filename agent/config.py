@@ -80,7 +80,9 @@ class MonitorConfig:
             whose weights and optimizer state take more is not captured (said at build).
         incident_dir: Root of the bundles; default ``$GRADWATCH_INCIDENT_DIR``, else
             ``<local_dir>/incidents``.
-        recorder_steps: Recorded steps (norms, loss) kept in a bundle, up to the bad one.
+        recorder_steps: Recorded steps (norms, loss) kept in a bundle, up to the bad one
+            (at most ``MAX_RECORDER_STEPS``); the learning rates, loss scales and positions
+            of as many steps after it are announced to the server too.
     """
 
     run: str
@@ -133,6 +135,11 @@ class MonitorConfig:
         _check_int_or_off("max_incidents", self.max_incidents, "incident capture")
         _check_positive_int("incident_max_bytes", self.incident_max_bytes)
         _check_positive_int("recorder_steps", self.recorder_steps)
+        if self.recorder_steps > MAX_RECORDER_STEPS:
+            raise ConfigError(
+                f"recorder_steps: expected at most {MAX_RECORDER_STEPS} (a bundle's rows before "
+                f"and after the bad step are announced to the server), got {self.recorder_steps}"
+            )
         if not isinstance(self.incident_on_explosion, bool):
             raise ConfigError(
                 f"incident_on_explosion: expected True or False, got {self.incident_on_explosion!r}"
@@ -191,6 +198,10 @@ def _to_path(name: str, value: object) -> Path:
     if not isinstance(value, str | os.PathLike) or not str(value):
         raise ConfigError(f"{name}: expected a directory path, got {value!r}")
     return Path(value)
+
+
+MAX_RECORDER_STEPS = 2048
+"""``recorder_steps``' bound: the rows before and after a bad step fit the server's 4,096."""
 
 
 def _check_positive_int(name: str, value: object) -> None:

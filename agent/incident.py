@@ -44,6 +44,7 @@ from .bundle import (
     describe,
     learning_rate,
     model_description,
+    recorded_columns,
     recorded_rows,
     structure,
 )
@@ -109,6 +110,9 @@ class IncidentCapture:
         self._jit_compile = False  # whether the step that copies was traced for XLA
         # Batches as read (references, no copy): rows are formatted only when a bundle is written.
         self._recent: deque[StepBatch] = deque()
+        # The last bundle's announcement while the rows after its step are still sent.
+        self._following: dict[str, Any] | None = None
+        self._sent_through = -1  # the last step whose row was sent with it
         self.enabled = False
 
     # -- building ------------------------------------------------------------------------
@@ -318,7 +322,27 @@ class IncidentCapture:
             log.exception("gradwatch: could not write the incident bundle")
             return None
         self.shared.wrote(path)
-        return announcement(path, manifest)
+        announced = announcement(path, manifest)
+        self._following, self._sent_through = announced, manifest["step"]
+        return announced
+
+    def rows_after(self, batches: Sequence[StepBatch]) -> dict[str, Any] | None:
+        """Host, after :meth:`write_if_pending` on the same ring read: the last bundle's
+        announcement again, with the recorder's rows of ``batches`` that follow the rows
+        already sent, up to ``recorder_steps`` steps after the bad one (the server merges
+        them by step), or ``None`` when there are none. O(rows read); never raises."""
+        following = self._following
+        if following is None:
+            return None
+        until = following["step"] + self._settings.recorder_steps
+        rows = recorded_rows(batches, until, self._settings.recorder_steps, self._sent_through)
+        if not rows:
+            return None
+        self._sent_through = rows[-1]["step"]
+        if self._sent_through >= until:
+            self._following = None
+        rows = [{**row, **(self.shared.position(row["step"]) or {})} for row in rows]
+        return {**following, "recorded": recorded_columns(rows)}
 
     def _write(self, model: Any) -> tuple[Path, dict[str, Any]]:
         started = time.perf_counter()

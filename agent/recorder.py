@@ -403,6 +403,9 @@ class StepRecorder:
         announced = self.incidents.write_if_pending(self._model())
         if announced is not None:
             self._announcements.append(announced)
+        following = self.incidents.rows_after(batches)  # the recorder's rows after a bad step
+        if following is not None:
+            self._announcements.append(following)
         if self._announcements and batches:  # the server learns of a bundle with a batch
             batches[-1] = dataclasses.replace(batches[-1], incidents=tuple(self._announcements))
             self._announcements.clear()

@@ -19,6 +19,7 @@ from .store.models import RunStatus
 
 __all__ = [
     "INCIDENT_CAUSES",
+    "MAX_RECORDED_ROWS",
     "EventList",
     "EventOut",
     "IncidentIn",
@@ -41,19 +42,24 @@ class _Out(BaseModel):
     model_config = ConfigDict(ser_json_inf_nan="strings", frozen=True)
 
 
-_Rows = Annotated[list[int | None], Field(max_length=4096)]
+MAX_RECORDED_ROWS = 4096
+"""Rows an incident's ``recorded`` holds at most (before and after its step together)."""
+_Rows = Annotated[list[int | None], Field(max_length=MAX_RECORDED_ROWS)]
 _Floats = Annotated[
-    list[Annotated[float, Field(allow_inf_nan=False)] | None], Field(max_length=4096)
+    list[Annotated[float, Field(allow_inf_nan=False)] | None],
+    Field(max_length=MAX_RECORDED_ROWS),
 ]
 
 
 class IncidentRows(BaseModel):
-    """The flight recorder's rows up to the bad step, columnar (one entry per step; ``null``
+    """The flight recorder's rows around the bad step, columnar (one entry per step; ``null``
     where unknown): what the server keeps no series of."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    step: Annotated[list[Annotated[StrictInt, Field(ge=0, le=MAX_STEP)]], Field(max_length=4096)]
+    step: Annotated[
+        list[Annotated[StrictInt, Field(ge=0, le=MAX_STEP)]], Field(max_length=MAX_RECORDED_ROWS)
+    ]
     learning_rate: _Floats
     loss_scale: _Floats
     epoch: _Rows
@@ -82,7 +88,8 @@ class IncidentIn(BaseModel):
         format: The bundle's format, e.g. ``gradwatch-incident/1``.
         learning_rate: The learning rate the step would have applied (finite), or ``null``.
         loss_scale: A ``LossScaleOptimizer``'s loss scale at the step (finite), or ``null``.
-        recorded: The recorder's rows up to the step, or ``null``.
+        recorded: The recorder's rows up to the step, or ``null``; announced again, the
+            step's rows after it (the server adds the steps it does not hold).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -104,7 +111,8 @@ class IncidentOut(_Out):
     Attributes:
         replay: The command that replays it on ``host``.
         announced_at: When the server stored the announcement.
-        recorded: The recorder's rows up to the step (learning rate, loss scale, position).
+        recorded: The recorder's rows around the step (learning rate, loss scale, position):
+            up to ``recorder_steps`` before it and as many after it, as they arrive.
         learning_rate_history: Those rows' learning rate as runs of equal values, e.g.
             ``learning rate: 0.01 at steps 0–11, 30 from step 12 (×3000)``; ``null`` if none.
         loss_scale_history: The same for the loss scale.

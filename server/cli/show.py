@@ -123,8 +123,10 @@ def render(details: dict[str, Any]) -> Group:
 def _incident(item: dict[str, Any]) -> Text:
     """One incident bundle: which step, why, where it lies and the command that replays it."""
     size = f"{item['bytes'] / 2**20:.1f} MiB"
-    recorded = [item.get("learning_rate_history"), item.get("loss_scale_history")]
-    before = "".join(f"\n  before it: {line}" for line in recorded if line)
+    lines = [item.get("learning_rate_history"), item.get("loss_scale_history")]
+    steps = (item.get("recorded") or {}).get("step") or []
+    where = "around it" if steps and steps[-1] > item["step"] else "before it"
+    before = "".join(f"\n  {where}: {line}" for line in lines if line)
     return Text.assemble(
         ("incident bundle", "bold"),
         f": step {item['step']} ({INCIDENT_CAUSES.get(item['cause'], item['cause'])}), "

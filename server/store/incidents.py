@@ -1,4 +1,5 @@
-"""Incident bundles announced by the agent: stored once per (run, step), listed by step.
+"""Incident bundles announced by the agent: stored once per (run, step) with the recorder's
+rows around it (merged as they arrive), listed by step.
 
 Blocking database calls; not thread-safe per session (as every store module).
 """
@@ -12,9 +13,10 @@ from typing import Any, Protocol
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from ..event_schemas import MAX_RECORDED_ROWS
 from .models import Incident
 
-__all__ = ["Announcement", "add_incidents", "list_incidents"]
+__all__ = ["Announcement", "add_incidents", "list_incidents", "merge_recorded"]
 
 
 class Announcement(Protocol):
@@ -43,36 +45,69 @@ class Announcement(Protocol):
 def add_incidents(
     session: Session, run_id: str, announced: Sequence[Announcement], now: datetime
 ) -> None:
-    """Store the announcements of steps not announced before (a resend is a no-op).
+    """Store the announcements of steps not announced before; a step announced again adds
+    the recorder's rows it holds for steps not stored yet (the agent sends the rows after
+    the bad step as they are read). A resend changes nothing.
 
     The caller must hold the run's lock (``runs.get_run(..., for_update=True)``) so two
     writers never insert the same step.
     """
-    steps = [item.step for item in announced]
-    stored = set(
-        session.scalars(
-            select(Incident.step).where(Incident.run_id == run_id, Incident.step.in_(steps))
+    steps = {item.step for item in announced}
+    stored = {
+        row.step: row
+        for row in session.scalars(
+            select(Incident).where(Incident.run_id == run_id, Incident.step.in_(steps))
         )
-    )
+    }
     for item in announced:
-        if item.step in stored:
+        recorded = None if item.recorded is None else item.recorded.model_dump()
+        row = stored.get(item.step)
+        if row is not None:
+            merged = merge_recorded(row.recorded, recorded)
+            if merged is not row.recorded:
+                row.recorded = merged
             continue
-        stored.add(item.step)
-        session.add(
-            Incident(
-                run_id=run_id,
-                step=item.step,
-                cause=item.cause,
-                path=item.path,
-                host=item.host,
-                bytes=item.bytes,
-                format=item.format,
-                learning_rate=item.learning_rate,
-                loss_scale=item.loss_scale,
-                recorded=None if item.recorded is None else item.recorded.model_dump(),
-                announced_at=now,
-            )
+        stored[item.step] = row = Incident(
+            run_id=run_id,
+            step=item.step,
+            cause=item.cause,
+            path=item.path,
+            host=item.host,
+            bytes=item.bytes,
+            format=item.format,
+            learning_rate=item.learning_rate,
+            loss_scale=item.loss_scale,
+            recorded=recorded,
+            announced_at=now,
         )
+        session.add(row)
+
+
+def merge_recorded(
+    stored: dict[str, list[Any]] | None, new: dict[str, list[Any]] | None
+) -> dict[str, list[Any]] | None:
+    """Recorded columns (``IncidentRows`` as a dict) with ``new``'s rows of steps not in
+    ``stored`` added, by step, up to ``MAX_RECORDED_ROWS`` rows; ``stored`` itself (the same
+    object) when nothing is added."""
+    if not new or not new["step"]:
+        return stored
+    if not stored:
+        return new
+    known = set(stored["step"])
+    room = MAX_RECORDED_ROWS - len(stored["step"])
+    fresh = [i for i, step in enumerate(new["step"]) if step not in known][: max(0, room)]
+    if not fresh:
+        return stored
+    rows = [
+        *(tuple(stored[c][i] for c in _COLUMNS) for i in range(len(stored["step"]))),
+        *(tuple(new[c][i] for c in _COLUMNS) for i in fresh),
+    ]
+    rows.sort(key=lambda row: row[0])
+    return {c: [row[k] for row in rows] for k, c in enumerate(_COLUMNS)}
+
+
+_COLUMNS = ("step", "learning_rate", "loss_scale", "epoch", "step_in_epoch")
+"""``IncidentRows``' columns, ``step`` first."""
 
 
 def list_incidents(

@@ -279,8 +279,9 @@ class AgentDrop(Base):
 class Incident(Base):
     """An incident bundle the agent wrote and announced: where it lies and what it holds.
 
-    One per (run, step); the first announcement of a step is kept (a resend is a no-op). The
-    bundle itself stays on the training host (``host``, ``path``): the server stores where."""
+    One per (run, step); the first announcement of a step is kept, later ones only add the
+    recorder's rows of steps not stored yet (a resend is a no-op). The bundle itself stays
+    on the training host (``host``, ``path``): the server stores where."""
 
     __tablename__ = "incidents"
 
@@ -298,7 +299,7 @@ class Incident(Base):
     learning_rate: Mapped[float | None] = mapped_column(Double)
     loss_scale: Mapped[float | None] = mapped_column(Double)
     recorded: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
-    """The flight recorder's rows up to the step (``IncidentRows`` as JSON), or NULL."""
+    """The flight recorder's rows around the step (``IncidentRows`` as JSON), or NULL."""
     announced_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 

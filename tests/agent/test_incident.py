@@ -16,6 +16,7 @@ import pytest
 import tensorflow as tf
 
 from gradwatch.agent import ConfigError, GradientMonitor, clip
+from gradwatch.agent.local import read_run_file
 from tests.agent.incident_helpers import (
     BAD_STEP,
     BATCH,
@@ -186,12 +187,35 @@ def test_a_replay_of_a_bundle_with_the_wrong_model_says_so(tmp_path):
     assert "no readable manifest.json" in missing.stderr
 
 
+def test_the_recorder_rows_after_the_step_are_announced_as_they_are_read(tmp_path):
+    """The announcement carries the rows up to the bad step; the rows after it follow with
+    the later batches, each once, until ``recorder_steps`` steps after it."""
+    x, y = planted_data()
+    monitor = planted_monitor(tmp_path, recorder_steps=3)
+    fit_planted(planted_log(), monitor, x, y)
+
+    run_file = read_run_file(tmp_path / "runs" / f"{monitor.run_id}.jsonl")
+    items = [item for batch in run_file.batches for item in batch.get("incidents", ())]
+    first, *following = items
+    assert first["recorded"]["step"] == [BAD_STEP - 2, BAD_STEP - 1, BAD_STEP]
+    assert following, "no rows after the bad step were announced"
+    after = [step for item in following for step in item["recorded"]["step"]]
+    assert after == [BAD_STEP + 1, BAD_STEP + 2, BAD_STEP + 3]
+    # The same announcement each time, with other rows; positions too (one epoch).
+    assert all({**item, "recorded": None} == {**first, "recorded": None} for item in following)
+    steps_in_epoch = [s for item in following for s in item["recorded"]["step_in_epoch"]]
+    assert steps_in_epoch == after
+    rates = [lr for item in following for lr in item["recorded"]["learning_rate"]]
+    assert rates == pytest.approx([0.01] * 3)
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [
         ("max_incidents", -1),
         ("incident_max_bytes", 0),
         ("recorder_steps", 0),
+        ("recorder_steps", 2049),
         ("incident_on_explosion", "yes"),
     ],
 )

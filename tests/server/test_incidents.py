@@ -100,6 +100,53 @@ def test_recorded_rows_are_kept_and_summarised(client):
     assert incident["loss_scale_history"] is None
 
 
+def _rows(steps: list[int], scale: float) -> dict[str, list]:
+    return {
+        "step": steps,
+        "learning_rate": [0.01] * len(steps),
+        "loss_scale": [scale] * len(steps),
+        "epoch": [0] * len(steps),
+        "step_in_epoch": steps,
+    }
+
+
+def test_rows_after_the_step_announced_later_are_merged_by_step(client):
+    """The agent announces a bundle with the rows up to its step, then the step again with
+    the rows after it as they are read: the server keeps one incident whose rows are the
+    union by step (the first write of a step wins) and the first announcement's fields."""
+    run_id = create_run(client)
+    first = make_batch([7], _LAYERS, incidents=[_incident(7, recorded=_rows([5, 6, 7], 4.0))])
+    assert post_batch(client, run_id, first).status_code == 200
+    # The rows after step 7, in two later batches; the second repeats step 9 with another
+    # value, and names another path (ignored: the first announcement's fields stay).
+    after = [
+        _incident(7, recorded=_rows([8, 9], 2.0)),
+        _incident(7, recorded=_rows([9, 10], 1.0), path="/elsewhere"),
+    ]
+    for steps, item in zip(([8, 9], [10]), after, strict=True):
+        body = make_batch(steps, _LAYERS, incidents=[item])
+        assert post_batch(client, run_id, body).status_code == 200
+    assert post_batch(client, run_id, body).json()["duplicate"] is True
+
+    [incident] = client.get(f"/api/v1/runs/{run_id}/incidents").json()["incidents"]
+    assert incident["path"] == "/runs/incidents/abc/step-7"
+    assert incident["recorded"]["step"] == [5, 6, 7, 8, 9, 10]
+    assert incident["recorded"]["loss_scale"] == [4.0, 4.0, 4.0, 2.0, 2.0, 1.0]
+    assert incident["loss_scale_history"] == (
+        "loss scale: 4 at steps 5–7, 2 at steps 8–9 (×0.5), 1 from step 10 (×0.5)"
+    )
+
+
+def test_merged_rows_stop_at_the_limit_a_reply_can_hold(client):
+    run_id = create_run(client)
+    for first in (0, 4000):  # 4,000 rows, then 4,000 more: 96 fit
+        item = _incident(7, recorded=_rows(list(range(first, first + 4000)), 1.0))
+        body = make_batch([first], _LAYERS, incidents=[item])
+        assert post_batch(client, run_id, body).status_code == 200
+    [incident] = client.get(f"/api/v1/runs/{run_id}/incidents").json()["incidents"]
+    assert incident["recorded"]["step"] == list(range(4096))
+
+
 def test_recorded_rows_of_unequal_lengths_are_refused(client):
     run_id = create_run(client)
     recorded = {"step": [1, 2], "learning_rate": [0.1], "loss_scale": [None, None],

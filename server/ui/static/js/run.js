@@ -351,6 +351,8 @@ function incidentLine(incident) {
     },
   }, "Copy");
   const where = `${incident.host || "the training host"}:${incident.path}`;
+  const steps = (incident.recorded && incident.recorded.step) || [];
+  const around = steps.length && steps[steps.length - 1] > incident.step ? "Around it" : "Before it";
   return [
     `step ${fmt(incident.step)} (${CAUSES[incident.cause] || incident.cause}), ${(incident.bytes / 2 ** 20).toFixed(1)} MiB on `,
     el("span", { class: "path", text: where }),
@@ -360,6 +362,6 @@ function incidentLine(incident) {
     copy,
     ...[incident.learning_rate_history, incident.loss_scale_history]
       .filter(Boolean)
-      .map((line) => el("span", { class: "recorded muted", text: `Before it: ${line}.` })),
+      .map((line) => el("span", { class: "recorded muted", text: `${around}: ${line}.` })),
   ];
 }
