@@ -114,6 +114,7 @@ class IncidentCapture:
         self._following: dict[str, Any] | None = None
         self._sent_through = -1  # the last step whose row was sent with it
         self.enabled = False
+        self._off = False  # capture is off for this run and the user was told why
 
     # -- building ------------------------------------------------------------------------
 
@@ -130,22 +131,30 @@ class IncidentCapture:
         A group's capture copies every trainable weight of ``model`` (the other groups'
         too: the replay runs the whole ``train_step``), and its own optimizer's state.
         """
-        if self.enabled or self._settings.max_incidents == 0:
+        if self.enabled or self._off or self._settings.max_incidents == 0:
             return
         if self._settings.group is not None:
             if model is None:
-                log.info(
-                    "gradwatch: incident capture of group %r is off: call "
-                    "monitor.set_model(model) in a custom loop",
-                    self._settings.group,
+                say(
+                    f"incident capture of group {self._settings.group!r} is off: call "
+                    f"monitor.set_model(model) in a custom loop"
                 )
+                self._off = True
                 return
             self._group_paths = [bundle_path(v) for v in variables]
             variables = list(model.trainable_variables)
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         if replicas > 1 or inner.gradient_accumulation_steps:
-            why = "tf.distribute" if replicas > 1 else "gradient_accumulation_steps"
-            log.info("gradwatch: incident capture is off under %s (not supported yet)", why)
+            why = (
+                f"tf.distribute with {replicas} replicas"
+                if replicas > 1
+                else f"gradient_accumulation_steps={inner.gradient_accumulation_steps}"
+            )
+            say(
+                f"incident capture is off under {why} (not supported yet): every step is "
+                f"still recorded, but no bad step is kept for `gradwatch replay`"
+            )
+            self._off = True
             return
         watched = [*variables, *inner.variables]
         size = sum(int(np.prod(v.shape)) * tf.as_dtype(v.dtype).size for v in watched)
@@ -154,6 +163,7 @@ class IncidentCapture:
                 f"incident capture is off: the weights and optimizer state take {size:,} bytes, "
                 f"more than incident_max_bytes={self._settings.max_bytes:,}"
             )
+            self._off = True
             return
         with tf.init_scope():
             self._shadows = [
