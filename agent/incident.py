@@ -14,9 +14,11 @@ scalar read) writes the bundle:
                                                      optimizer/i, batch/i, batch_shape/i
 
 Cost: one scalar predicate per step; memory: one copy of the weights, the optimizer state and
-one batch, held from the first build (``incident_max_bytes`` caps it; over it, or under
-``tf.distribute`` with several replicas, or with gradient accumulation, capture is off and the
-monitor says so once). Writing blocks the training thread once, for the checkpoint write.
+one batch, held from the first build (``incident_max_bytes`` caps it; over it, or with
+gradient accumulation, capture is off and the monitor says so once). Under ``tf.distribute``
+with several replicas the shadows are mirrored, the copy is made in cross-replica context
+and the batch is the global one (:mod:`gradwatch.agent.incident_batch`). Writing blocks the
+training thread once, for the checkpoint write.
 
 Not thread-safe: the training thread owns it.
 """
@@ -46,8 +48,9 @@ from .bundle import (
     model_description,
     recorded_columns,
     recorded_rows,
-    structure,
 )
+from .clip.base import state_variable
+from .incident_batch import BatchCopy, many_replicas
 from .incident_state import SharedCapture
 from .incident_trigger import ExplosionWatch
 from .notice import say
@@ -103,10 +106,8 @@ class IncidentCapture:
         self._variables: list[Any] = []
         self._shadows: list[tf.Variable] = []
         self._inner: Any = None
-        self._buffers: list[tf.Variable | None] | None = None  # None: no batch traced yet
-        self._shapes: list[tf.Variable] = []
-        self._structure = ""
-        self._packed = True  # the batch was a tuple (x, y), not a bare tensor
+        self._batch = BatchCopy()
+        self._replicas = 1
         self._jit_compile = False  # whether the step that copies was traced for XLA
         # Batches as read (references, no copy): rows are formatted only when a bundle is written.
         self._recent: deque[StepBatch] = deque()
@@ -143,12 +144,13 @@ class IncidentCapture:
                 return
             self._group_paths = [bundle_path(v) for v in variables]
             variables = list(model.trainable_variables)
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        if replicas > 1 or inner.gradient_accumulation_steps:
+        strategy = tf.distribute.get_strategy()
+        local = len(strategy.extended.worker_devices) if tf.distribute.has_strategy() else 1
+        if inner.gradient_accumulation_steps or strategy.num_replicas_in_sync > local:
             why = (
-                f"tf.distribute with {replicas} replicas"
-                if replicas > 1
-                else f"gradient_accumulation_steps={inner.gradient_accumulation_steps}"
+                f"gradient_accumulation_steps={inner.gradient_accumulation_steps}"
+                if inner.gradient_accumulation_steps
+                else f"{type(strategy).__name__} across several workers"
             )
             say(
                 f"incident capture is off under {why} (not supported yet): every step is "
@@ -165,17 +167,19 @@ class IncidentCapture:
             )
             self._off = True
             return
+        # Under tf.distribute the variables are mirrored; every replica computes the same
+        # trigger from the all-reduced gradient and copies happen in cross-replica context.
+        self._replicas = strategy.num_replicas_in_sync
         with tf.init_scope():
             self._shadows = [
-                tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False, name="incident_copy")
+                state_variable(tf.zeros(v.shape, v.dtype), v.dtype, "incident_copy")
                 for v in watched
             ]
             self._armed = self.shared.armed
-            self._pending = tf.Variable(False, trainable=False, name="incident_pending")
-            self._batch_due = tf.Variable(False, trainable=False, name="incident_batch_due")
-            self._batch_ok = tf.Variable(False, trainable=False, name="incident_batch_ok")
-            self._step = tf.Variable(tf.constant(-1, tf.int64), trainable=False)
-            self._cause = tf.Variable(0, trainable=False, name="incident_cause")
+            self._pending = state_variable(False, tf.bool, "incident_pending")
+            self._step = state_variable(-1, tf.int64, "incident_step")
+            self._cause = state_variable(0, tf.int32, "incident_cause")
+            self._batch.build()
             self._explosion.build()
         self._variables, self._inner = watched, inner
         self._trainable = len(variables)
@@ -216,8 +220,8 @@ class IncidentCapture:
             loss_known: Scalar bool, whether the step's loss was seen at all;
             loss_scale: The LSO's scale before this step (float32 scalar) or ``None``.
         """
-        if not self.enabled:
-            return
+        if not self.enabled or self._replicas > 1:
+            return  # a LossScaleOptimizer's overflow under tf.distribute: not captured yet
         broken = tf.logical_and(loss_known, tf.logical_not(tf.math.is_finite(loss)))
         if loss_scale is not None:
             broken = tf.logical_or(broken, loss_scale <= 1.0)
@@ -225,84 +229,41 @@ class IncidentCapture:
 
     def _copy_if(self, bad: Any, cause: Any, step: Any) -> None:
         """In-graph: when ``bad`` and armed, copy the state and mark the step's batch due
-        (``cause``: int32 index into ``_CAUSES``)."""
+        (``cause``: int32 index into ``_CAUSES``). Under several replicas the decision (the
+        same on every replica) and the copy are made once, in cross-replica context."""
         self._jit_compile = compat.in_xla_context()
         trigger = tf.logical_and(bad, self._armed)
+        replica = many_replicas()
+        if replica is None:
+            self._copy_when(trigger, cause, step)
+            return
 
+        def across(distribution: Any, trigger: Any, cause: Any, step: Any) -> None:
+            def first(value: Any) -> Any:
+                return distribution.experimental_local_results(value)[0]
+
+            self._copy_when(first(trigger), first(cause), first(step))
+
+        replica.merge_call(across, args=(trigger, cause, step))
+
+    def _copy_when(self, trigger: Any, cause: Any, step: Any) -> None:
         def copy() -> tf.Tensor:
             for shadow, variable in zip(self._shadows, self._variables, strict=True):
                 shadow.assign(variable)
             self.shared.copy_model_state()
             self._armed.assign(False)
             self._pending.assign(True)
-            self._batch_due.assign(True)
-            self._batch_ok.assign(False)
+            self._batch.mark_due()
             self._step.assign(tf.cast(step, tf.int64))
-            self._cause.assign(cause)
+            self._cause.assign(tf.cast(cause, tf.int32))
             return tf.constant(True)
 
         tf.cond(trigger, copy, lambda: tf.constant(False))
 
     def capture_batch(self, data: Any) -> None:
         """In-graph, at the end of a train step: copy its batch if that step was captured."""
-        if not self.enabled:
-            return
-        leaves = tf.nest.flatten(data)
-        if self._buffers is None:
-            self._make_buffers(leaves, data)
-        buffers = self._buffers
-        assert buffers is not None
-        if len(leaves) != len(buffers):
-            return  # another structure than the first traced batch's: not captured
-
-        def copy() -> tf.Tensor:
-            self._batch_due.assign(False)
-            fits = tf.constant(True)
-            for leaf, buffer in zip(leaves, buffers, strict=True):
-                if buffer is None:
-                    continue
-                size = leaf.shape.num_elements()
-                if size is not None and size > buffer.shape[0]:
-                    return tf.constant(False)  # a larger batch than the buffer (known now)
-                fits = tf.logical_and(fits, tf.size(leaf, tf.int64) <= buffer.shape[0])
-
-            def assign() -> tf.Tensor:
-                for index, (leaf, buffer) in enumerate(zip(leaves, buffers, strict=True)):
-                    if buffer is None:
-                        continue
-                    flat = tf.reshape(tf.cast(leaf, buffer.dtype), [-1])
-                    pad = buffer.shape[0] - tf.size(flat)
-                    buffer.assign(tf.pad(flat, [[0, pad]]))
-                    self._shapes[index].assign(tf.shape(leaf, out_type=tf.int64))
-                self._batch_ok.assign(True)
-                return tf.constant(True)
-
-            tf.cond(fits, assign, lambda: tf.constant(False))
-            return tf.constant(True)
-
-        tf.cond(self._batch_due, copy, lambda: tf.constant(False))
-
-    def _make_buffers(self, leaves: list[Any], data: Any) -> None:
-        """One flat buffer per numeric input, the size of the first traced batch (trace time)."""
-        buffers: list[tf.Variable | None] = []
-        with tf.init_scope():
-            for leaf in leaves:
-                tensor_like = hasattr(leaf, "shape") and hasattr(leaf, "dtype")
-                dtype = tf.as_dtype(leaf.dtype) if tensor_like else None
-                size = leaf.shape.num_elements() if tensor_like else None
-                if dtype is None or not (dtype.is_floating or dtype.is_integer or dtype.is_bool):
-                    size = None
-                if size is None:
-                    buffers.append(None)
-                    self._shapes.append(tf.Variable(tf.zeros([0], tf.int64), trainable=False))
-                    continue
-                buffers.append(tf.Variable(tf.zeros([size], dtype), trainable=False))
-                self._shapes.append(
-                    tf.Variable(tf.zeros([leaf.shape.rank or 0], tf.int64), trainable=False)
-                )
-        self._buffers = buffers
-        self._structure = structure(data)
-        self._packed = isinstance(data, tuple | list)
+        if self.enabled:
+            self._batch.capture(data)
 
     # -- host side -----------------------------------------------------------------------
 
@@ -360,13 +321,12 @@ class IncidentCapture:
         settings = self._settings
         directory = settings.directory / settings.run_id / f"step-{step}"
         directory.mkdir(parents=True, exist_ok=True)
-        buffers = [b for b in self._buffers or [] if b is not None]
-        batch_ok = bool(self._batch_ok.numpy()) and bool(buffers)
+        batch_ok = self._batch.written()
         checkpoint = tf.train.Checkpoint(
             weights=self._shadows[: self._trainable],
             optimizer=self._shadows[self._trainable :],
-            batch=list(self._buffers or []) if batch_ok else [],
-            batch_shape=self._shapes if batch_ok else [],
+            batch=list(self._batch.buffers or []) if batch_ok else [],
+            batch_shape=self._batch.shapes if batch_ok else [],
             rng=self.shared.seed_captured,
             model_state=self.shared.state_captured,
         )
@@ -393,17 +353,9 @@ class IncidentCapture:
             # fit only (null in custom loops): RNG states at the step's start; the other
             # non-trainable variables (batch-norm statistics) after its forward pass.
             **self.shared.describe_model_state(),
-            "batch": (
-                {
-                    "structure": self._structure,
-                    "packed": self._packed,
-                    "inputs": [
-                        None if b is None else {"dtype": b.dtype.name} for b in self._buffers or []
-                    ],
-                }
-                if batch_ok
-                else None
-            ),
+            "batch": self._batch.describe() if batch_ok else None,
+            # The replicas the step ran on; the batch is the global one (their shards).
+            "replicas": self._replicas,
             "layers": list(self._recent[-1].layers) if self._recent else [],
             "position": self.shared.position(step),
             "recorded": [

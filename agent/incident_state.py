@@ -26,6 +26,7 @@ import tensorflow as tf
 
 from . import _keras_compat as compat
 from .bundle import describe
+from .clip.base import state_variable
 
 __all__ = ["SharedCapture"]
 
@@ -53,7 +54,7 @@ class SharedCapture:
         """The in-graph flag (made eagerly on first use): true while a capture may happen."""
         if self._armed is None:
             with tf.init_scope():
-                self._armed = tf.Variable(True, trainable=False, name="incident_armed")
+                self._armed = state_variable(True, tf.bool, "incident_armed")
         return self._armed
 
     def wrote(self, path: Path) -> None:
@@ -79,7 +80,9 @@ class SharedCapture:
     def at_step_start(self, model: Any) -> None:
         """In-graph, at the start of a ``train_step`` in ``fit``: copy the model's RNG states
         (the shadows are made at the first trace)."""
-        if self.max_incidents == 0:
+        if self.max_incidents == 0 or tf.distribute.get_strategy().num_replicas_in_sync > 1:
+            # Several replicas draw from the same states for their own shards: one device
+            # replaying the global batch cannot draw the same masks (like a custom loop).
             return
         if self._seed_sources is None:
             self._make_shadows(model)
@@ -116,4 +119,4 @@ class SharedCapture:
 
 
 def _shadow_of(variable: Any) -> tf.Variable:
-    return tf.Variable(tf.zeros(variable.shape, variable.dtype), trainable=False)
+    return state_variable(tf.zeros(variable.shape, variable.dtype), variable.dtype, "shadow")

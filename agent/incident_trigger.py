@@ -23,6 +23,8 @@ from typing import Any
 
 import tensorflow as tf
 
+from .clip.base import state_variable
+
 __all__ = ["ExplosionWatch"]
 
 Z_THRESHOLD = 6.0
@@ -47,10 +49,8 @@ class ExplosionWatch:
         if self._state:
             return
         names = ("n", "mu", "var", "base", "rejected")
-        self._state = [
-            tf.Variable(0.0, trainable=False, dtype=tf.float64, name=f"explosion_{name}")
-            for name in names
-        ]
+        # Mirrored under tf.distribute: every replica judges the same all-reduced norm.
+        self._state = [state_variable(0.0, tf.float64, f"explosion_{name}") for name in names]
 
     def update(self, global_norm: Any, skipped: Any) -> tf.Tensor:
         """In-graph: judge this step's norm against the baseline, then learn from it.

@@ -94,6 +94,7 @@ class ReplayReport:
     loss_scale: list[tuple[int, float]] = field(default_factory=list)  # (step, scale) recorded
     position: dict[str, int] | None = None  # epoch and step in it (fit only)
     group: str | None = None  # the optimizer group whose step it was
+    replicas: int = 1  # the tf.distribute replicas the step ran on (the batch is global)
 
 
 def replay(bundle: Path, model_fn: str | None = None) -> ReplayReport:
@@ -135,6 +136,7 @@ def replay(bundle: Path, model_fn: str | None = None) -> ReplayReport:
     report.batch_nonfinite = _nonfinite_inputs(manifest, leaves)
     report.position = manifest.get("position")
     report.group = manifest.get("group")
+    report.replicas = int(manifest.get("replicas") or 1)
     rows = manifest.get("recorded", [])
     for name in ("learning_rate", "loss_scale"):
         history = [(int(r["step"]), float(r[name])) for r in rows if r.get(name) is not None]

@@ -82,6 +82,12 @@ def _print(report: ReplayReport) -> None:
         f"reproduced: {verdict}; global norm {_number(report.global_norm)} "
         f"(recorded {_number(report.recorded_global_norm)})"
     )
+    if report.replicas > 1:
+        console.print(
+            f"captured on {report.replicas} replicas (tf.distribute), replayed on one device "
+            f"with their global batch: the all-reduced gradient is one device's",
+            highlight=False,
+        )
     for label, history in (
         ("learning rate", report.learning_rate),
         ("loss scale", report.loss_scale),

@@ -1,0 +1,91 @@
+"""Incident capture under ``tf.distribute.MirroredStrategy`` (two logical CPUs): the bundle of
+the planted log(0) step holds the global batch (both replicas' shards, in order) and the
+same weights and optimizer state as the one-device bundle, and one device replays it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tests.agent.incident_helpers import (
+    BAD_STEP,
+    BATCH,
+    fit_planted,
+    planted_data,
+    planted_monitor,
+    read_manifest,
+    run_replay,
+)
+from tests.agent.incident_models import planted_log
+
+
+def _bundle(tmp_path: Path, x, y, strategy=None):
+    """Fit the planted model (under ``strategy``) and return its one bundle, read."""
+    keras.utils.set_random_seed(1)  # the layers' initializers draw their seeds when made
+    if strategy is None:
+        model = planted_log()
+    else:
+        with strategy.scope():
+            model = planted_log()
+    monitor = planted_monitor(tmp_path)
+    weights_before = fit_planted(model, monitor, x, y)
+    (bundle,) = monitor.incidents
+    reader = tf.train.load_checkpoint(str(Path(bundle) / read_manifest(bundle)["checkpoint"]))
+    return bundle, reader, weights_before
+
+
+def _tensors(reader, prefix: str) -> list[np.ndarray]:
+    names = sorted(
+        (k for k in reader.get_variable_to_shape_map() if k.startswith(f"{prefix}/")),
+        key=lambda k: int(k.split("/")[1]),
+    )
+    return [reader.get_tensor(name) for name in names]
+
+
+def test_a_planted_fault_under_mirrored_strategy_is_captured_like_on_one_device(tmp_path, mirrored):
+    x, y = planted_data()
+    x[BAD_STEP * BATCH + 11, 1] = 0.0  # a second log(0), in replica 1's half of the batch
+    single, single_reader, _ = _bundle(tmp_path / "one", x, y)
+    bundle, reader, weights_before = _bundle(tmp_path / "two", x, y, mirrored)
+
+    manifest = read_manifest(bundle)
+    assert manifest["step"] == BAD_STEP
+    assert manifest["cause"] == "nonfinite"
+    assert manifest["replicas"] == 2
+    assert read_manifest(single)["replicas"] == 1
+    # The global batch, both shards in their order.
+    captured = reader.get_tensor("batch/0/.ATTRIBUTES/VARIABLE_VALUE")
+    np.testing.assert_array_equal(
+        captured.reshape(BATCH, 4), x[BAD_STEP * BATCH : (BAD_STEP + 1) * BATCH]
+    )
+    np.testing.assert_array_equal(
+        reader.get_tensor("batch_shape/0/.ATTRIBUTES/VARIABLE_VALUE"), [BATCH, 4]
+    )
+    # The weights just before the update, as the replicas held them and as one device did.
+    weights = _tensors(reader, "weights")
+    for got, expected in zip(weights, weights_before, strict=True):
+        np.testing.assert_array_equal(got, expected)
+    for prefix in ("weights", "optimizer"):
+        for got, expected in zip(
+            _tensors(reader, prefix), _tensors(single_reader, prefix), strict=True
+        ):
+            np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6, err_msg=prefix)
+
+    result = run_replay(bundle, "tests.agent.incident_models:planted_log")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "reproduced: yes" in result.stdout
+    assert "captured on 2 replicas (tf.distribute), replayed on one device" in result.stdout
+    assert "first NaN/Inf: op Log in layer sequential/log" in result.stdout
+
+
+def test_healthy_steps_under_mirrored_strategy_write_no_bundle(tmp_path, mirrored):
+    x, y = planted_data(zero_in_batch=None)
+    with mirrored.scope():
+        model = planted_log()
+    monitor = planted_monitor(tmp_path)
+    fit_planted(model, monitor, x, y)
+    assert monitor.incidents == ()
