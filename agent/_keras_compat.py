@@ -24,6 +24,9 @@ tests here rather than somewhere in the monitor.
   ``_backend_update_step``: shadowed during one trace, so
   ``gradient_accumulation_steps`` is measured and clipped on the averaged
   gradient once per real update, where Keras clips it.
+* ``Optimizer._accumulated_gradients`` and ``_get_variable_index``: the sum of a step's
+  earlier micro-batch gradients, which ``gradwatch replay`` adds to the replayed last
+  micro-batch's gradient (as Keras does) to get the update's averaged gradient back.
 * ``tensorflow.python.ops.control_flow_util.GraphOrParentsInXlaContext``: whether the
   step being traced is compiled by XLA (``jit_compile=True``), to pick the reduction
   kernel XLA:CPU runs fastest (:func:`gradwatch.agent.stats.sum_of_squares`).
@@ -62,6 +65,7 @@ __all__ = [
     "TESTED_KERAS",
     "AutoTrackable",
     "Trackable",
+    "accumulated_gradients",
     "apply_accumulating",
     "check_keras",
     "default_variables",
@@ -98,6 +102,11 @@ _PRIVATE: tuple[tuple[Callable[[], Any], str, str], ...] = (
     (lambda: keras.optimizers.Optimizer, "_clip_gradients", "gradient_accumulation_steps"),
     (lambda: keras.optimizers.Optimizer, "_apply_weight_decay", "gradient_accumulation_steps"),
     (lambda: keras.optimizers.Optimizer, "_backend_update_step", "gradient_accumulation_steps"),
+    (
+        lambda: keras.optimizers.Optimizer,
+        "_get_variable_index",
+        "gradwatch replay of a step with gradient_accumulation_steps",
+    ),
     (
         lambda: keras.optimizers.LossScaleOptimizer,
         "_stateful_handle_non_finite_grads",
@@ -248,6 +257,19 @@ def apply_accumulating(
     finally:
         for name in hooks:
             vars(inner).pop(name, None)
+
+
+def accumulated_gradients(optimizer: Any, variables: list[Any]) -> list[Any] | None:
+    """The gradient accumulators of ``variables`` (built ``optimizer`` with
+    ``gradient_accumulation_steps``), in their order; ``None`` without accumulation.
+
+    At an update step they hold the sum of the earlier micro-batches' gradients; Keras
+    averages ``(g + accumulator) / steps`` with the last micro-batch's ``g``.
+    """
+    if not optimizer.gradient_accumulation_steps:
+        return None
+    accumulators = optimizer._accumulated_gradients
+    return [accumulators[optimizer._get_variable_index(v)] for v in variables]
 
 
 def hook_loss_scale(

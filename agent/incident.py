@@ -14,8 +14,10 @@ scalar read) writes the bundle:
                                                      optimizer/i, batch/i, batch_shape/i
 
 Cost: one scalar predicate per step; memory: one copy of the weights, the optimizer state and
-one batch, held from the first build (``incident_max_bytes`` caps it; over it, or with
-gradient accumulation, capture is off and the monitor says so once). Under ``tf.distribute``
+one batch, held from the first build (``incident_max_bytes`` caps it; over it, or across
+several workers, capture is off and the monitor says so once). With gradient accumulation
+the update step is captured: its last micro-batch and the optimizer's accumulators (the
+earlier micro-batches' gradient sum). Under ``tf.distribute``
 with several replicas the shadows are mirrored, the copy is made in cross-replica context
 and the batch is the global one (:mod:`gradwatch.agent.incident_batch`). Writing blocks the
 training thread once, for the checkpoint write.
@@ -146,15 +148,11 @@ class IncidentCapture:
             variables = list(model.trainable_variables)
         strategy = tf.distribute.get_strategy()
         local = len(strategy.extended.worker_devices) if tf.distribute.has_strategy() else 1
-        if inner.gradient_accumulation_steps or strategy.num_replicas_in_sync > local:
-            why = (
-                f"gradient_accumulation_steps={inner.gradient_accumulation_steps}"
-                if inner.gradient_accumulation_steps
-                else f"{type(strategy).__name__} across several workers"
-            )
+        if strategy.num_replicas_in_sync > local:
             say(
-                f"incident capture is off under {why} (not supported yet): every step is "
-                f"still recorded, but no bad step is kept for `gradwatch replay`"
+                f"incident capture is off under {type(strategy).__name__} across several "
+                f"workers (not supported yet): every step is still recorded, but no bad "
+                f"step is kept for `gradwatch replay`"
             )
             self._off = True
             return
@@ -356,6 +354,9 @@ class IncidentCapture:
             "batch": self._batch.describe() if batch_ok else None,
             # The replicas the step ran on; the batch is the global one (their shards).
             "replicas": self._replicas,
+            # n: the step averaged n micro-batches; the batch is the last one, and the
+            # optimizer state holds the sum of the others' gradients (its accumulators).
+            "gradient_accumulation_steps": self._inner.gradient_accumulation_steps,
             "layers": list(self._recent[-1].layers) if self._recent else [],
             "position": self.shared.position(step),
             "recorded": [

@@ -164,9 +164,14 @@ class MonitoredOptimizer(keras.optimizers.Optimizer):  # type: ignore[misc]
         See :func:`~gradwatch.agent._keras_compat.apply_accumulating`.
         """
         recorder = self._gradwatch_recorder
-        apply_accumulating(
-            self.inner_optimizer, grads, variables, recorder.process, recorder.record_row
-        )
+
+        def process(grads: list[Any], variables: list[Any]) -> tuple[list[Any], Any, Any]:
+            # The update step's averaged gradient: captured (incident) before its update.
+            new_grads, skip, row = recorder.process(grads, variables)
+            recorder.before_update(row)
+            return new_grads, skip, row
+
+        apply_accumulating(self.inner_optimizer, grads, variables, process, recorder.record_row)
 
     def finalize_variable_values(self, var_list: Sequence[Any]) -> None:
         self.inner_optimizer.finalize_variable_values(var_list)

@@ -12,19 +12,22 @@ a weight (the optimizer's ``apply`` is intercepted):
 3. the remedies: the replayed gradient after ``global_norm``, ``by_value`` and ``zclip`` at the
    run's thresholds (its policy's when it had one, else from the recorded norms), finite or not.
 
+A step that averaged ``n`` micro-batches (``gradient_accumulation_steps``) is replayed from
+its last micro-batch, whose gradient is added to the restored sum of the others' (the
+optimizer's accumulators) and divided by ``n``, as Keras does; a NaN/±Inf already in that
+sum is reported by layer (the earlier micro-batches are not in the bundle).
+
 Blocks (runs TensorFlow eagerly); not thread-safe (enables check_numerics process-wide while
 it runs). Imports TensorFlow and Keras.
 """
 
 from __future__ import annotations
 
-import importlib
-import json
 import math
 import re
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,14 +37,18 @@ import numpy as np
 import tensorflow as tf
 
 from . import _keras_compat as compat
-from .bundle import BUNDLE_FORMAT, bundle_path
+from .bundle import bundle_path
 from .remedies import Remedy, remedies
+from .replay_bundle import (
+    BundleError,
+    build_model,
+    compile_from_manifest,
+    open_bundle,
+    read_batch,
+    restorer,
+)
 
 __all__ = ["BundleError", "FirstBadOp", "LayerNorms", "Remedy", "ReplayReport", "replay"]
-
-
-class BundleError(Exception):
-    """The bundle cannot be read or replayed (the message says why and what to do)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +102,9 @@ class ReplayReport:
     position: dict[str, int] | None = None  # epoch and step in it (fit only)
     group: str | None = None  # the optimizer group whose step it was
     replicas: int = 1  # the tf.distribute replicas the step ran on (the batch is global)
+    accumulation_steps: int | None = None  # micro-batches averaged (the bundle holds the last)
+    # NaN/±Inf values, by layer, in the gradient sum of the step's earlier micro-batches.
+    accumulated_nonfinite: dict[str, int] = field(default_factory=dict)
 
 
 def replay(bundle: Path, model_fn: str | None = None) -> ReplayReport:
@@ -109,9 +119,9 @@ def replay(bundle: Path, model_fn: str | None = None) -> ReplayReport:
         BundleError: An unreadable bundle, a model that cannot be rebuilt, or variables that
             do not match the bundle's.
     """
-    manifest, reader = _open(bundle)
-    model = _build_model(manifest, model_fn)
-    leaves = _batch(manifest, reader)
+    manifest, reader = open_bundle(bundle)
+    model = build_model(manifest, model_fn)
+    leaves = read_batch(manifest, reader)
     # As fit gave it: a bare tensor (``fit(images)``) or a tuple ((x, y), (x, y, w)).
     packed = (manifest.get("batch") or {}).get("packed", True)
     data: Any = leaves if packed or len(leaves) != 1 else leaves[0]
@@ -120,16 +130,26 @@ def replay(bundle: Path, model_fn: str | None = None) -> ReplayReport:
         model(x)
     group = manifest.get("group_variables")  # a GAN's group: its own apply is the step's
     if not getattr(model, "compiled", False) or (model.optimizer is None and group is None):
-        _compile(model, manifest)
+        compile_from_manifest(model, manifest)
     inner = None
     if group is None:  # a group's optimizer is not known by name: its state is not restored
         inner = getattr(model.optimizer, "inner_optimizer", model.optimizer)
         inner.build(model.trainable_variables)
-    restore = _restorer(model, inner, manifest, reader)
+    restore = restorer(model, inner, manifest, reader)
 
     restore()
     grads, variables = _gradients(model, data, group, bool(manifest.get("jit_compile")))
+    steps = manifest.get("gradient_accumulation_steps")
+    sums = _accumulators(inner, variables) if steps else None
+    if sums is not None:  # as Keras averages: (the last micro-batch's + the others') / n
+        grads = [
+            None if g is None else (g + total) / np.float32(steps)
+            for g, total in zip(grads, sums, strict=True)
+        ]
     report = _compare(bundle, manifest, grads, variables)
+    report.accumulation_steps = steps
+    if sums is not None:
+        report.accumulated_nonfinite = _nonfinite_by_layer(sums, variables)
     restore()
     report.first_bad_op = _first_bad_op(model, data, group)
     report.remedies = remedies(manifest, grads)
@@ -144,6 +164,34 @@ def replay(bundle: Path, model_fn: str | None = None) -> ReplayReport:
     return report
 
 
+def _accumulators(inner: Any, variables: list[Any]) -> list[np.ndarray]:
+    """For a step that averaged micro-batches: the restored sum of the earlier micro-batches'
+    gradients (the optimizer's accumulators), one per variable.
+
+    Raises:
+        BundleError: The replayed optimizer does not accumulate (or is a group's, whose
+            state is not restored).
+    """
+    found = None if inner is None else compat.accumulated_gradients(inner, variables)
+    if found is None:
+        raise BundleError(
+            "the step averaged several micro-batches (gradient_accumulation_steps) but the "
+            "replayed optimizer does not accumulate: is --model-fn compiling the same optimizer?"
+        )
+    return [np.asarray(total) for total in found]
+
+
+def _nonfinite_by_layer(sums: list[np.ndarray], variables: list[Any]) -> dict[str, int]:
+    """NaN/±Inf values in ``sums`` (the earlier micro-batches' gradients), by layer."""
+    found: dict[str, int] = {}
+    for variable, total in zip(variables, sums, strict=True):
+        count = int(total.size - np.count_nonzero(np.isfinite(total)))
+        if count:
+            layer = _layer_of(variable)
+            found[layer] = found.get(layer, 0) + count
+    return found
+
+
 def _nonfinite_inputs(manifest: dict[str, Any], data: tuple[Any, ...]) -> dict[str, int]:
     """NaN/±Inf values in the captured batch itself, by input (``x``, ``y``, ...)."""
     names = str(manifest["batch"]["structure"]).split(",")
@@ -155,134 +203,6 @@ def _nonfinite_inputs(manifest: dict[str, Any], data: tuple[Any, ...]) -> dict[s
             if count:
                 found[names[index] if index < len(names) else f"input {index}"] = count
     return found
-
-
-# -- reading the bundle ----------------------------------------------------------------------
-
-
-def _open(bundle: Path) -> tuple[dict[str, Any], Any]:
-    path = bundle / "manifest.json"
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise BundleError(f"{bundle}: no readable manifest.json ({error})") from None
-    if manifest.get("format") != BUNDLE_FORMAT:
-        raise BundleError(
-            f"{path}: format {manifest.get('format')!r}, this gradwatch reads {BUNDLE_FORMAT!r}"
-        )
-    try:
-        reader = tf.train.load_checkpoint(str(bundle / manifest["checkpoint"]))
-    except (tf.errors.OpError, ValueError) as error:
-        raise BundleError(f"{bundle}: the checkpoint cannot be read ({error})") from None
-    return manifest, reader
-
-
-def _tensor(reader: Any, kind: str, index: int) -> np.ndarray:
-    return np.asarray(reader.get_tensor(f"{kind}/{index}/.ATTRIBUTES/VARIABLE_VALUE"))
-
-
-def _batch(manifest: dict[str, Any], reader: Any) -> tuple[Any, ...]:
-    batch = manifest.get("batch")
-    if not batch:
-        raise BundleError(
-            "the bundle holds no batch: in a custom loop, call monitor.capture_batch((x, y)) "
-            "after apply_gradients in the step"
-        )
-    leaves = []
-    for index, spec in enumerate(batch["inputs"]):
-        if spec is None:
-            raise BundleError(f"input {index} of the batch was not numeric and was not captured")
-        shape = _tensor(reader, "batch_shape", index).astype(np.int64)
-        flat = _tensor(reader, "batch", index)
-        leaves.append(flat[: int(np.prod(shape))].reshape(shape))
-    return tuple(leaves)
-
-
-def _load_function(spec: str) -> Callable[[], Any]:
-    module_name, _, name = spec.partition(":")
-    if not module_name or not name:
-        raise BundleError(f"--model-fn: expected module:function, got {spec!r}")
-    sys.path.insert(0, str(Path.cwd()))
-    try:
-        function = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError) as error:
-        raise BundleError(f"--model-fn {spec}: {error}") from None
-    finally:
-        sys.path.pop(0)
-    if not callable(function):
-        raise BundleError(f"--model-fn {spec}: not a function")
-    return function  # type: ignore[no-any-return]
-
-
-def _build_model(manifest: dict[str, Any], model_fn: str | None) -> Any:
-    if model_fn is not None:
-        return _load_function(model_fn)()
-    description = manifest.get("model") or {}
-    if not description.get("json"):
-        raise BundleError(
-            f"the bundle holds no model config ({description.get('class', 'a custom loop')}): "
-            "pass --model-fn module:function returning the model"
-        )
-    try:
-        return keras.models.model_from_json(description["json"])
-    except Exception as error:
-        raise BundleError(
-            f"the model cannot be rebuilt from its config ({error}); pass --model-fn "
-            "module:function returning the model"
-        ) from None
-
-
-def _compile(model: Any, manifest: dict[str, Any]) -> None:
-    config = (manifest.get("model") or {}).get("compile")
-    if not config:
-        raise BundleError("the model is not compiled: return a compiled model from --model-fn")
-    model.compile_from_config(config)
-    model.optimizer = keras.optimizers.deserialize(manifest["optimizer"])
-
-
-def _restorer(
-    model: Any, inner: Any | None, manifest: dict[str, Any], reader: Any
-) -> Callable[[], None]:
-    """Check that the model's variables match the bundle's; return what restores them."""
-    pairs: list[tuple[Any, np.ndarray]] = []
-    state = list(model.non_trainable_variables)
-    seeds = [v for v in state if compat.is_seed_state(v)]
-    for kind, variables, specs in (
-        ("weights", model.trainable_variables, manifest["weights"]),
-        (
-            "optimizer",
-            [] if inner is None else inner.variables,
-            None if inner is None else manifest["optimizer_variables"],
-        ),
-        ("rng", seeds, manifest.get("rng_states")),  # absent: custom loops, older bundles
-        (
-            "model_state",
-            [v for v in state if not compat.is_seed_state(v)],
-            manifest.get("model_state"),
-        ),
-    ):
-        if specs is None:
-            continue
-        if len(variables) != len(specs):
-            raise BundleError(
-                f"{kind}: the model has {len(variables)} variables, the bundle {len(specs)}: "
-                "is --model-fn building the same model and optimizer?"
-            )
-        for index, (variable, spec) in enumerate(zip(variables, specs, strict=True)):
-            value = _tensor(reader, kind, index)
-            if list(value.shape) != [int(d) for d in variable.shape]:
-                raise BundleError(
-                    f"{kind}: {spec['path']} has shape {list(value.shape)} in the bundle and "
-                    f"{list(variable.shape)} in the model: is --model-fn building the same model "
-                    "and optimizer?"
-                )
-            pairs.append((variable, value))
-
-    def restore() -> None:
-        for variable, value in pairs:
-            variable.assign(value)
-
-    return restore
 
 
 # -- running the step --------------------------------------------------------------------------

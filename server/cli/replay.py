@@ -88,6 +88,20 @@ def _print(report: ReplayReport) -> None:
             f"with their global batch: the all-reduced gradient is one device's",
             highlight=False,
         )
+    steps = report.accumulation_steps
+    if steps:
+        console.print(
+            f"gradient accumulation: the step averaged {steps} micro-batches; replayed: its "
+            f"last (the bundle's batch) plus the summed gradient of the {steps - 1} before it "
+            f"(the optimizer's accumulators)",
+            highlight=False,
+        )
+    for name, count in report.accumulated_nonfinite.items():
+        console.print(
+            f"the earlier micro-batches' gradient already holds {count} NaN/Inf value(s) in "
+            f"{name}: the fault is in one of them (the bundle holds the last only)",
+            highlight=False,
+        )
     for label, history in (
         ("learning rate", report.learning_rate),
         ("loss scale", report.loss_scale),

@@ -37,6 +37,14 @@ def planted_log() -> keras.Model:
     )
 
 
+def planted_log_accumulating() -> keras.Model:
+    """:func:`planted_log` with ``Adam(0.01, gradient_accumulation_steps=2)``."""
+    model = planted_log()
+    optimizer = keras.optimizers.Adam(0.01, gradient_accumulation_steps=2)
+    model.compile(optimizer=optimizer, loss="mse")
+    return model
+
+
 def plain() -> keras.Model:
     """A model with no planted fault (for the NaN-in-the-data batch)."""
     return _compiled(

@@ -145,11 +145,3 @@ def test_mixed_precision_accumulation_records_the_unscaled_averaged_gradient(tra
         np.testing.assert_allclose(
             transport.column(column), big.column(column), rtol=2e-3, err_msg=column
         )
-
-
-def test_incident_capture_under_accumulation_says_it_is_off(transport, capsys):
-    """Capture does not support accumulation yet: the user is told once, the steps go on."""
-    _fit(transport, keras.optimizers.SGD(0.1, gradient_accumulation_steps=2), MICRO)
-    err = capsys.readouterr().err
-    assert err.count("incident capture is off under gradient_accumulation_steps=2") == 1
-    assert transport.steps() == list(range(STEPS))

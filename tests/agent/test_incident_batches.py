@@ -1,6 +1,8 @@
-"""Incident capture under ``tf.distribute.MirroredStrategy`` (two logical CPUs): the bundle of
-the planted log(0) step holds the global batch (both replicas' shards, in order) and the
-same weights and optimizer state as the one-device bundle, and one device replays it.
+"""Incident capture where one step is more than one batch on one device: under
+``tf.distribute.MirroredStrategy`` (two logical CPUs) the bundle of the planted log(0) step
+holds the global batch (both replicas' shards, in order) and the same weights and optimizer
+state as the one-device bundle, and one device replays it; with
+``gradient_accumulation_steps`` it holds the last micro-batch and the others' gradient sum.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from tests.agent.incident_helpers import (
@@ -20,7 +23,7 @@ from tests.agent.incident_helpers import (
     read_manifest,
     run_replay,
 )
-from tests.agent.incident_models import planted_log
+from tests.agent.incident_models import planted_log, planted_log_accumulating
 
 
 def _bundle(tmp_path: Path, x, y, strategy=None):
@@ -89,3 +92,59 @@ def test_healthy_steps_under_mirrored_strategy_write_no_bundle(tmp_path, mirrore
     monitor = planted_monitor(tmp_path)
     fit_planted(model, monitor, x, y)
     assert monitor.incidents == ()
+
+
+@pytest.mark.parametrize(
+    ("micro", "traced"),
+    [(2 * BAD_STEP + 1, True), (2 * BAD_STEP, False)],
+    ids=["fault-in-the-last-micro-batch", "fault-in-an-earlier-micro-batch"],
+)
+def test_an_accumulated_step_is_captured_with_its_last_micro_batch_and_replayed(
+    tmp_path, micro, traced
+):
+    """``gradient_accumulation_steps=2``: update ``BAD_STEP`` averages micro-batches
+    ``2·BAD_STEP`` and ``2·BAD_STEP + 1``. The bundle holds the last micro-batch and the
+    optimizer's accumulators (the first one's gradient); the replay adds them as Keras does,
+    and traces the op when the fault is in the last micro-batch, or says it was earlier."""
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.5, 1.5, size=(40 * BATCH, 4)).astype("float32")
+    y = rng.normal(size=(40 * BATCH, 1)).astype("float32")
+    x[micro * BATCH + 3, 2] = 0.0  # log(0) in that micro-batch
+    model = planted_log_accumulating()
+    monitor = planted_monitor(tmp_path)
+    weights = {}
+
+    class KeepWeights(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch == 2 * BAD_STEP + 1:  # the update's last micro-batch: weights unchanged
+                weights["before"] = [w.copy() for w in self.model.get_weights()]
+
+    model.fit(
+        x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0,
+        callbacks=[KeepWeights(), monitor],
+    )  # fmt: skip
+    monitor.close()
+
+    (bundle,) = monitor.incidents
+    manifest = read_manifest(bundle)
+    assert manifest["step"] == BAD_STEP
+    assert manifest["gradient_accumulation_steps"] == 2
+    reader = tf.train.load_checkpoint(str(Path(bundle) / manifest["checkpoint"]))
+    last = x[(2 * BAD_STEP + 1) * BATCH : (2 * BAD_STEP + 2) * BATCH]
+    np.testing.assert_array_equal(
+        reader.get_tensor("batch/0/.ATTRIBUTES/VARIABLE_VALUE").reshape(BATCH, 4), last
+    )
+    for got, expected in zip(_tensors(reader, "weights"), weights["before"], strict=True):
+        np.testing.assert_array_equal(got, expected)
+
+    result = run_replay(bundle, "tests.agent.incident_models:planted_log_accumulating")
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "reproduced: yes" in out
+    assert "the step averaged 2 micro-batches" in out
+    if traced:
+        assert "first NaN/Inf: op Log in layer sequential/log" in out
+        assert "earlier micro-batches' gradient already holds" not in out
+    else:
+        assert "the earlier micro-batches' gradient already holds" in out
+        assert "in sequential/hidden: the fault is in one of them" in out

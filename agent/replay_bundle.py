@@ -1,0 +1,162 @@
+"""Reading an incident bundle for :mod:`gradwatch.agent.replay`: its manifest and checkpoint,
+the batch, the model (the user's ``model_fn`` or the bundle's JSON) and what restores the
+captured variables into it.
+
+Blocks on disk reads; imports TensorFlow and Keras. Not thread-safe (restoring assigns the
+model's variables).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from . import _keras_compat as compat
+from .bundle import BUNDLE_FORMAT
+
+__all__ = [
+    "BundleError",
+    "build_model",
+    "compile_from_manifest",
+    "open_bundle",
+    "read_batch",
+    "read_tensor",
+    "restorer",
+]
+
+
+class BundleError(Exception):
+    """The bundle cannot be read or replayed (the message says why and what to do)."""
+
+
+def open_bundle(bundle: Path) -> tuple[dict[str, Any], Any]:
+    path = bundle / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise BundleError(f"{bundle}: no readable manifest.json ({error})") from None
+    if manifest.get("format") != BUNDLE_FORMAT:
+        raise BundleError(
+            f"{path}: format {manifest.get('format')!r}, this gradwatch reads {BUNDLE_FORMAT!r}"
+        )
+    try:
+        reader = tf.train.load_checkpoint(str(bundle / manifest["checkpoint"]))
+    except (tf.errors.OpError, ValueError) as error:
+        raise BundleError(f"{bundle}: the checkpoint cannot be read ({error})") from None
+    return manifest, reader
+
+
+def read_tensor(reader: Any, kind: str, index: int) -> np.ndarray:
+    return np.asarray(reader.get_tensor(f"{kind}/{index}/.ATTRIBUTES/VARIABLE_VALUE"))
+
+
+def read_batch(manifest: dict[str, Any], reader: Any) -> tuple[Any, ...]:
+    batch = manifest.get("batch")
+    if not batch:
+        raise BundleError(
+            "the bundle holds no batch: in a custom loop, call monitor.capture_batch((x, y)) "
+            "after apply_gradients in the step"
+        )
+    leaves = []
+    for index, spec in enumerate(batch["inputs"]):
+        if spec is None:
+            raise BundleError(f"input {index} of the batch was not numeric and was not captured")
+        shape = read_tensor(reader, "batch_shape", index).astype(np.int64)
+        flat = read_tensor(reader, "batch", index)
+        leaves.append(flat[: int(np.prod(shape))].reshape(shape))
+    return tuple(leaves)
+
+
+def _load_function(spec: str) -> Callable[[], Any]:
+    module_name, _, name = spec.partition(":")
+    if not module_name or not name:
+        raise BundleError(f"--model-fn: expected module:function, got {spec!r}")
+    sys.path.insert(0, str(Path.cwd()))
+    try:
+        function = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as error:
+        raise BundleError(f"--model-fn {spec}: {error}") from None
+    finally:
+        sys.path.pop(0)
+    if not callable(function):
+        raise BundleError(f"--model-fn {spec}: not a function")
+    return function  # type: ignore[no-any-return]
+
+
+def build_model(manifest: dict[str, Any], model_fn: str | None) -> Any:
+    if model_fn is not None:
+        return _load_function(model_fn)()
+    description = manifest.get("model") or {}
+    if not description.get("json"):
+        raise BundleError(
+            f"the bundle holds no model config ({description.get('class', 'a custom loop')}): "
+            "pass --model-fn module:function returning the model"
+        )
+    try:
+        return keras.models.model_from_json(description["json"])
+    except Exception as error:
+        raise BundleError(
+            f"the model cannot be rebuilt from its config ({error}); pass --model-fn "
+            "module:function returning the model"
+        ) from None
+
+
+def compile_from_manifest(model: Any, manifest: dict[str, Any]) -> None:
+    config = (manifest.get("model") or {}).get("compile")
+    if not config:
+        raise BundleError("the model is not compiled: return a compiled model from --model-fn")
+    model.compile_from_config(config)
+    model.optimizer = keras.optimizers.deserialize(manifest["optimizer"])
+
+
+def restorer(
+    model: Any, inner: Any | None, manifest: dict[str, Any], reader: Any
+) -> Callable[[], None]:
+    """Check that the model's variables match the bundle's; return what restores them."""
+    pairs: list[tuple[Any, np.ndarray]] = []
+    state = list(model.non_trainable_variables)
+    seeds = [v for v in state if compat.is_seed_state(v)]
+    for kind, variables, specs in (
+        ("weights", model.trainable_variables, manifest["weights"]),
+        (
+            "optimizer",
+            [] if inner is None else inner.variables,
+            None if inner is None else manifest["optimizer_variables"],
+        ),
+        ("rng", seeds, manifest.get("rng_states")),  # absent: custom loops, older bundles
+        (
+            "model_state",
+            [v for v in state if not compat.is_seed_state(v)],
+            manifest.get("model_state"),
+        ),
+    ):
+        if specs is None:
+            continue
+        if len(variables) != len(specs):
+            raise BundleError(
+                f"{kind}: the model has {len(variables)} variables, the bundle {len(specs)}: "
+                "is --model-fn building the same model and optimizer?"
+            )
+        for index, (variable, spec) in enumerate(zip(variables, specs, strict=True)):
+            value = read_tensor(reader, kind, index)
+            if list(value.shape) != [int(d) for d in variable.shape]:
+                raise BundleError(
+                    f"{kind}: {spec['path']} has shape {list(value.shape)} in the bundle and "
+                    f"{list(variable.shape)} in the model: is --model-fn building the same model "
+                    "and optimizer?"
+                )
+            pairs.append((variable, value))
+
+    def restore() -> None:
+        for variable, value in pairs:
+            variable.assign(value)
+
+    return restore
