@@ -14,12 +14,14 @@ scalar read) writes the bundle:
                                                      optimizer/i, batch/i, batch_shape/i
 
 Cost: one scalar predicate per step; memory: one copy of the weights, the optimizer state and
-one batch, held from the first build (``incident_max_bytes`` caps it; over it, or across
-several workers, capture is off and the monitor says so once). With gradient accumulation
+one batch, held from the first build (``incident_max_bytes`` caps it; over it capture is
+off and the monitor says so once). With gradient accumulation
 the update step is captured: its last micro-batch and the optimizer's accumulators (the
 earlier micro-batches' gradient sum). Under ``tf.distribute``
 with several replicas the shadows are mirrored, the copy is made in cross-replica context
-and the batch is the global one (:mod:`gradwatch.agent.incident_batch`). Writing blocks the
+and the batch is the global one, gathered from every replica, on every worker
+(:mod:`gradwatch.agent.incident_batch`); only the chief writes the bundle, and every
+worker re-arms at the same step so their in-graph decisions stay the same. Writing blocks the
 training thread once, for the checkpoint write.
 
 Not thread-safe: the training thread owns it.
@@ -52,6 +54,7 @@ from .bundle import (
     recorded_rows,
 )
 from .clip.base import state_variable
+from .cluster import cluster_task
 from .incident_batch import BatchCopy, many_replicas
 from .incident_state import SharedCapture
 from .incident_trigger import ExplosionWatch
@@ -110,6 +113,7 @@ class IncidentCapture:
         self._inner: Any = None
         self._batch = BatchCopy()
         self._replicas = 1
+        self._writes = True  # False on a multi-worker job's non-chief workers
         self._jit_compile = False  # whether the step that copies was traced for XLA
         # Batches as read (references, no copy): rows are formatted only when a bundle is written.
         self._recent: deque[StepBatch] = deque()
@@ -148,14 +152,9 @@ class IncidentCapture:
             variables = list(model.trainable_variables)
         strategy = tf.distribute.get_strategy()
         local = len(strategy.extended.worker_devices) if tf.distribute.has_strategy() else 1
-        if strategy.num_replicas_in_sync > local:
-            say(
-                f"incident capture is off under {type(strategy).__name__} across several "
-                f"workers (not supported yet): every step is still recorded, but no bad "
-                f"step is kept for `gradwatch replay`"
-            )
-            self._off = True
-            return
+        if strategy.num_replicas_in_sync > local:  # several workers: the chief writes
+            task = cluster_task()
+            self._writes = task is None or task.is_chief
         watched = [*variables, *inner.variables]
         size = sum(int(np.prod(v.shape)) * tf.as_dtype(v.dtype).size for v in watched)
         if size > self._settings.max_bytes:
@@ -285,12 +284,16 @@ class IncidentCapture:
         if not self.enabled or not bool(self._pending.numpy()):
             return None
         self._pending.assign(False)
+        if not self._writes:  # a non-chief worker: the chief writes the (same) bundle
+            self.shared.captured(None)
+            return None
         try:
             path, manifest = self._write(model)
         except Exception:
             log.exception("gradwatch: could not write the incident bundle")
+            self.shared.captured(None)
             return None
-        self.shared.wrote(path)
+        self.shared.captured(path)
         announced = announcement(path, manifest)
         self._following, self._sent_through = announced, manifest["step"]
         return announced

@@ -4,7 +4,8 @@ XLA cannot change a variable's shape, so each numeric input keeps a flat buffer 
 the first traced batch plus its shape; a larger batch is not copied (the bundle then has no
 batch and says so). Under ``tf.distribute`` with several replicas the buffers hold the
 *global* batch: the replicas' shards are gathered in replica order (their order in the
-global batch) in cross-replica context, only on the captured step.
+global batch; across workers, an all-gather that every worker runs, since they all take
+the same branch) in cross-replica context, only on the captured step.
 
 Variables are made eagerly (``tf.init_scope``) at the first trace, mirrored under a
 distribution strategy (every replica writes the first replica's value). Not thread-safe:
@@ -81,7 +82,7 @@ class BatchCopy:
             def gather() -> list[Any]:
                 whole: list[Any] = list(leaves)
                 for i, per_replica in zip(numeric, shards, strict=True):
-                    whole[i] = tf.concat(distribution.experimental_local_results(per_replica), 0)
+                    whole[i] = distribution.gather(per_replica, axis=0)
                 return whole
 
             self._copy_if_due(gather)

@@ -41,6 +41,7 @@ class SharedCapture:
     def __init__(self, max_incidents: int) -> None:
         self.max_incidents = max_incidents
         self.written: list[Path] = []
+        self._captures = 0
         self._armed: tf.Variable | None = None
         self._seed_sources: list[Any] | None = None  # None: no step start seen (custom loop)
         self._seed_latest: list[tf.Variable] = []
@@ -57,10 +58,14 @@ class SharedCapture:
                 self._armed = state_variable(True, tf.bool, "incident_armed")
         return self._armed
 
-    def wrote(self, path: Path) -> None:
-        """Host: a bundle was written; arm again unless the run's cap is reached."""
-        self.written.append(path)
-        if len(self.written) < self.max_incidents:
+    def captured(self, path: Path | None) -> None:
+        """Host: a step was captured and its bundle written at ``path`` (``None``: not
+        written, by a non-chief worker or after an error); arm again unless the run's cap
+        is reached. Counts captures, not writes, so every worker of a job re-arms alike."""
+        self._captures += 1
+        if path is not None:
+            self.written.append(path)
+        if self._captures < self.max_incidents:
             self.armed.assign(True)
 
     def note_epoch(self, epoch: int, first_step: int) -> None:

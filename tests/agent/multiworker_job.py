@@ -33,14 +33,31 @@ GLOBAL_BATCH = 16
 FEATURES = 6
 
 
-def _global_batch(step: int) -> tuple[np.ndarray, np.ndarray]:
-    """Step ``step``'s global batch: the same on every worker and in the reference."""
+def global_batch(step: int, nan_at: int = -1) -> tuple[np.ndarray, np.ndarray]:
+    """Step ``step``'s global batch: the same on every worker and in the reference; at step
+    ``nan_at`` one NaN in the last worker's half (row 13 of 16)."""
     rng = np.random.default_rng(1000 + step)
     x = rng.normal(size=(GLOBAL_BATCH, FEATURES)).astype("float32")
     y = (x.sum(axis=1, keepdims=True) * 3.0 + rng.normal(size=(GLOBAL_BATCH, 1))).astype("float32")
     if step == 5:
         y *= 40.0  # one large step, so the clip policy clips something
+    if step == nan_at:
+        x[13, 2] = np.nan
     return x, y
+
+
+def build_model() -> keras.Model:
+    """The job's model, compiled with the job's optimizer (``gradwatch replay --model-fn``)."""
+    keras.utils.set_random_seed(7)
+    model = keras.Sequential(
+        [
+            keras.Input((FEATURES,)),
+            keras.layers.Dense(16, activation="tanh", name="hidden"),
+            keras.layers.Dense(1, name="out"),
+        ]
+    )
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    return model
 
 
 def main() -> int:
@@ -50,6 +67,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--checkpoint-every", type=int, default=3)
     parser.add_argument("--crash-after", type=int, default=0, help="os._exit(3) after it")
+    parser.add_argument("--nan-at", type=int, default=-1, help="a NaN input at this step")
     args = parser.parse_args()
 
     cluster = json.loads(os.environ.get("TF_CONFIG", "{}"))
@@ -69,16 +87,10 @@ def main() -> int:
         flush_every=4,
         stats_every=1,
         spool_dir=str(args.out / f"spool-{index}"),
+        incident_dir=str(args.out / f"incidents-{index}"),
     )
     with strategy.scope():
-        keras.utils.set_random_seed(7)
-        model = keras.Sequential(
-            [
-                keras.Input((FEATURES,)),
-                keras.layers.Dense(16, activation="tanh", name="hidden"),
-                keras.layers.Dense(1, name="out"),
-            ]
-        )
+        model = build_model()
         optimizer = monitor.wrap(keras.optimizers.Adam(0.01))
         optimizer.build(model.trainable_variables)
     monitor.set_model(model)
@@ -98,6 +110,7 @@ def main() -> int:
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=GLOBAL_BATCH)
         grads = tape.gradient(loss, model.trainable_variables)
         monitor.apply_gradients(zip(grads, model.trainable_variables, strict=True), loss=loss)
+        monitor.capture_batch((x, y))  # kept if this step is captured (incident bundle)
         return loss
 
     @tf.function
@@ -106,7 +119,7 @@ def main() -> int:
         return strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None)
 
     for step in range(first, args.steps):
-        x, y = _global_batch(step)
+        x, y = global_batch(step, args.nan_at)
         train_step(
             tf.constant(x[index * share : (index + 1) * share]),
             tf.constant(y[index * share : (index + 1) * share]),
@@ -126,6 +139,7 @@ def main() -> int:
                 "first_step": first,
                 "delivered": delivered,
                 "dropped": monitor.dropped_batches,
+                "incidents": list(monitor.incidents),
             }
         )
     )

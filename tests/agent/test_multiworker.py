@@ -1,5 +1,6 @@
 """``MultiWorkerMirroredStrategy`` with two real worker processes on 127.0.0.1 gives one run,
-every step once, and the single-process norms, clipping and weights.
+every step once, and the single-process norms, clipping and weights; a bad step on one
+worker is captured once, by the chief, with the global batch.
 
 Each process runs ``tests/agent/multiworker_job.py`` (the README's custom loop) with
 ``TF_CONFIG`` naming a two-worker cluster on free loopback ports; the reference is the same
@@ -20,12 +21,15 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from gradwatch.agent import ConfigError
 from gradwatch.agent.cluster import cluster_task, shared_run_id
 from gradwatch.server.config import Settings
 from gradwatch.server.embedded import EmbeddedServer
 from gradwatch.wire import decode_float
+from tests.agent.incident_helpers import read_manifest, run_replay
+from tests.agent.multiworker_job import global_batch
 from tests.server_process import free_port
 
 pytestmark = pytest.mark.e2e
@@ -234,3 +238,36 @@ def test_cluster_task_is_none_outside_a_multi_worker_training_task(environ):
 def test_malformed_tf_config_is_a_config_error_naming_it():
     with pytest.raises(ConfigError, match="TF_CONFIG: expected JSON"):
         cluster_task({"TF_CONFIG": "{not json"})
+
+
+def test_a_nan_on_one_worker_is_captured_once_by_the_chief_with_the_global_batch(
+    tmp_path, server, api
+):
+    """Step 4's NaN is in worker 1's half of the batch. Both workers take the capture
+    branch (an all-gather of the shards); the chief writes the bundle, worker 1 none."""
+    addresses = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
+    chief, worker = _launch(tmp_path, server, addresses, "--steps", "8", "--nan-at", "4")
+    assert chief.returncode == 0, chief.stdout
+    assert worker.returncode == 0, worker.stdout
+    (bundle,) = _result(tmp_path, 0)["incidents"]
+    assert _result(tmp_path, 1)["incidents"] == []
+    assert not (tmp_path / "incidents-1").exists()
+    manifest = read_manifest(bundle)
+    assert (manifest["step"], manifest["cause"], manifest["replicas"]) == (4, "nonfinite", 2)
+    reader = tf.train.load_checkpoint(str(Path(bundle) / manifest["checkpoint"]))
+    x, y = global_batch(4, nan_at=4)
+    np.testing.assert_array_equal(
+        reader.get_tensor("batch/0/.ATTRIBUTES/VARIABLE_VALUE").reshape(x.shape), x
+    )
+    np.testing.assert_array_equal(
+        reader.get_tensor("batch/1/.ATTRIBUTES/VARIABLE_VALUE").reshape(y.shape), y
+    )
+    run_id = _result(tmp_path, 0)["run_id"]
+    [announced] = api.get(f"/api/v1/runs/{run_id}/incidents").json()["incidents"]
+    assert announced["path"] == str(Path(bundle).resolve())
+
+    result = run_replay(bundle, "tests.agent.multiworker_job:build_model")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "reproduced: yes" in result.stdout
+    assert "captured on 2 replicas" in result.stdout
+    assert "the batch itself holds 1 NaN/Inf value(s) in x" in result.stdout
