@@ -179,6 +179,7 @@ class IncidentCapture:
             self._batch.build()
             self._explosion.build()
         self._variables, self._inner = watched, inner
+        self.shared.prepare(model)  # a custom loop's RNG states (fit copies them in-graph)
         self._trainable = len(variables)
         self.enabled = True
 

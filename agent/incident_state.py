@@ -6,7 +6,8 @@ GAN's discriminator and generator), so that
 * the first bad step of *any* group is the run's incident, and ``max_incidents`` caps the
   run, not each group (one in-graph ``armed`` flag: a group that captures disarms the others
   within the same step, since reads and writes of one resource are ordered in the graph);
-* the model's RNG states are copied once per step, at its start: Dropout, noise layers and
+* the model's RNG states are copied once per step, at its start (in ``fit`` in-graph; in a
+  custom loop eagerly, by ``monitor.on_step``, for the next step): Dropout, noise layers and
   a GAN's ``keras.random.normal(seed=self.seed_generator)`` draw from
   ``keras.random.SeedGenerator`` states that each draw advances, so the replay can draw the
   same masks and noise only from the states the step began with (a few int64 pairs a step,
@@ -85,14 +86,33 @@ class SharedCapture:
     def at_step_start(self, model: Any) -> None:
         """In-graph, at the start of a ``train_step`` in ``fit``: copy the model's RNG states
         (the shadows are made at the first trace)."""
-        if self.max_incidents == 0 or tf.distribute.get_strategy().num_replicas_in_sync > 1:
-            # Several replicas draw from the same states for their own shards: one device
-            # replaying the global batch cannot draw the same masks (like a custom loop).
+        if not self._keeps_states():
             return
         if self._seed_sources is None:
             self._make_shadows(model)
         for latest, source in zip(self._seed_latest, self._seed_sources or [], strict=True):
             latest.assign(tf.convert_to_tensor(source))
+
+    def prepare(self, model: Any) -> None:
+        """At the first trace of a step (eagerly): make the shadows, holding the RNG states
+        as they are now, the first step's start in a custom loop. Idempotent."""
+        if model is None or self._seed_sources is not None or not self._keeps_states():
+            return
+        self._make_shadows(model)
+        with tf.init_scope():
+            self.between_steps()
+
+    def between_steps(self) -> None:
+        """Host, after a custom loop's step (``monitor.on_step``): copy the RNG states the
+        next step begins with (a few eager assigns of int64 pairs). Exact when nothing
+        draws from the model's seed generators between ``on_step`` and the next step."""
+        for latest, source in zip(self._seed_latest, self._seed_sources or [], strict=True):
+            latest.assign(tf.convert_to_tensor(source))
+
+    def _keeps_states(self) -> bool:
+        # Several replicas draw from the same states for their own shards: one device
+        # replaying the global batch cannot draw the same masks.
+        return self.max_incidents > 0 and tf.distribute.get_strategy().num_replicas_in_sync == 1
 
     def copy_model_state(self) -> None:
         """In-graph, inside a capture's copy: the step-start RNG states and the other

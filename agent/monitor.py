@@ -1,14 +1,11 @@
 """GradientMonitor: the public class, a Keras callback and the custom-loop API.
 
-It composes the pieces: :class:`~gradwatch.agent.optimizer.MonitoredOptimizer`
-(the wrapper in the train step), :class:`~gradwatch.agent.recorder.StepRecorder`
-(statistics, clipping, the in-graph ring and its host reads),
-:class:`~gradwatch.agent.swap.OptimizerSwap` (the callback form: the model's optimizer
-wrapped for one ``fit``), :class:`~gradwatch.agent.optimizer_groups.OptimizerGroups`
-(several named optimizers, one run), :class:`~gradwatch.agent.step_loss.LossCapture`
-(the ``train_step`` hooks), :func:`~gradwatch.agent.delivery.build_delivery` (sender,
-transport, spool), :mod:`gradwatch.agent.notice` (what the user is told) and
-:mod:`gradwatch.agent._keras_compat` (private Keras API).
+It composes the pieces: ``optimizer.MonitoredOptimizer`` (the wrapper in the train step),
+``recorder.StepRecorder`` (statistics, clipping, the in-graph ring and its host reads),
+``swap.OptimizerSwap`` (the model's optimizer wrapped for one ``fit``),
+``optimizer_groups.OptimizerGroups`` (several optimizers, one run), ``step_loss.LossCapture``
+(the ``train_step`` hooks), ``delivery.build_delivery`` (sender, transport, spool),
+``notice`` (what the user is told) and ``_keras_compat`` (private Keras API).
 
 How a step flows:
 
@@ -24,8 +21,6 @@ How a step flows:
 4. Every ``stats_every`` steps the weight norms and update ratios of a step go
    into its row (:mod:`gradwatch.agent.weights`; every step: measured in-graph).
 5. A bad step is captured before its update (:mod:`gradwatch.agent.incident`).
-
-The ring and the weight statistics are :mod:`gradwatch.agent.recorder`'s job.
 """
 
 from __future__ import annotations
@@ -337,9 +332,12 @@ class GradientMonitor(keras.callbacks.Callback, compat.Trackable):  # type: igno
         self._check_open()
         if self._groups:
             self._groups.end_step()  # also counts the run's step: one per on_step call
-            return
-        self._recorder.after_steps(1)
-        self._recorder.before_step()
+        else:
+            self._recorder.after_steps(1)
+            self._recorder.before_step()
+        recorders = self._recorders()
+        if recorders:  # the RNG states the next step begins with (incident replay)
+            recorders[0].incidents.shared.between_steps()
 
     def flush(self, timeout_seconds: float = 10.0) -> bool:
         """Read pending steps and wait up to ``timeout_seconds`` for delivery."""

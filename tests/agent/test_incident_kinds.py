@@ -118,6 +118,49 @@ def test_dropout_masks_are_replayed_from_the_rng_states_at_the_step_start(tmp_pa
         assert replayed == pytest.approx(recorded, rel=1e-5), line
 
 
+def test_a_custom_loop_replays_its_dropout_masks_from_the_states_on_step_kept(tmp_path):
+    """A custom loop has no step-start hook: ``monitor.on_step`` copies the RNG states the
+    next step begins with, so the replay draws the bad step's dropout mask again."""
+    x, y = planted_data(zero_in_batch=None)
+    model = dropout()
+    adam = keras.optimizers.Adam(0.01)
+    monitor = GradientMonitor(
+        run="dropout-loop",
+        policy=clip.skip_spike(sigma=6.0, window=16, min_history=8),
+        flush_every=4,
+        local_dir=str(tmp_path / "runs"),
+    )
+    optimizer = monitor.wrap(adam)
+    monitor.set_model(model)
+
+    @tf.function
+    def train_step(xb, yb):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(model(xb, training=True) - yb))
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+        monitor.capture_batch((xb, yb))
+
+    for step in range(20):
+        if step == 12:
+            adam.learning_rate.assign(30.0)
+        train_step(x[step * BATCH : (step + 1) * BATCH], y[step * BATCH : (step + 1) * BATCH])
+        monitor.on_step()
+    monitor.close()
+
+    (bundle,) = monitor.incidents
+    manifest = read_manifest(bundle)
+    assert manifest["step"] == 13
+    assert len(manifest["rng_states"]) == 1
+    result = run_replay(bundle, "tests.agent.incident_models:dropout")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "reproduced: yes" in result.stdout, result.stdout
+    for layer in ("sequential/wide", "sequential/out"):
+        line = next(row for row in result.stdout.splitlines() if layer in row)
+        replayed, _, recorded = (float(v) for v in line.split("│")[2:5])
+        assert replayed == pytest.approx(recorded, rel=1e-5), line
+
+
 def test_a_float16_overflow_of_the_forward_pass_under_mixed_precision_is_captured(tmp_path):
     """Under mixed_float16 the LossScaleOptimizer skips every step whose scaled gradient
     overflows, and halves its scale: usually nothing to see. A step whose *loss* is
