@@ -265,13 +265,19 @@ class IncidentCapture:
 
     # -- host side -----------------------------------------------------------------------
 
-    def remember(self, batch: StepBatch) -> None:
-        """Host: keep the batches holding the last ``recorder_steps`` rows (no copy; O(1))."""
-        if not self.enabled:
-            return
-        self._recent.append(batch)
+    def remember(self, batches: Sequence[StepBatch]) -> None:
+        """Host, before :meth:`write_if_pending`: the batches of a ring read (no copy)."""
+        if self.enabled:
+            self._recent.extend(batches)
+
+    def forget(self) -> None:
+        """Host, after :meth:`write_if_pending`: keep only the batches holding the last
+        ``recorder_steps`` rows, so a step captured in the next read still has that many
+        rows before it, however many this read held after it."""
         wanted = max(1, self._settings.recorder_steps)
-        while sum(len(b.step) for b in self._recent) - len(self._recent[0].step) >= wanted:
+        while self._recent and (
+            sum(len(b.step) for b in self._recent) - len(self._recent[0].step) >= wanted
+        ):
             self._recent.popleft()
 
     def _recorded_rows(self, step: int) -> list[dict[str, Any]]:

@@ -397,15 +397,15 @@ class StepRecorder:
                 read.lost,
             )
         batches = list(read.batches)
-        for batch in batches:
-            self._read_steps += len(batch)
-            self.incidents.remember(batch)
+        self._read_steps += sum(len(batch) for batch in batches)
+        self.incidents.remember(batches)
         announced = self.incidents.write_if_pending(self._model())
         if announced is not None:
             self._announcements.append(announced)
         following = self.incidents.rows_after(batches)  # the recorder's rows after a bad step
         if following is not None:
             self._announcements.append(following)
+        self.incidents.forget()
         if self._announcements and batches:  # the server learns of a bundle with a batch
             batches[-1] = dataclasses.replace(batches[-1], incidents=tuple(self._announcements))
             self._announcements.clear()

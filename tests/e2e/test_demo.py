@@ -41,6 +41,12 @@ def test_demo_exploding_run_shows_far_larger_norms_and_clipping(server):
     assert stable_detections == {}
     health = httpx.get(f"{server.url}/api/v1/runs/{stable['run_id']}/health", timeout=10.0)
     assert health.json()["verdict"] == "healthy"
+    # The exploding run's bundle: the flight recorder's 64 steps up to it, then every step
+    # after it until the run ended (64 at most), merged by the server as they came.
+    incidents = httpx.get(f"{server.url}/api/v1/runs/{exploding['run_id']}/incidents").json()
+    [incident] = incidents["incidents"]
+    step = incident["step"]
+    assert incident["recorded"]["step"] == list(range(step - 63, min(step + 64, 319) + 1))
 
 
 def test_demo_command_runs_with_its_embedded_server(tmp_path):
