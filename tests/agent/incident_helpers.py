@@ -12,6 +12,8 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import pytest
+import tensorflow as tf
 
 from gradwatch.agent import GradientMonitor, clip
 
@@ -82,3 +84,33 @@ def run_replay(bundle: str, model_fn: str) -> subprocess.CompletedProcess[str]:
 
 def read_manifest(bundle: str) -> dict:
     return json.loads((Path(bundle) / "manifest.json").read_text())
+
+
+def custom_loop(model, monitor, x, y, steps: int, adam=None, before_step=None) -> None:
+    """Train ``model`` for ``steps`` batches of ``BATCH`` in a custom loop (MSE, a wrapped
+    ``adam``, default ``Adam(0.01)``), offering each batch to the capture; then close."""
+    optimizer = monitor.wrap(adam or keras.optimizers.Adam(0.01))
+    monitor.set_model(model)
+
+    @tf.function
+    def train_step(xb, yb):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(model(xb, training=True) - yb))
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+        monitor.capture_batch((xb, yb))
+
+    for step in range(steps):
+        if before_step is not None:
+            before_step(step)
+        train_step(x[step * BATCH : (step + 1) * BATCH], y[step * BATCH : (step + 1) * BATCH])
+        monitor.on_step()
+    monitor.close()
+
+
+def assert_replayed_norms_equal_recorded(stdout: str, layers: tuple[str, ...]) -> None:
+    """Each of ``layers``' replayed norm equals its recorded one in the replay's table."""
+    for layer in layers:
+        line = next(row for row in stdout.splitlines() if layer in row)
+        replayed, _, recorded = (float(v) for v in line.split("│")[2:5])
+        assert replayed == pytest.approx(recorded, rel=1e-5), line

@@ -20,6 +20,7 @@ from gradwatch.agent.local import read_run_file
 from tests.agent.incident_helpers import (
     BAD_STEP,
     BATCH,
+    custom_loop,
     fit_planted,
     planted_data,
     planted_monitor,
@@ -137,22 +138,7 @@ def test_a_custom_loop_captures_the_batch_it_offers(tmp_path):
     x, y = planted_data()
     model = planted_log()
     monitor = planted_monitor(tmp_path)
-    optimizer = monitor.wrap(keras.optimizers.Adam(0.01))
-    monitor.set_model(model)
-
-    @tf.function
-    def train_step(xb, yb):
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_mean(tf.square(model(xb, training=True) - yb))
-        grads = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
-        monitor.capture_batch((xb, yb))
-        return loss
-
-    for step in range(12):
-        train_step(x[step * BATCH : (step + 1) * BATCH], y[step * BATCH : (step + 1) * BATCH])
-        monitor.on_step()
-    monitor.close()
+    custom_loop(model, monitor, x, y, steps=12)
 
     (bundle,) = monitor.incidents
     assert read_manifest(bundle)["step"] == BAD_STEP

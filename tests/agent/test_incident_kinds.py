@@ -18,6 +18,8 @@ from gradwatch.agent import GradientMonitor, clip
 from tests.agent.incident_helpers import (
     BAD_STEP,
     BATCH,
+    assert_replayed_norms_equal_recorded,
+    custom_loop,
     fit_planted,
     planted_data,
     planted_monitor,
@@ -112,10 +114,7 @@ def test_dropout_masks_are_replayed_from_the_rng_states_at_the_step_start(tmp_pa
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert "reproduced: yes" in result.stdout, result.stdout
-    for layer in ("sequential/wide", "sequential/out"):
-        line = next(row for row in result.stdout.splitlines() if layer in row)
-        replayed, _, recorded = (float(v) for v in line.split("│")[2:5])
-        assert replayed == pytest.approx(recorded, rel=1e-5), line
+    assert_replayed_norms_equal_recorded(result.stdout, ("sequential/wide", "sequential/out"))
 
 
 def test_a_custom_loop_replays_its_dropout_masks_from_the_states_on_step_kept(tmp_path):
@@ -130,23 +129,12 @@ def test_a_custom_loop_replays_its_dropout_masks_from_the_states_on_step_kept(tm
         flush_every=4,
         local_dir=str(tmp_path / "runs"),
     )
-    optimizer = monitor.wrap(adam)
-    monitor.set_model(model)
 
-    @tf.function
-    def train_step(xb, yb):
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_mean(tf.square(model(xb, training=True) - yb))
-        grads = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
-        monitor.capture_batch((xb, yb))
-
-    for step in range(20):
+    def jump(step: int) -> None:
         if step == 12:
             adam.learning_rate.assign(30.0)
-        train_step(x[step * BATCH : (step + 1) * BATCH], y[step * BATCH : (step + 1) * BATCH])
-        monitor.on_step()
-    monitor.close()
+
+    custom_loop(model, monitor, x, y, steps=20, adam=adam, before_step=jump)
 
     (bundle,) = monitor.incidents
     manifest = read_manifest(bundle)
@@ -155,10 +143,7 @@ def test_a_custom_loop_replays_its_dropout_masks_from_the_states_on_step_kept(tm
     result = run_replay(bundle, "tests.agent.incident_models:dropout")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "reproduced: yes" in result.stdout, result.stdout
-    for layer in ("sequential/wide", "sequential/out"):
-        line = next(row for row in result.stdout.splitlines() if layer in row)
-        replayed, _, recorded = (float(v) for v in line.split("│")[2:5])
-        assert replayed == pytest.approx(recorded, rel=1e-5), line
+    assert_replayed_norms_equal_recorded(result.stdout, ("sequential/wide", "sequential/out"))
 
 
 def test_a_float16_overflow_of_the_forward_pass_under_mixed_precision_is_captured(tmp_path):
