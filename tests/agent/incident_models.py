@@ -7,6 +7,7 @@ so that step's forward pass makes -inf there and its gradient NaN.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import keras
@@ -20,10 +21,11 @@ class LogLayer(keras.layers.Layer):  # type: ignore[misc]
         return tf.math.log(x)
 
 
-def _compiled(*layers: keras.layers.Layer) -> keras.Model:
-    """``Sequential(Input((4,)), *layers)`` compiled with Adam(0.01) and MSE, seed 1."""
+def _compiled(layers: Callable[[], list[keras.layers.Layer]]) -> keras.Model:
+    """``Sequential(Input((4,)), *layers())`` compiled with Adam(0.01) and MSE, seed 1 (set
+    before the layers are made: their initializers draw their seeds then)."""
     keras.utils.set_random_seed(1)
-    model = keras.Sequential([keras.Input((4,)), *layers])
+    model = keras.Sequential([keras.Input((4,)), *layers()])
     model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
     return model
 
@@ -31,9 +33,11 @@ def _compiled(*layers: keras.layers.Layer) -> keras.Model:
 def planted_log() -> keras.Model:
     """A small regression model whose first layer is :class:`LogLayer` (compiled)."""
     return _compiled(
-        LogLayer(name="log"),
-        keras.layers.Dense(8, activation="tanh", name="hidden"),
-        keras.layers.Dense(1, name="out"),
+        lambda: [
+            LogLayer(name="log"),
+            keras.layers.Dense(8, activation="tanh", name="hidden"),
+            keras.layers.Dense(1, name="out"),
+        ]
     )
 
 
@@ -48,18 +52,23 @@ def planted_log_accumulating() -> keras.Model:
 def plain() -> keras.Model:
     """A model with no planted fault (for the NaN-in-the-data batch)."""
     return _compiled(
-        keras.layers.Dense(8, activation="tanh", name="hidden"), keras.layers.Dense(1, name="out")
+        lambda: [
+            keras.layers.Dense(8, activation="tanh", name="hidden"),
+            keras.layers.Dense(1, name="out"),
+        ]
     )
 
 
 def linear() -> keras.Model:
     """Two linear layers: a learning-rate jump makes the next gradient explode, finitely."""
-    return _compiled(keras.layers.Dense(8, name="hidden"), keras.layers.Dense(1, name="out"))
+    return _compiled(
+        lambda: [keras.layers.Dense(8, name="hidden"), keras.layers.Dense(1, name="out")]
+    )
 
 
 def wide() -> keras.Model:
     """Not the model of any bundle: 16 hidden units (for the mismatch test)."""
-    return _compiled(keras.layers.Dense(16, name="hidden"), keras.layers.Dense(1))
+    return _compiled(lambda: [keras.layers.Dense(16, name="hidden"), keras.layers.Dense(1)])
 
 
 class Amplify(keras.layers.Layer):  # type: ignore[misc]
@@ -77,9 +86,11 @@ def planted_overflow() -> keras.Model:
     keras.config.set_dtype_policy("mixed_float16")
     try:
         return _compiled(
-            Amplify(name="amplify"),
-            keras.layers.Dense(8, name="hidden"),
-            keras.layers.Dense(1, name="out", dtype="float32"),
+            lambda: [
+                Amplify(name="amplify"),
+                keras.layers.Dense(8, name="hidden"),
+                keras.layers.Dense(1, name="out", dtype="float32"),
+            ]
         )
     finally:
         keras.config.set_dtype_policy("float32")
@@ -89,9 +100,11 @@ def dropout() -> keras.Model:
     """Linear layers around a ``Dropout(0.5)``: its mask changes every step, so a replay that
     draws its own mask gets another gradient (the learning-rate-jump test's model with one)."""
     return _compiled(
-        keras.layers.Dense(16, name="wide"),
-        keras.layers.Dropout(0.5, name="drop"),
-        keras.layers.Dense(1, name="out"),
+        lambda: [
+            keras.layers.Dense(16, name="wide"),
+            keras.layers.Dropout(0.5, name="drop"),
+            keras.layers.Dense(1, name="out"),
+        ]
     )
 
 

@@ -28,7 +28,6 @@ from tests.agent.incident_models import planted_log, planted_log_accumulating
 
 def _bundle(tmp_path: Path, x, y, strategy=None):
     """Fit the planted model (under ``strategy``) and return its one bundle, read."""
-    keras.utils.set_random_seed(1)  # the layers' initializers draw their seeds when made
     if strategy is None:
         model = planted_log()
     else:
