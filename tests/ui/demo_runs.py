@@ -91,15 +91,22 @@ def batches(exploding: bool, seed: int = 0) -> list[StepBatch]:
                 update_ratio=np.nan_to_num(update_ratio[s], posinf=1.0),
                 weights_known=weights_known[s],
                 incidents=tuple(
-                    _incident(int(step)) for step in bad[:1] if first <= step < first + n
+                    # announced, then again with the rows after it (one read held both)
+                    _incident(int(step), after)
+                    for step in bad[:1]
+                    for after in (False, True)
+                    if first <= step < first + n
                 ),
             )
         )
     return out
 
 
-def _incident(step: int) -> dict[str, object]:
-    """The agent's announcement of the first non-finite step's bundle."""
+def _incident(step: int, after: bool = False) -> dict[str, object]:
+    """The agent's announcement of the first non-finite step's bundle, with the recorder's
+    rows up to it, or (``after``) again with the rows of the three steps after it, whose
+    learning rate is ×10."""
+    steps = [step + 1, step + 2, step + 3] if after else [step - 2, step - 1, step]
     return {
         "step": step,
         "cause": "nonfinite",
@@ -109,11 +116,11 @@ def _incident(step: int) -> dict[str, object]:
         "format": "gradwatch-incident/1",
         "learning_rate": 0.05,
         "recorded": {
-            "step": [step - 2, step - 1, step],
-            "learning_rate": [0.05, 0.05, 0.05],
+            "step": steps,
+            "learning_rate": [0.5 if after else 0.05] * 3,
             "loss_scale": [None, None, None],
             "epoch": [0, 0, 0],
-            "step_in_epoch": [step - 2, step - 1, step],
+            "step_in_epoch": steps,
         },
     }
 

@@ -98,7 +98,8 @@ def test_incident_bundle_is_shown_with_its_replay_command(ui, demo):
     assert f"step {step} (non-finite gradient), 3.0 MiB on trainer-1:/home/me/" in text
     replay = f"gradwatch replay /home/me/gradwatch-runs/incidents/demo/step-{step}"
     assert incident.locator("code.replay").inner_text() == replay
-    assert "Before it: learning rate: 0.05 at steps" in text
+    # The recorder's rows before and after the step, merged by the server.
+    assert f"Around it: learning rate: 0.05 at steps {int(step) - 2}–{step}, 0.5 from step" in text
     # The run-level events holding the step (the nonfinite one among them) say so, and show
     # it in their details.
     marked = page.locator("#events li:has(.bundle-mark)")
