@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 import tensorflow as tf
 
 from gradwatch.agent import GradientMonitor, clip
+from gradwatch.agent.replay_bundle import open_bundle, read_tensor
 
 BAD_STEP = 7
 BATCH = 16
@@ -114,3 +116,21 @@ def assert_replayed_norms_equal_recorded(stdout: str, layers: tuple[str, ...]) -
         line = next(row for row in stdout.splitlines() if layer in row)
         replayed, _, recorded = (float(v) for v in line.split("│")[2:5])
         assert replayed == pytest.approx(recorded, rel=1e-5), line
+
+
+def bundle_tensor(bundle: str, kind: str, index: int) -> np.ndarray:
+    """Variable ``kind/index`` of a bundle's checkpoint (``weights``, ``batch``, …), read the
+    way ``gradwatch replay`` reads it."""
+    _, reader = open_bundle(Path(bundle))
+    return read_tensor(reader, kind, index)
+
+
+def bundle_tensors(bundle: str, kind: str) -> list[np.ndarray]:
+    """Every ``kind/i`` of a bundle's checkpoint, in order of ``i``."""
+    _, reader = open_bundle(Path(bundle))
+    count = sum(
+        1
+        for name in reader.get_variable_to_shape_map()
+        if re.fullmatch(rf"{kind}/\d+/\.ATTRIBUTES/VARIABLE_VALUE", name)
+    )
+    return [read_tensor(reader, kind, index) for index in range(count)]
