@@ -80,6 +80,11 @@ class MonitorConfig:
             whose weights and optimizer state take more is not captured (said at build).
         incident_dir: Root of the bundles; default ``$GRADWATCH_INCIDENT_DIR``, else
             ``<local_dir>/incidents``.
+        incident_snapshot_every: Under ``jit_compile``, the capture copies the state every
+            this many steps (after their update) and keeps the batches since; the replay
+            rolls forward from the copy to the bad step (1 to ``MAX_SNAPSHOT_EVERY``; 1: an
+            exact copy before the bad step's update, which XLA makes cost a copy of the
+            state on every step). Graph mode always copies at the bad step (free).
         recorder_steps: Recorded steps (norms, loss) kept in a bundle, up to the bad one
             (at most ``MAX_RECORDER_STEPS``); the learning rates, loss scales and positions
             of as many steps after it are announced to the server too.
@@ -104,6 +109,7 @@ class MonitorConfig:
     incident_dir: Path | None = None
     recorder_steps: int = 64
     incident_on_explosion: bool = True
+    incident_snapshot_every: int = 32
 
     def __post_init__(self) -> None:
         if not isinstance(self.run, str) or not 1 <= len(self.run) <= 200:
@@ -139,6 +145,12 @@ class MonitorConfig:
             raise ConfigError(
                 f"recorder_steps: expected at most {MAX_RECORDER_STEPS} (a bundle's rows before "
                 f"and after the bad step are announced to the server), got {self.recorder_steps}"
+            )
+        _check_positive_int("incident_snapshot_every", self.incident_snapshot_every)
+        if self.incident_snapshot_every > MAX_SNAPSHOT_EVERY:
+            raise ConfigError(
+                f"incident_snapshot_every: expected at most {MAX_SNAPSHOT_EVERY} (the batches "
+                f"since a copy are kept in memory), got {self.incident_snapshot_every}"
             )
         if not isinstance(self.incident_on_explosion, bool):
             raise ConfigError(
@@ -202,6 +214,9 @@ def _to_path(name: str, value: object) -> Path:
 
 MAX_RECORDER_STEPS = 2048
 """``recorder_steps``' bound: the rows before and after a bad step fit the server's 4,096."""
+
+MAX_SNAPSHOT_EVERY = 1024
+"""``incident_snapshot_every``'s bound: a replay rolls forward at most this many steps."""
 
 
 def _check_positive_int(name: str, value: object) -> None:

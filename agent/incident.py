@@ -13,9 +13,15 @@ scalar read) writes the bundle:
     <incident_dir>/<run_id>/step-<N>/state.*         tf.train.Checkpoint: weights/i,
                                                      optimizer/i, batch/i, batch_shape/i
 
+Under ``jit_compile`` (in ``fit``, on one replica, without groups or gradient accumulation)
+the capture rolls instead (:mod:`gradwatch.agent.incident_rolling`): a copy of the state every
+``incident_snapshot_every`` steps and the batches since, which the replay runs forward; an
+exact copy would cost a copy of the state on every step there.
+
 Cost: one scalar predicate per step; memory: one copy of the weights, the optimizer state and
-one batch, held from the first build (``incident_max_bytes`` caps it; over it capture is
-off and the monitor says so once). With gradient accumulation
+one batch (rolling: ``incident_snapshot_every`` batches), held from the first build
+(``incident_max_bytes`` caps it; over it capture is off and the monitor says so once; a
+rolling ring over it falls back to the exact copy). With gradient accumulation
 the update step is captured: its last micro-batch and the optimizer's accumulators (the
 earlier micro-batches' gradient sum). Under ``tf.distribute``
 with several replicas the shadows are mirrored, the copy is made in cross-replica context
@@ -56,6 +62,7 @@ from .bundle import (
 from .clip.base import state_variable
 from .cluster import cluster_task
 from .incident_batch import BatchCopy, many_replicas
+from .incident_rolling import RollingSnapshot, bundle_parts, rolls
 from .incident_state import SharedCapture
 from .incident_trigger import ExplosionWatch
 from .notice import say
@@ -86,6 +93,7 @@ class IncidentSettings:
         run_id: The run's id; ``run``: its name; ``policy``: the policy's description.
         group: The optimizer group whose steps this capture watches, or ``None``.
         explosion: Whether a critical explosion of a finite global norm is captured too.
+        snapshot_every: Under XLA, steps between the rolling capture's copies (1: exact copy).
     """
 
     directory: Path
@@ -97,6 +105,7 @@ class IncidentSettings:
     policy: dict[str, Any] | None
     group: str | None = None
     explosion: bool = True
+    snapshot_every: int = 1
 
 
 class IncidentCapture:
@@ -115,6 +124,10 @@ class IncidentCapture:
         self._replicas = 1
         self._writes = True  # False on a multi-worker job's non-chief workers
         self._jit_compile = False  # whether the step that copies was traced for XLA
+        self._rolling: bool | None = None  # decided at the first trace of the bad-step check
+        self._snapshot = RollingSnapshot(settings.snapshot_every)
+        self._first_step = 0
+        self._state_bytes = 0
         # Batches as read (references, no copy): rows are formatted only when a bundle is written.
         self._recent: deque[StepBatch] = deque()
         # The last bundle's announcement while the rows after its step are still sent.
@@ -131,9 +144,16 @@ class IncidentCapture:
         return self.shared.written
 
     def build(
-        self, variables: Sequence[Any], inner: keras.optimizers.Optimizer, model: Any = None
+        self,
+        variables: Sequence[Any],
+        inner: keras.optimizers.Optimizer,
+        model: Any = None,
+        first_step: int = 0,
+        policy_state: Sequence[Any] = (),
     ) -> None:
-        """Create the shadow variables (eagerly, once), or say why capture is off.
+        """Create the shadow variables (eagerly, once), or say why capture is off
+        (``first_step``: the step the training starts at; ``policy_state``: the clip
+        policy's variables, which a rolling capture copies with the state).
 
         A group's capture copies every trainable weight of ``model`` (the other groups'
         too: the replay runs the whole ``train_step``), and its own optimizer's state.
@@ -164,6 +184,7 @@ class IncidentCapture:
             )
             self._off = True
             return
+        self._state_bytes, self._first_step = size, first_step
         # Under tf.distribute the variables are mirrored; every replica computes the same
         # trigger from the all-reduced gradient and copies happen in cross-replica context.
         self._replicas = strategy.num_replicas_in_sync
@@ -171,6 +192,11 @@ class IncidentCapture:
             self._shadows = [
                 state_variable(tf.zeros(v.shape, v.dtype), v.dtype, "incident_copy")
                 for v in watched
+            ]
+            self._policy_state = list(policy_state)
+            self._policy_shadows = [
+                state_variable(tf.zeros(v.shape, v.dtype), v.dtype, "incident_policy")
+                for v in self._policy_state
             ]
             self._armed = self.shared.armed
             self._pending = state_variable(False, tf.bool, "incident_pending")
@@ -230,7 +256,13 @@ class IncidentCapture:
         (``cause``: int32 index into ``_CAUSES``). Under several replicas the decision (the
         same on every replica) and the copy are made once, in cross-replica context."""
         self._jit_compile = compat.in_xla_context()
+        if self._rolling is None:
+            self._rolling = self._rolls()
         trigger = tf.logical_and(bad, self._armed)
+        if self._rolling:  # the state was copied after an earlier step's update
+            self._batch.note_step(step)
+            self._copy_when(trigger, cause, step, copy_state=False)
+            return
         replica = many_replicas()
         if replica is None:
             self._copy_when(trigger, cause, step)
@@ -244,11 +276,46 @@ class IncidentCapture:
 
         replica.merge_call(across, args=(trigger, cause, step))
 
-    def _copy_when(self, trigger: Any, cause: Any, step: Any) -> None:
-        def copy() -> tf.Tensor:
-            for shadow, variable in zip(self._shadows, self._variables, strict=True):
+    def _rolls(self) -> bool:
+        """At the first trace of the check: whether this capture rolls (see
+        :mod:`.incident_rolling`); if so, size the batch ring and copy the state the first
+        step begins with."""
+        settings, every = self._settings, self._settings.snapshot_every
+        if not rolls(
+            every=every,
+            batch_bytes=self.shared.batch_bytes,  # None: not fit (a custom loop)
+            state_bytes=self._state_bytes,
+            max_bytes=settings.max_bytes,
+            possible=self._jit_compile
+            and self._replicas == 1
+            and settings.group is None
+            and not self._inner.gradient_accumulation_steps,
+        ):
+            return False
+        self._batch.slots = every
+        self._snapshot.build(self._first_step, lambda: self._copy_state(between_steps=True))
+        return True
+
+    def _copy_state(self, between_steps: bool = False) -> None:
+        for shadow, variable in zip(self._shadows, self._variables, strict=True):
+            shadow.assign(variable)
+        if between_steps:  # the policy's state the next step begins with (a rolling copy)
+            for shadow, variable in zip(self._policy_shadows, self._policy_state, strict=True):
                 shadow.assign(variable)
-            self.shared.copy_model_state()
+        self.shared.copy_model_state(between_steps)
+
+    def after_update(self, step: Any) -> None:
+        """In-graph, after step ``step``'s update: a rolling capture's copy of the state
+        every ``incident_snapshot_every`` steps (nothing otherwise)."""
+        if self.enabled and self._rolling:
+            self._snapshot.after_update(
+                step, self._armed, lambda: self._copy_state(between_steps=True)
+            )
+
+    def _copy_when(self, trigger: Any, cause: Any, step: Any, copy_state: bool = True) -> None:
+        def copy() -> tf.Tensor:
+            if copy_state:
+                self._copy_state()
             self._armed.assign(False)
             self._pending.assign(True)
             self._batch.mark_due()
@@ -261,7 +328,7 @@ class IncidentCapture:
     def capture_batch(self, data: Any) -> None:
         """In-graph, at the end of a train step: copy its batch if that step was captured."""
         if self.enabled:
-            self._batch.capture(data)
+            self._batch.capture(data, self._armed if self._rolling else None)
 
     # -- host side -----------------------------------------------------------------------
 
@@ -329,14 +396,23 @@ class IncidentCapture:
         settings = self._settings
         directory = settings.directory / settings.run_id / f"step-{step}"
         directory.mkdir(parents=True, exist_ok=True)
-        batch_ok = self._batch.written()
+        rolled = None
+        if self._rolling:
+            rolled = bundle_parts(
+                self._snapshot, self._batch, step, self._policy_state, self._policy_shadows
+            )
+            slot = rolled.slot
+        else:
+            slot = 0 if self._batch.written() else None
+        batch, shapes = self._batch.slot(slot) if slot is not None else ([], [])
         checkpoint = tf.train.Checkpoint(
             weights=self._shadows[: self._trainable],
             optimizer=self._shadows[self._trainable :],
-            batch=list(self._batch.buffers or []) if batch_ok else [],
-            batch_shape=self._batch.shapes if batch_ok else [],
+            batch=batch,
+            batch_shape=shapes,
             rng=self.shared.seed_captured,
             model_state=self.shared.state_captured,
+            **(rolled.checkpoint if rolled else {}),
         )
         prefix = checkpoint.write(str(directory / "state"))
         size = sum(p.stat().st_size for p in directory.glob("state*"))
@@ -359,9 +435,11 @@ class IncidentCapture:
             "weights": [describe(v) for v in self._variables[: self._trainable]],
             "optimizer_variables": [describe(v) for v in self._variables[self._trainable :]],
             # fit only (null in custom loops): RNG states at the step's start; the other
-            # non-trainable variables (batch-norm statistics) after its forward pass.
+            # non-trainable variables (batch-norm statistics) after its forward pass. Rolling:
+            # both (and the weights and optimizer state) as roll_forward.from_step began.
             **self.shared.describe_model_state(),
-            "batch": self._batch.describe() if batch_ok else None,
+            "roll_forward": rolled.manifest if rolled else None,
+            "batch": self._batch.describe() if slot is not None else None,
             # The replicas the step ran on; the batch is the global one (their shards).
             "replicas": self._replicas,
             # n: the step averaged n micro-batches; the batch is the last one, and the
@@ -375,10 +453,21 @@ class IncidentCapture:
             ],
         }
         (directory / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        if rolled and rolled.earlier.missing:
+            missing = rolled.earlier.missing
+            say(
+                f"step {step}: the batches of steps {missing[0]}–{missing[-1]} were not kept, "
+                f"so its replay cannot run forward from the copy of step {rolled.earlier.begins}"
+            )
+        held = (
+            f"the state step {rolled.earlier.begins} began with and the batches since"
+            if rolled
+            else "its weights, optimizer state and batch"
+        )
         say(
-            f"step {step} {_SAID[manifest['cause']]}: its weights, optimizer state "
-            f"and batch are in {directory} ({size / 2**20:.1f} MiB, written in "
-            f"{time.perf_counter() - started:.2f} s); replay it with "
+            f"step {step} {_SAID[manifest['cause']]}: {held} are in {directory} "
+            f"({size / 2**20:.1f} MiB, written in {time.perf_counter() - started:.2f} s); "
+            f"replay it with "
             f"`gradwatch replay {directory}`"
         )
         return directory, manifest

@@ -1,4 +1,5 @@
-"""The batch of a captured step, copied in-graph into flat buffers (for :mod:`.incident`).
+"""The batch of a captured step, copied in-graph into flat buffers (for :mod:`.incident`),
+or under a rolling capture the batch of every step since its last copy of the state.
 
 XLA cannot change a variable's shape, so each numeric input keeps a flat buffer the size of
 the first traced batch plus its shape; a larger batch is not copied (the bundle then has no
@@ -34,22 +35,28 @@ def many_replicas() -> Any:
 
 
 class BatchCopy:
-    """Flat buffers of one batch, filled at the end of a captured step.
+    """Flat buffers of batches: one slot, filled at the end of a captured step, or (a
+    rolling capture, :mod:`.incident_rolling`) ``slots`` slots, one per step, slot
+    ``step % slots``, filled at the end of every step while armed.
 
     Attributes:
         due: In-graph flag, set by the capture: the current step's batch is to be copied.
         copied: In-graph flag: the last captured step's batch fits its buffers and is in them.
-        buffers: One buffer per leaf of the batch (``None`` for a non-numeric leaf), or
-            ``None`` before the first trace.
-        shapes: Each leaf's shape at the captured step.
+        current: In-graph: the step now running (set by the capture before its update).
+        buffers: One ``[slots, size]`` buffer per leaf of the batch (``None`` for a
+            non-numeric leaf), or ``None`` before the first trace.
+        shapes: Each leaf's ``[slots, rank]`` shapes; ``steps``: each slot's step (-1: none).
         structure: How the batch unpacks (``x,y``…); ``packed``: whether it was a tuple.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, slots: int = 1) -> None:
+        self.slots = slots
         self.due: tf.Variable | None = None
         self.copied: tf.Variable | None = None
+        self.current: tf.Variable | None = None
         self.buffers: list[tf.Variable | None] | None = None
         self.shapes: list[tf.Variable] = []
+        self.steps: tf.Variable | None = None
         self.structure = ""
         self.packed = True
 
@@ -57,6 +64,7 @@ class BatchCopy:
         """Create the flags (eagerly; call under ``tf.init_scope``)."""
         self.due = state_variable(False, tf.bool, "incident_batch_due")
         self.copied = state_variable(False, tf.bool, "incident_batch_ok")
+        self.current = state_variable(-1, tf.int64, "incident_batch_step")
 
     def mark_due(self) -> None:
         """In-graph, inside the capture's copy: copy the batch at the end of this step."""
@@ -65,8 +73,14 @@ class BatchCopy:
         self.due.assign(True)
         self.copied.assign(False)
 
-    def capture(self, data: Any) -> None:
-        """In-graph, at the end of a train step: copy ``data`` if the step was captured."""
+    def note_step(self, step: Any) -> None:
+        """In-graph, before the update: the step whose batch a copy at its end belongs to."""
+        assert self.current is not None
+        self.current.assign(tf.cast(step, tf.int64))
+
+    def capture(self, data: Any, also: Any = None) -> None:
+        """In-graph, at the end of a train step: copy ``data`` if the step was captured, or
+        whenever ``also`` (an in-graph bool: a rolling capture's ``armed``) holds."""
         leaves = tf.nest.flatten(data)
         replica = many_replicas()
         if self.buffers is None:
@@ -74,7 +88,7 @@ class BatchCopy:
         if len(leaves) != len(self.buffers or []):
             return  # another structure than the first traced batch's: not copied
         if replica is None:
-            self._copy_if_due(lambda: leaves)
+            self._copy_if_due(lambda: leaves, also)
             return
         numeric = [i for i, buffer in enumerate(self.buffers or []) if buffer is not None]
 
@@ -85,28 +99,35 @@ class BatchCopy:
                     whole[i] = distribution.gather(per_replica, axis=0)
                 return whole
 
-            self._copy_if_due(gather)
+            self._copy_if_due(gather, also)
 
         replica.merge_call(across, args=tuple(leaves[i] for i in numeric))
 
-    def _copy_if_due(self, gather: Callable[[], list[Any]]) -> None:
-        """``tf.cond`` on :attr:`due`: copy the leaves ``gather`` returns (called only there)."""
-        buffers, due = self.buffers, self.due
+    def _copy_if_due(self, gather: Callable[[], list[Any]], also: Any) -> None:
+        """``tf.cond`` on :attr:`due` (or ``also``): copy the leaves ``gather`` returns (called
+        only there) into slot ``current % slots``."""
+        buffers, due, steps = self.buffers, self.due, self.steps
         assert buffers is not None
         assert due is not None
+        assert steps is not None
+        assert self.current is not None
+        step = self.current.read_value()
+        slot = tf.reshape(tf.cast(step % self.slots, tf.int32), [1])
 
-        def copy() -> tf.Tensor:
+        def copy_batch() -> tf.Tensor:
             assert due is not None
             due.assign(False)
             leaves = gather()
-            fits = tf.constant(True)
-            for leaf, buffer in zip(leaves, buffers, strict=True):
-                if buffer is None:
-                    continue
-                size = leaf.shape.num_elements()
-                if size is not None and size > buffer.shape[0]:
-                    return tf.constant(False)  # a larger batch than the buffer (known now)
-                fits = tf.logical_and(fits, tf.size(leaf, tf.int64) <= buffer.shape[0])
+            pairs = [(leaf, b) for leaf, b in zip(leaves, buffers, strict=True) if b is not None]
+            known = [leaf.shape.num_elements() for leaf, _ in pairs]
+            if any(
+                n is not None and n > b.shape[1] for n, (_, b) in zip(known, pairs, strict=True)
+            ):
+                self._put(steps, tf.constant(-1, tf.int64), slot)  # a larger batch (known now)
+                return tf.constant(False)
+            fits = tf.reduce_all(
+                [tf.size(leaf, tf.int64) <= b.shape[1] for leaf, b in pairs] or [True]
+            )
 
             def assign() -> tf.Tensor:
                 assert self.copied is not None
@@ -114,21 +135,35 @@ class BatchCopy:
                     if buffer is None:
                         continue
                     flat = tf.reshape(tf.cast(leaf, buffer.dtype), [-1])
-                    pad = buffer.shape[0] - tf.size(flat)
-                    buffer.assign(tf.pad(flat, [[0, pad]]))
-                    self.shapes[index].assign(tf.shape(leaf, out_type=tf.int64))
+                    padded = tf.pad(flat, [[0, buffer.shape[1] - tf.size(flat)]])
+                    self._put(buffer, padded, slot)
+                    self._put(self.shapes[index], tf.shape(leaf, out_type=tf.int64), slot)
+                self._put(steps, step, slot)
                 self.copied.assign(True)
                 return tf.constant(True)
 
-            tf.cond(fits, assign, lambda: tf.constant(False))
+            def too_large() -> tf.Tensor:
+                self._put(steps, tf.constant(-1, tf.int64), slot)
+                return tf.constant(False)
+
+            tf.cond(fits, assign, too_large)
             return tf.constant(True)
 
-        tf.cond(due, copy, lambda: tf.constant(False))
+        when = due if also is None else tf.logical_or(due, also)
+        tf.cond(when, copy_batch, lambda: tf.constant(False))
+
+    def _put(self, variable: tf.Variable, value: Any, slot: Any) -> None:
+        """In-graph: write ``value`` into ``variable``'s row ``slot`` (a ``[1]`` tensor)."""
+        if self.slots == 1:  # a plain assign: mirrored variables take it in any context
+            variable.assign(tf.expand_dims(value, 0))
+        else:  # XLA updates one slot in place
+            variable.scatter_update(tf.IndexedSlices(tf.expand_dims(value, 0), slot))
 
     def _make_buffers(self, leaves: list[Any], data: Any, replicas: int) -> None:
-        """One flat buffer per numeric leaf, ``replicas`` times the first traced (per-replica)
-        batch's size (trace time)."""
+        """One ``[slots, size]`` buffer per numeric leaf, ``size`` being ``replicas`` times
+        the first traced (per-replica) batch's (trace time)."""
         buffers: list[tf.Variable | None] = []
+        slots = self.slots
         with tf.init_scope():
             for leaf in leaves:
                 tensor_like = hasattr(leaf, "shape") and hasattr(leaf, "dtype")
@@ -136,25 +171,48 @@ class BatchCopy:
                 size = leaf.shape.num_elements() if tensor_like else None
                 if dtype is None or not (dtype.is_floating or dtype.is_integer or dtype.is_bool):
                     size = None
+                rank = (leaf.shape.rank or 0) if size is not None else 0
+                self.shapes.append(
+                    state_variable(tf.zeros([slots, rank], tf.int64), tf.int64, "shape")
+                )
                 if size is None:
                     buffers.append(None)
-                    self.shapes.append(state_variable(tf.zeros([0], tf.int64), tf.int64, "shape"))
                     continue
                 assert dtype is not None
                 buffers.append(
-                    state_variable(tf.zeros([size * replicas], dtype), dtype, "incident_batch")
+                    state_variable(
+                        tf.zeros([slots, size * replicas], dtype), dtype, "incident_batch"
+                    )
                 )
-                self.shapes.append(
-                    state_variable(tf.zeros([leaf.shape.rank or 0], tf.int64), tf.int64, "shape")
-                )
+            self.steps = state_variable(
+                tf.fill([slots], tf.constant(-1, tf.int64)), tf.int64, "steps"
+            )
         self.buffers = buffers
         self.structure = structure(data)
         self.packed = isinstance(data, tuple | list)
+
+    # -- host side -----------------------------------------------------------------------
 
     def written(self) -> bool:
         """Host: whether the last captured step's batch is in the buffers (one scalar read)."""
         assert self.copied is not None
         return bool(self.copied.numpy()) and any(b is not None for b in self.buffers or [])
+
+    def slot_of(self, step: int) -> int | None:
+        """Host: the slot holding ``step``'s batch, or ``None`` (one small read)."""
+        if self.steps is None:
+            return None
+        held = [int(s) for s in self.steps.numpy()]
+        return held.index(step) if step in held else None
+
+    def slot(self, slot: int) -> tuple[list[tf.Variable | None], list[tf.Variable]]:
+        """Host: copies of one slot's flat leaves and shapes, as the bundle's checkpoint
+        holds them (``batch/i``, ``batch_shape/i``; eager copies of one batch)."""
+        leaves = [
+            None if b is None else tf.Variable(b[slot], trainable=False) for b in self.buffers or []
+        ]
+        shapes = [tf.Variable(s[slot], trainable=False) for s in self.shapes]
+        return leaves, shapes
 
     def describe(self) -> dict[str, Any]:
         """The manifest's ``batch``: its structure and each leaf's dtype (``null``: not kept)."""

@@ -50,6 +50,7 @@ class SharedCapture:
         self._state_sources: list[Any] = []
         self.state_captured: list[tf.Variable] = []
         self._epochs: list[tuple[int, int]] = []  # (epoch, its first step), fit only
+        self.batch_bytes: int | None = None  # fit's first traced batch, bytes (None: unknown)
 
     @property
     def armed(self) -> tf.Variable:
@@ -83,9 +84,11 @@ class SharedCapture:
         epoch, first = starts[-1]
         return {"epoch": epoch, "step_in_epoch": step - first}
 
-    def at_step_start(self, model: Any) -> None:
+    def at_step_start(self, model: Any, data: Any) -> None:
         """In-graph, at the start of a ``train_step`` in ``fit``: copy the model's RNG states
-        (the shadows are made at the first trace)."""
+        (the shadows are made at the first trace) and note the size of its batch ``data``."""
+        if self.batch_bytes is None:
+            self.batch_bytes = _static_bytes(data)
         if not self._keeps_states():
             return
         if self._seed_sources is None:
@@ -114,11 +117,13 @@ class SharedCapture:
         # replaying the global batch cannot draw the same masks.
         return self.max_incidents > 0 and tf.distribute.get_strategy().num_replicas_in_sync == 1
 
-    def copy_model_state(self) -> None:
+    def copy_model_state(self, between_steps: bool = False) -> None:
         """In-graph, inside a capture's copy: the step-start RNG states and the other
-        non-trainable variables as they are now."""
-        for captured, latest in zip(self.seed_captured, self._seed_latest, strict=True):
-            captured.assign(latest)
+        non-trainable variables as they are now; ``between_steps``: after a step's update (a
+        rolling capture's copy), where the RNG states are those the next step begins with."""
+        seeds = (self._seed_sources or []) if between_steps else self._seed_latest
+        for captured, latest in zip(self.seed_captured, seeds, strict=True):
+            captured.assign(tf.convert_to_tensor(latest))
         for captured, source in zip(self.state_captured, self._state_sources, strict=True):
             captured.assign(tf.convert_to_tensor(source))
 
@@ -141,6 +146,17 @@ class SharedCapture:
             self._state_sources = [v for v in state if not compat.is_seed_state(v)]
             self.state_captured = [_shadow_of(v) for v in self._state_sources]
         self._seed_sources = seeds
+
+
+def _static_bytes(data: Any) -> int | None:
+    """Bytes of a batch's numeric leaves when every shape is static, else ``None``."""
+    total = 0
+    for leaf in tf.nest.flatten(data):
+        shape, dtype = getattr(leaf, "shape", None), getattr(leaf, "dtype", None)
+        if shape is None or dtype is None or shape.num_elements() is None:
+            return None
+        total += int(shape.num_elements()) * tf.as_dtype(dtype).size
+    return total
 
 
 def _shadow_of(variable: Any) -> tf.Variable:

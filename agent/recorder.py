@@ -100,6 +100,7 @@ class StepRecorder:
                 policy=policy.describe() if policy is not None else None,
                 group=group,
                 explosion=config.incident_on_explosion,
+                snapshot_every=config.incident_snapshot_every,
             ),
             shared,
         )
@@ -171,9 +172,12 @@ class StepRecorder:
                     self._checkpointed, self._policy_attribute, self._policy.init(variables, layout)
                 )
             self._read_count = 0
-            self.incidents.build(variables, inner, self._model())
+            step = int(self._checkpointed.step.numpy())
+            policy_state = getattr(self._checkpointed, self._policy_attribute, None)
+            self.incidents.build(
+                variables, inner, self._model(), step, getattr(policy_state, "variables", ())
+            )
             if self._weights_on and not self._every_step:
-                step = int(self._checkpointed.step.numpy())
                 keys = [compat.variable_key(v) for v in variables]
                 self._snapshot = WeightSnapshot(variables, keys, step)
                 self._until_snapshot = self._config.stats_every * self._accumulation
@@ -298,6 +302,7 @@ class StepRecorder:
         state = self.ring
         assert state is not None, "the wrapped optimizer was not built"
         self.traced_row = True
+        self.incidents.after_update(row.step)
         snapshot = self._snapshot if self.weights_in_step else None
         before = row.weights_before
         if self._every_step:

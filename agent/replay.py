@@ -12,6 +12,9 @@ a weight (the optimizer's ``apply`` is intercepted):
 3. the remedies: the replayed gradient after ``global_norm``, ``by_value`` and ``zclip`` at the
    run's thresholds (its policy's when it had one, else from the recorded norms), finite or not.
 
+A rolling bundle (captured under XLA, :mod:`.incident_rolling`) holds a copy of the state from
+a few steps before; those steps are run again first (:mod:`.replay_roll`).
+
 A step that averaged ``n`` micro-batches (``gradient_accumulation_steps``) is replayed from
 its last micro-batch, whose gradient is added to the restored sum of the others' (the
 optimizer's accumulators) and divided by ``n``, as Keras does; a NaN/±Inf already in that
@@ -47,6 +50,7 @@ from .replay_bundle import (
     read_batch,
     restorer,
 )
+from .replay_roll import RolledForward, holding_now, roll_forward
 
 __all__ = ["BundleError", "FirstBadOp", "LayerNorms", "Remedy", "ReplayReport", "replay"]
 
@@ -105,6 +109,7 @@ class ReplayReport:
     accumulation_steps: int | None = None  # micro-batches averaged (the bundle holds the last)
     # NaN/±Inf values, by layer, in the gradient sum of the step's earlier micro-batches.
     accumulated_nonfinite: dict[str, int] = field(default_factory=dict)
+    rolled: RolledForward | None = None  # a rolling bundle's steps run before the bad one
 
 
 def replay(bundle: Path, model_fn: str | None = None) -> ReplayReport:
@@ -136,6 +141,11 @@ def replay(bundle: Path, model_fn: str | None = None) -> ReplayReport:
         inner = getattr(model.optimizer, "inner_optimizer", model.optimizer)
         inner.build(model.trainable_variables)
     restore = restorer(model, inner, manifest, reader)
+    rolled = None
+    if manifest.get("roll_forward"):  # a copy from before the step, and the batches since
+        restore()
+        rolled = roll_forward(model, manifest, reader, packed)
+        restore = holding_now(model, inner)
 
     restore()
     grads, variables = _gradients(model, data, group, bool(manifest.get("jit_compile")))
@@ -148,6 +158,7 @@ def replay(bundle: Path, model_fn: str | None = None) -> ReplayReport:
         ]
     report = _compare(bundle, manifest, grads, variables)
     report.accumulation_steps = steps
+    report.rolled = rolled
     if sums is not None:
         report.accumulated_nonfinite = _nonfinite_by_layer(sums, variables)
     restore()

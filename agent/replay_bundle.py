@@ -58,7 +58,9 @@ def read_tensor(reader: Any, kind: str, index: int) -> np.ndarray:
     return np.asarray(reader.get_tensor(f"{kind}/{index}/.ATTRIBUTES/VARIABLE_VALUE"))
 
 
-def read_batch(manifest: dict[str, Any], reader: Any) -> tuple[Any, ...]:
+def read_batch(manifest: dict[str, Any], reader: Any, prefix: str = "") -> tuple[Any, ...]:
+    """The bad step's batch, or with ``prefix`` ``earlier/j/`` a rolling bundle's ``j``-th
+    earlier batch (:mod:`.incident_rolling`), as NumPy leaves."""
     batch = manifest.get("batch")
     if not batch:
         raise BundleError(
@@ -69,8 +71,8 @@ def read_batch(manifest: dict[str, Any], reader: Any) -> tuple[Any, ...]:
     for index, spec in enumerate(batch["inputs"]):
         if spec is None:
             raise BundleError(f"input {index} of the batch was not numeric and was not captured")
-        shape = read_tensor(reader, "batch_shape", index).astype(np.int64)
-        flat = read_tensor(reader, "batch", index)
+        shape = read_tensor(reader, f"{prefix}batch_shape", index).astype(np.int64)
+        flat = read_tensor(reader, f"{prefix}batch", index)
         leaves.append(flat[: int(np.prod(shape))].reshape(shape))
     return tuple(leaves)
 

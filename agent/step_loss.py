@@ -75,7 +75,7 @@ class LossCapture:
                 recorder.traced_loss = recorder.traced_row = False
             seen.clear()
             if traced:  # a run's captures share one copy of the RNG states
-                traced[0].incidents.shared.at_step_start(model)
+                traced[0].incidents.shared.at_step_start(model, data)
             logs = train_step(data)
             wrote = [r for r in traced if r.traced_row]
             if wrote and seen and not any(r.traced_loss for r in traced):

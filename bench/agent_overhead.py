@@ -18,7 +18,9 @@ swings less than wall time when other processes share the cores):
     armed (one predicate per step and the shadow copies' memory; nothing is copied while
     every step is healthy);
 (j) (b) with ``incident_on_explosion=False``: the cost of the in-graph explosion trigger
-    (about 30 scalar operations a step).
+    (about 30 scalar operations a step);
+(k) (f) with incident capture off: the capture's cost without a policy (under ``--jit`` the
+    rolling capture, a copy of the state every ``incident_snapshot_every`` steps).
 
 (b), (c) and (f) use the monitor's defaults (``stats_every``, one incident bundle).
 
@@ -86,6 +88,7 @@ MONITORED: dict[str, dict[str, Any]] = {
     "h": {"stats_every": 0},
     "i": {"max_incidents": 0},
     "j": {"incident_on_explosion": False},
+    "k": {"max_incidents": 0},
 }
 
 
@@ -98,7 +101,7 @@ def _setup(name: str, jit: bool) -> tuple[keras.Model, list[Any]]:
         return model, callbacks
     model = keras.Sequential(_layers())
     if name in MONITORED:
-        policy = clip.zclip() if name == "c" else None if name == "f" else clip.global_norm(1.0)
+        policy = clip.zclip() if name == "c" else None if name in "fk" else clip.global_norm(1.0)
         monitor = GradientMonitor(
             run="bench",
             policy=policy,
@@ -125,6 +128,7 @@ LABELS = {
     "h": "(h) (b), stats_every=0",
     "i": "(i) (b), max_incidents=0",
     "j": "(j) (b), no explosion trigger",
+    "k": "(k) (f), max_incidents=0",
 }
 
 
@@ -186,6 +190,7 @@ def main() -> None:
         ("weight statistics at the default stats_every, (b) ÷ (h)", "b", "h"),
         ("incident capture armed, (b) ÷ (i)", "b", "i"),
         ("in-graph explosion trigger, (b) ÷ (j)", "b", "j"),
+        ("incident capture armed, no policy, (f) ÷ (k)", "f", "k"),
     ):
         if num in configs and den in configs:
             ratio, best_ratio = median[num] / median[den], best[num] / best[den]

@@ -18,8 +18,9 @@ from .format import INCIDENT_CAUSES
 
 if TYPE_CHECKING:
     from gradwatch.agent.replay import ReplayReport
+    from gradwatch.agent.replay_roll import RolledForward
 
-__all__ = ["replay"]
+__all__ = ["replay", "rolled_line"]
 
 
 def replay(
@@ -67,6 +68,29 @@ def _number(value: float | None) -> str:
     return f"{value:.6g}" if math.isfinite(value) else str(value)
 
 
+def rolled_line(rolled: RolledForward) -> str:
+    """How a rolling bundle's state was brought to the bad step, and whether it matched."""
+    ran = f"{rolled.steps} step{'s' if rolled.steps != 1 else ''}"
+    head = (
+        f"rolled forward {ran} from step {rolled.from_step} (under XLA the state before a "
+        f"step is copied every {rolled.every} steps)"
+    )
+    difference = rolled.largest_difference
+    if rolled.steps == 0:
+        return f"{head}: the copy is the bad step's own"
+    if difference is None:
+        return f"{head}: no recorded norms to compare them with"
+    if difference <= 1e-4:
+        return (
+            f"{head}: their global norms equal the recorded ones (largest relative "
+            f"difference {difference:.2g})"
+        )
+    return (
+        f"{head}: their global norms differ from the recorded ones by up to {difference:.1e} "
+        f"(relative): the replayed state is not exactly the trained one"
+    )
+
+
 def _print(report: ReplayReport) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -88,6 +112,9 @@ def _print(report: ReplayReport) -> None:
             f"with their global batch: the all-reduced gradient is one device's",
             highlight=False,
         )
+    rolled = report.rolled
+    if rolled is not None:
+        console.print(rolled_line(rolled), highlight=False)
     steps = report.accumulation_steps
     if steps:
         console.print(
