@@ -162,9 +162,7 @@ def test_an_unknown_policy_description_is_refused_naming_it():
         from_description({"policy": "global_norm", "limit": 1.0})
 
 
-def test_a_ring_over_incident_max_bytes_falls_back_to_the_exact_copy_and_says_so(
-    tmp_path, capsys
-):
+def test_a_ring_over_incident_max_bytes_falls_back_to_the_exact_copy_and_says_so(tmp_path, capsys):
     """The state (1,176 bytes: the weights and Adam's) fits the cap; 8 batches of 320 bytes
     (16×4 x, 16×1 y, float32) more do not: the capture copies before the bad step's update
     and says why."""
