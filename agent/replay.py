@@ -234,8 +234,9 @@ def _intercepted_step(model: Any, data: tuple[Any, ...], group: list[str] | None
     (nothing is applied): the last apply, or the one of ``group``'s variables (by path)."""
     seen: list[Any] = []
 
-    def apply(grads: Sequence[Any], variables: Sequence[Any] | None = None) -> None:
-        seen.append((list(grads), list(variables or model.trainable_variables)))
+    def apply(grads: Sequence[Any], trainable_variables: Sequence[Any] | None = None) -> None:
+        # Keras' own name: a LossScaleOptimizer passes it by keyword.
+        seen.append((list(grads), list(trainable_variables or model.trainable_variables)))
 
     targets = _optimizers(model)
     for target in targets:

@@ -135,8 +135,9 @@ def _training_step(
     step_now = tf.Variable(0, dtype=tf.int64, trainable=False)
     original = inner.apply
 
-    def apply(grads: Sequence[Any], variables: Sequence[Any] | None = None) -> Any:
-        grads, variables = list(grads), list(variables or model.trainable_variables)
+    def apply(grads: Sequence[Any], trainable_variables: Sequence[Any] | None = None) -> Any:
+        # Keras' own name: a LossScaleOptimizer passes it by keyword.
+        grads, variables = list(grads), list(trainable_variables or model.trainable_variables)
         stats = compute_gradient_stats(grads, layout)
         norm.assign(stats.global_norm)  # a variable: apply may run in a cond
         if clip is None:

@@ -144,16 +144,23 @@ def test_a_custom_loop_replays_its_dropout_masks_from_the_states_on_step_kept(tm
     assert_replayed_norms_equal_recorded(result.stdout, ("sequential/wide", "sequential/out"))
 
 
-def test_a_float16_overflow_of_the_forward_pass_under_mixed_precision_is_captured(tmp_path):
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
+def test_a_float16_overflow_of_the_forward_pass_under_mixed_precision_is_captured(
+    tmp_path, jit_compile
+):
     """Under mixed_float16 the LossScaleOptimizer skips every step whose scaled gradient
     overflows, and halves its scale: usually nothing to see. A step whose *loss* is
     non-finite is another matter (no loss scale makes it finite): it is captured, and the
-    replay names the planted float16 overflow."""
+    replay names the planted float16 overflow. Under XLA the bundle rolls: the replay runs
+    the steps since its copy through the LossScaleOptimizer (which passes its inner
+    optimizer's ``apply`` the variables by keyword)."""
     x, y = planted_data(zero_in_batch=None)
     x[BAD_STEP * BATCH + 2, 0] = 100.0  # ×1000 in float16: Inf
     model = planted_overflow()
+    if jit_compile:
+        model.compile(optimizer=model.optimizer, loss="mse", jit_compile=True)
     assert type(model.optimizer).__name__ == "LossScaleOptimizer"
-    monitor = planted_monitor(tmp_path)
+    monitor = planted_monitor(tmp_path, incident_snapshot_every=4)
     fit_planted(model, monitor, x, y)
 
     (bundle,) = monitor.incidents
@@ -170,11 +177,14 @@ def test_a_float16_overflow_of_the_forward_pass_under_mixed_precision_is_capture
         captured_x.reshape(BATCH, 4), x[BAD_STEP * BATCH : (BAD_STEP + 1) * BATCH]
     )
 
+    assert (manifest["roll_forward"] or {}).get("from_step") == (4 if jit_compile else None)
     result = run_replay(bundle, "tests.agent.incident_models:planted_overflow")
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert "reproduced: yes" in result.stdout, result.stdout
     assert "first NaN/Inf: op Mul in layer sequential/amplify" in result.stdout, result.stdout
+    if jit_compile:
+        assert "rolled forward 3 steps from step 4" in result.stdout, result.stdout
 
 
 def test_a_gan_generator_fault_is_captured_for_its_group_and_replayed_exactly(tmp_path):
