@@ -21,6 +21,8 @@ from .records import StepBatch
 
 __all__ = [
     "BUNDLE_FORMAT",
+    "BUNDLE_FORMATS",
+    "ROLLING_FORMAT",
     "announcement",
     "bundle_path",
     "describe",
@@ -35,6 +37,13 @@ __all__ = [
 
 BUNDLE_FORMAT = "gradwatch-incident/1"
 """``manifest.json``'s ``format``: bump when a field changes meaning."""
+
+ROLLING_FORMAT = "gradwatch-incident/2"
+"""The format of a rolling bundle (``roll_forward``): its state is a copy from before the
+step, which a reader of ``/1`` would replay from without running the steps in between."""
+
+BUNDLE_FORMATS = (BUNDLE_FORMAT, ROLLING_FORMAT)
+"""The formats the replay reads."""
 
 
 def recorded_rows(
@@ -74,7 +83,7 @@ def announcement(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
         "path": str(path.resolve()),
         "host": socket.gethostname()[:255],
         "bytes": manifest["bytes"],
-        "format": BUNDLE_FORMAT,
+        "format": manifest["format"],
         "learning_rate": finite(
             row["learning_rate"]
             if row.get("learning_rate") is not None

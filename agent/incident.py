@@ -51,6 +51,7 @@ import tensorflow as tf
 from . import _keras_compat as compat
 from .bundle import (
     BUNDLE_FORMAT,
+    ROLLING_FORMAT,
     announcement,
     bundle_path,
     describe,
@@ -417,7 +418,7 @@ class IncidentCapture:
         prefix = checkpoint.write(str(directory / "state"))
         size = sum(p.stat().st_size for p in directory.glob("state*"))
         manifest = {
-            "format": BUNDLE_FORMAT,
+            "format": ROLLING_FORMAT if rolled else BUNDLE_FORMAT,
             "run_id": settings.run_id,
             "run": settings.run,
             "step": step,

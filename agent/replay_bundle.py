@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from . import _keras_compat as compat
-from .bundle import BUNDLE_FORMAT
+from .bundle import BUNDLE_FORMATS
 
 __all__ = [
     "BundleError",
@@ -43,9 +43,10 @@ def open_bundle(bundle: Path) -> tuple[dict[str, Any], Any]:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as error:
         raise BundleError(f"{bundle}: no readable manifest.json ({error})") from None
-    if manifest.get("format") != BUNDLE_FORMAT:
+    if manifest.get("format") not in BUNDLE_FORMATS:
         raise BundleError(
-            f"{path}: format {manifest.get('format')!r}, this gradwatch reads {BUNDLE_FORMAT!r}"
+            f"{path}: format {manifest.get('format')!r}, this gradwatch reads "
+            f"{' and '.join(map(repr, BUNDLE_FORMATS))}"
         )
     try:
         reader = tf.train.load_checkpoint(str(bundle / manifest["checkpoint"]))

@@ -17,7 +17,7 @@ import pytest
 
 from gradwatch.agent import ConfigError, GradientMonitor, clip
 from gradwatch.agent.clip.described import from_description
-from gradwatch.agent.replay_bundle import BundleError
+from gradwatch.agent.replay_bundle import BundleError, open_bundle
 from gradwatch.agent.replay_roll import roll_forward
 from tests.agent.incident_helpers import (
     BATCH,
@@ -81,6 +81,7 @@ def test_xla_bundle_holds_a_copy_from_before_the_step_and_replay_rolls_forward(
     manifest = read_manifest(bundle)
     assert manifest["step"] == BAD
     assert manifest["jit_compile"] is True
+    assert manifest["format"] == "gradwatch-incident/2"  # a /1 reader would not roll forward
     rolled = manifest["roll_forward"]
     assert {k: rolled[k] for k in ("from_step", "steps", "every", "missing")} == {
         "from_step": 8, "steps": 5, "every": EVERY, "missing": []
@@ -175,3 +176,9 @@ def test_a_ring_over_incident_max_bytes_falls_back_to_the_exact_copy_and_says_so
     assert read_manifest(bundle)["roll_forward"] is None
     for got, expected in zip(bundle_tensors(bundle, "weights"), began[BAD], strict=True):
         np.testing.assert_array_equal(got, np.asarray(expected))
+
+
+def test_a_bundle_of_an_unknown_format_is_refused_naming_the_formats_read(tmp_path):
+    (tmp_path / "manifest.json").write_text('{"format": "gradwatch-incident/9"}')
+    with pytest.raises(BundleError, match="'gradwatch-incident/1' and 'gradwatch-incident/2'"):
+        open_bundle(tmp_path)
