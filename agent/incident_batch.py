@@ -110,13 +110,14 @@ class BatchCopy:
         assert buffers is not None
         assert due is not None
         assert steps is not None
-        assert self.current is not None
-        step = self.current.read_value()
-        slot = tf.reshape(tf.cast(step % self.slots, tf.int32), [1])
+        current = self.current
+        assert current is not None
 
         def copy_batch() -> tf.Tensor:
             assert due is not None
             due.assign(False)
+            step = current.read_value()  # read only when copying: nothing more on other steps
+            slot = tf.reshape(tf.cast(step % self.slots, tf.int32), [1])
             leaves = gather()
             pairs = [(leaf, b) for leaf, b in zip(leaves, buffers, strict=True) if b is not None]
             known = [leaf.shape.num_elements() for leaf, _ in pairs]
