@@ -7,6 +7,7 @@ recorded batches and models); thread-safe, no TensorFlow graph work.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import socket
 from collections.abc import Iterable, Sequence
@@ -26,8 +27,11 @@ __all__ = [
     "announcement",
     "bundle_path",
     "describe",
+    "from_template",
+    "leaf_names",
     "learning_rate",
     "model_description",
+    "nest_template",
     "number",
     "recorded",
     "recorded_columns",
@@ -117,6 +121,55 @@ def structure(data: Any) -> str:
     if isinstance(data, tuple | list) and 1 <= len(data) <= 3:
         return ",".join(("x", "y", "sample_weight")[: len(data)])
     return "x"
+
+
+def nest_template(data: Any) -> Any:
+    """How a batch nests, JSON-able: each leaf replaced by its index in ``tf.nest.flatten``
+    order (the order of the bundle's ``batch/i``), a dict as ``{"dict": {key: ...}}``, a tuple
+    or list as ``{"tuple": [...]}``; so a model with named inputs gets its dict back."""
+    counter = itertools.count()
+    indexed = tf.nest.map_structure(lambda _: next(counter), data)
+
+    def tag(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {"dict": {str(key): tag(value) for key, value in node.items()}}
+        if isinstance(node, tuple | list):
+            return {"tuple": [tag(value) for value in node]}
+        return node
+
+    return tag(indexed)
+
+
+def from_template(template: Any, leaves: Sequence[Any]) -> Any:
+    """The batch :func:`nest_template` describes, made of ``leaves``."""
+    if isinstance(template, dict) and "dict" in template:
+        return {key: from_template(value, leaves) for key, value in template["dict"].items()}
+    if isinstance(template, dict) and "tuple" in template:
+        return tuple(from_template(value, leaves) for value in template["tuple"])
+    return leaves[int(template)]
+
+
+def leaf_names(template: Any) -> list[str]:
+    """Each leaf's name in flatten order: ``x``, ``y``, ``sample_weight`` and, nested,
+    ``x[name]`` or ``x[0]``."""
+    names: dict[int, str] = {}
+
+    def walk(node: Any, name: str) -> None:
+        if isinstance(node, dict) and "dict" in node:
+            for key, value in node["dict"].items():
+                walk(value, f"{name}[{key}]")
+        elif isinstance(node, dict) and "tuple" in node:
+            for index, value in enumerate(node["tuple"]):
+                walk(value, f"{name}[{index}]")
+        else:
+            names[int(node)] = name
+
+    if isinstance(template, dict) and "tuple" in template and len(template["tuple"]) <= 3:
+        for part, value in zip(("x", "y", "sample_weight"), template["tuple"], strict=False):
+            walk(value, part)
+    else:
+        walk(template, "x")
+    return [names[index] for index in sorted(names)]
 
 
 def bundle_path(variable: Any) -> str:

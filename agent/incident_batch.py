@@ -20,7 +20,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from .bundle import structure
+from .bundle import nest_template, structure
 from .clip.base import state_variable
 
 __all__ = ["BatchCopy", "many_replicas"]
@@ -59,6 +59,7 @@ class BatchCopy:
         self.steps: tf.Variable | None = None
         self.structure = ""
         self.packed = True
+        self.nest: Any = None
 
     def build(self) -> None:
         """Create the flags (eagerly; call under ``tf.init_scope``)."""
@@ -191,6 +192,7 @@ class BatchCopy:
         self.buffers = buffers
         self.structure = structure(data)
         self.packed = isinstance(data, tuple | list)
+        self.nest = nest_template(data)
 
     # -- host side -----------------------------------------------------------------------
 
@@ -220,5 +222,6 @@ class BatchCopy:
         return {
             "structure": self.structure,
             "packed": self.packed,
+            "nest": self.nest,
             "inputs": [None if b is None else {"dtype": b.dtype.name} for b in self.buffers or []],
         }

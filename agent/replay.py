@@ -44,8 +44,10 @@ from .bundle import bundle_path
 from .remedies import Remedy, remedies
 from .replay_bundle import (
     BundleError,
+    batch_data,
     build_model,
     compile_from_manifest,
+    input_names,
     open_bundle,
     read_batch,
     restorer,
@@ -127,9 +129,7 @@ def replay(bundle: Path, model_fn: str | None = None) -> ReplayReport:
     manifest, reader = open_bundle(bundle)
     model = build_model(manifest, model_fn)
     leaves = read_batch(manifest, reader)
-    # As fit gave it: a bare tensor (``fit(images)``) or a tuple ((x, y), (x, y, w)).
-    packed = (manifest.get("batch") or {}).get("packed", True)
-    data: Any = leaves if packed or len(leaves) != 1 else leaves[0]
+    data = batch_data(manifest, leaves)  # as fit gave it: (x, y), a bare x, dicts of inputs
     x = keras.utils.unpack_x_y_sample_weight(data)[0]
     if not model.built:
         model(x)
@@ -144,7 +144,7 @@ def replay(bundle: Path, model_fn: str | None = None) -> ReplayReport:
     rolled = None
     if manifest.get("roll_forward"):  # a copy from before the step, and the batches since
         restore()
-        rolled = roll_forward(model, manifest, reader, packed)
+        rolled = roll_forward(model, manifest, reader)
         restore = holding_now(model, inner)
 
     restore()
@@ -205,7 +205,7 @@ def _nonfinite_by_layer(sums: list[np.ndarray], variables: list[Any]) -> dict[st
 
 def _nonfinite_inputs(manifest: dict[str, Any], data: tuple[Any, ...]) -> dict[str, int]:
     """NaN/±Inf values in the captured batch itself, by input (``x``, ``y``, ...)."""
-    names = str(manifest["batch"]["structure"]).split(",")
+    names = input_names(manifest)
     found = {}
     for index, leaf in enumerate(data):
         array = np.asarray(leaf)

@@ -20,12 +20,14 @@ import numpy as np
 import tensorflow as tf
 
 from . import _keras_compat as compat
-from .bundle import BUNDLE_FORMATS
+from .bundle import BUNDLE_FORMATS, from_template, leaf_names
 
 __all__ = [
     "BundleError",
+    "batch_data",
     "build_model",
     "compile_from_manifest",
+    "input_names",
     "open_bundle",
     "read_batch",
     "read_tensor",
@@ -76,6 +78,23 @@ def read_batch(manifest: dict[str, Any], reader: Any, prefix: str = "") -> tuple
         flat = read_tensor(reader, f"{prefix}batch", index)
         leaves.append(flat[: int(np.prod(shape))].reshape(shape))
     return tuple(leaves)
+
+
+def batch_data(manifest: dict[str, Any], leaves: tuple[Any, ...]) -> Any:
+    """The batch as ``fit`` gave it to ``train_step``: nested as it was (dicts of named
+    inputs too), or for bundles without ``nest`` a bare tensor or a tuple."""
+    batch = manifest.get("batch") or {}
+    if batch.get("nest") is not None:
+        return from_template(batch["nest"], leaves)
+    return leaves if batch.get("packed", True) or len(leaves) != 1 else leaves[0]
+
+
+def input_names(manifest: dict[str, Any]) -> list[str]:
+    """The batch's leaves' names (``x``, ``y``, ``x[image]``...), in ``batch/i`` order."""
+    batch = manifest.get("batch") or {}
+    if batch.get("nest") is not None:
+        return leaf_names(batch["nest"])
+    return str(batch.get("structure", "x")).split(",")
 
 
 def _load_function(spec: str) -> Callable[[], Any]:

@@ -29,7 +29,7 @@ from .clip.base import ClipContext, ClipPolicy, PolicyState
 from .clip.described import from_description
 from .config import ConfigError
 from .layers import LayerLayout, layer_paths, layout_of
-from .replay_bundle import BundleError, read_batch, read_tensor
+from .replay_bundle import BundleError, batch_data, read_batch, read_tensor
 from .stats import compute_gradient_stats
 
 __all__ = ["RolledForward", "roll_forward"]
@@ -52,7 +52,7 @@ class RolledForward:
     largest_difference: float | None
 
 
-def roll_forward(model: Any, manifest: dict[str, Any], reader: Any, packed: bool) -> RolledForward:
+def roll_forward(model: Any, manifest: dict[str, Any], reader: Any) -> RolledForward:
     """Run the steps between the restored copy and the bad step (the model holds the copy).
 
     Raises:
@@ -82,7 +82,7 @@ def roll_forward(model: Any, manifest: dict[str, Any], reader: Any, packed: bool
         leaves = read_batch(manifest, reader, f"earlier/{j}/")
         at = int(spec["from_step"]) + j
         _set_learning_rate(model, rates.get(at))
-        replayed = step(leaves if packed or len(leaves) != 1 else leaves[0], at)
+        replayed = step(batch_data(manifest, leaves), at)
         expected = _number(recorded.get(at))
         if expected is not None:
             differences.append(_relative(replayed, expected))

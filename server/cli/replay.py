@@ -137,7 +137,8 @@ def _print(report: ReplayReport) -> None:
         if line is not None:
             console.print(line, highlight=False)
     for name, count in report.batch_nonfinite.items():
-        console.print(f"the batch itself holds {count} NaN/Inf value(s) in {name}")
+        # markup=False: ``x[b]`` names an input, not rich's bold tag
+        console.print(f"the batch itself holds {count} NaN/Inf value(s) in {name}", markup=False)
     bad = report.first_bad_op
     if bad is None:
         console.print("first NaN/Inf: none (every operation of the step stayed finite)")
@@ -147,7 +148,7 @@ def _print(report: ReplayReport) -> None:
             if bad.layer
             else "outside any layer's call (backpropagation or the train step's own code)"
         )
-        console.print(f"first NaN/Inf: op {bad.op} {where}", highlight=False)
+        console.print(f"first NaN/Inf: op {bad.op} {where}", highlight=False, markup=False)
         if bad.frame:
             console.print(f"  at {bad.frame}", highlight=False)
         if bad.code:

@@ -205,3 +205,16 @@ def planted_gan(wrap: Any = None) -> GAN:
         loss_fn=keras.losses.BinaryCrossentropy(from_logits=True),
     )
     return gan
+
+
+def named_inputs() -> keras.Model:
+    """A functional model fed a dict of two named inputs, ``a`` through :class:`LogLayer`
+    (compiled like the others): a bundle must hand the replay its dict back."""
+    keras.utils.set_random_seed(1)
+    a = keras.Input((4,), name="a")
+    b = keras.Input((2,), name="b")
+    joined = keras.layers.Concatenate(name="join")([LogLayer(name="log")(a), b])
+    hidden = keras.layers.Dense(8, name="hidden")(joined)
+    model = keras.Model({"a": a, "b": b}, keras.layers.Dense(1, name="out")(hidden))
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    return model

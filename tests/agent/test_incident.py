@@ -28,6 +28,7 @@ from tests.agent.incident_helpers import (
 )
 from tests.agent.incident_models import (
     linear,
+    named_inputs,
     plain,
     planted_log,
 )
@@ -205,3 +206,28 @@ def test_the_recorder_rows_after_the_step_are_announced_as_they_are_read(tmp_pat
 def test_incident_settings_are_checked_at_construction(tmp_path, name, value):
     with pytest.raises(ConfigError, match=name):
         GradientMonitor(run="x", local_dir=str(tmp_path), **{name: value})
+
+
+def test_a_model_fed_a_dict_of_named_inputs_gets_its_dict_back_in_the_replay(tmp_path):
+    """The bundle keeps how the batch nests (``({"a": ..., "b": ...}, y)``), so the replay
+    feeds the functional model its named inputs and names the planted op."""
+    x, y = planted_data()
+    b = np.random.default_rng(1).normal(size=(len(x), 2)).astype("float32")
+    b[BAD_STEP * BATCH + 1, 1] = np.inf  # a second bad input: named by its key
+    model = named_inputs()
+    monitor = planted_monitor(tmp_path)
+    model.fit(
+        {"a": x, "b": b}, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0,
+        callbacks=[monitor],
+    )  # fmt: skip
+    monitor.close()
+
+    (bundle,) = monitor.incidents
+    manifest = read_manifest(bundle)
+    assert manifest["batch"]["nest"] == {"tuple": [{"dict": {"a": 0, "b": 1}}, 2]}
+    result = run_replay(bundle, "tests.agent.incident_models:named_inputs")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "reproduced: yes" in result.stdout, result.stdout
+    assert "the batch itself holds 1 NaN/Inf value(s) in x[b]" in result.stdout, result.stdout
+    assert "first NaN/Inf: op Log in layer" in result.stdout, result.stdout

@@ -134,7 +134,7 @@ def test_a_bundle_missing_batches_between_its_copy_and_the_step_says_it_cannot_r
         "roll_forward": {"from_step": 32, "steps": 5, "every": 8, "missing": [35, 36, 37]},
     }
     with pytest.raises(BundleError, match="the batches of steps 35–37 were not kept"):
-        roll_forward(None, manifest, None, packed=True)
+        roll_forward(None, manifest, None)
 
 
 @pytest.mark.parametrize(
