@@ -129,6 +129,8 @@ class IncidentCapture:
         self._snapshot = RollingSnapshot(settings.snapshot_every)
         self._first_step = 0
         self._state_bytes = 0
+        self._policy_state: list[Any] = []  # the clip policy's variables
+        self._policy_shadows: list[tf.Variable] = []  # their copies (a rolling capture only)
         # Batches as read (references, no copy): rows are formatted only when a bundle is written.
         self._recent: deque[StepBatch] = deque()
         # The last bundle's announcement while the rows after its step are still sent.
@@ -195,10 +197,6 @@ class IncidentCapture:
                 for v in watched
             ]
             self._policy_state = list(policy_state)
-            self._policy_shadows = [
-                state_variable(tf.zeros(v.shape, v.dtype), v.dtype, "incident_policy")
-                for v in self._policy_state
-            ]
             self._armed = self.shared.armed
             self._pending = state_variable(False, tf.bool, "incident_pending")
             self._step = state_variable(-1, tf.int64, "incident_step")
@@ -294,6 +292,11 @@ class IncidentCapture:
         ):
             return False
         self._batch.slots = every
+        with tf.init_scope():  # only a rolling copy keeps the policy's state
+            self._policy_shadows = [
+                state_variable(tf.zeros(v.shape, v.dtype), v.dtype, "incident_policy")
+                for v in self._policy_state
+            ]
         self._snapshot.build(self._first_step, lambda: self._copy_state(between_steps=True))
         return True
 

@@ -15,7 +15,7 @@ the training thread owns it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import tensorflow as tf
@@ -201,12 +201,10 @@ class BatchCopy:
         assert self.copied is not None
         return bool(self.copied.numpy()) and any(b is not None for b in self.buffers or [])
 
-    def slot_of(self, step: int) -> int | None:
-        """Host: the slot holding ``step``'s batch, or ``None`` (one small read)."""
-        if self.steps is None:
-            return None
-        held = [int(s) for s in self.steps.numpy()]
-        return held.index(step) if step in held else None
+    def slots_of(self, steps: Sequence[int]) -> list[int | None]:
+        """Host: the slot holding each of ``steps``' batches, or ``None`` (one small read)."""
+        held = [] if self.steps is None else [int(s) for s in self.steps.numpy()]
+        return [held.index(step) if step in held else None for step in steps]
 
     def slot(self, slot: int) -> tuple[list[tf.Variable | None], list[tf.Variable]]:
         """Host: copies of one slot's flat leaves and shapes, as the bundle's checkpoint

@@ -97,14 +97,10 @@ def earlier_batches(snapshot: RollingSnapshot, batch: BatchCopy, step: int) -> E
     """Host: the ring slots of the steps between the copy and ``step`` (small reads)."""
     assert snapshot.begins is not None
     begins = int(snapshot.begins.numpy())
-    slots: list[int] = []
-    missing: list[int] = []
-    for earlier in range(begins, step):
-        slot = batch.slot_of(earlier)
-        if slot is None:
-            missing.append(earlier)
-        else:
-            slots.append(slot)
+    steps = range(begins, step)
+    found = batch.slots_of(steps)
+    slots = [slot for slot in found if slot is not None]
+    missing = [earlier for earlier, slot in zip(steps, found, strict=True) if slot is None]
     return EarlierBatches(begins, slots, missing)
 
 
@@ -155,7 +151,7 @@ def bundle_parts(
     (eager copies of one batch each)."""
     earlier = earlier_batches(snapshot, batch, step)
     return BundleParts(
-        slot=batch.slot_of(step),
+        slot=batch.slots_of([step])[0],
         checkpoint={
             "policy_state": list(policy_copies),
             "earlier": [
