@@ -1,8 +1,8 @@
 """``gradwatch study`` end to end: the real console script, real ``model.fit`` runs streamed
 to its embedded server on 127.0.0.1, and the report opened in Debian's headless Chromium.
 
-A reduced study: the built-in deep MLP, SGD and Adam, no remedy / ``global_norm`` /
-``zclip``, 40 steps per cell (12 cells and 2 warm-ups). The MLP's high SGD rate explodes
+A reduced study: the built-in deep MLP, SGD and Adam, no remedy / ``global_norm``, 40 steps
+per cell (8 cells and 2 warm-ups; each cell is a fresh model traced and fitted, ~4 s). The MLP's high SGD rate explodes
 unclipped after about 23 steps, so the assertions below hold with the fixed seed.
 """
 
@@ -26,7 +26,7 @@ _SCRIPT = Path(sys.executable).with_name("gradwatch")
 GRADWATCH = [str(_SCRIPT)] if _SCRIPT.exists() else [shutil.which("gradwatch") or "gradwatch"]
 
 OPTIMIZERS = ("sgd", "adam")
-REMEDIES = ("none", "global_norm", "zclip")
+REMEDIES = ("none", "global_norm")
 
 
 def gradwatch(*args: str) -> subprocess.CompletedProcess[str]:
@@ -107,7 +107,7 @@ def test_study_report_opens_in_chromium_and_shows_the_curves(reduced):
     _, out = reduced
     with open_report(out / "report.html") as opened:
         page = opened.page
-        assert page.locator("#results tr[data-run]").count() == 12
+        assert page.locator("#results tr[data-run]").count() == len(OPTIMIZERS) * len(REMEDIES) * 2
         sections = page.locator("section.curves")
         assert sections.count() == 4
         for index in range(4):
