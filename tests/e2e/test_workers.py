@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -32,7 +33,8 @@ pytestmark = [
 
 _BURST = 6
 _FAILURE_BURST = 2
-_MAX_CONNECTIONS = 64  # bound on the connections opened to reach both workers
+_MAX_CONNECTIONS = 200  # bound on the connections opened to reach both workers
+_REACH_SECONDS = 60.0  # and on the time: a loaded machine may start the second one late
 
 
 def _console_script():
@@ -140,7 +142,12 @@ def two_workers(tmp_path, token):
         workers = _children(server.process.pid)
         assert len(workers) == 2, workers
         by_worker = {}
+        deadline = time.monotonic() + _REACH_SECONDS
         for _ in range(_MAX_CONNECTIONS):
+            if time.monotonic() > deadline:
+                break
+            if connections:  # give a worker still starting up the time to accept
+                time.sleep(0.1)
             connection = _Connection(server.port)
             connections.append(connection)
             assert connection.request("GET", "/healthz")[0] == 200
