@@ -56,9 +56,7 @@ def _child(config: str, depth: int, jit: bool) -> dict[str, float]:
     callbacks: list[Any] = []
     if config != "plain":
         policies = {"monitor": None, "global_norm": clip.global_norm(1.0), "zclip": clip.zclip()}
-        callbacks.append(
-            GradientMonitor(run="bench", policy=policies[config], transport=Discard())
-        )
+        callbacks.append(GradientMonitor(run="bench", policy=policies[config], transport=Discard()))
     model.compile(optimizer=keras.optimizers.Adam(1e-4), loss="mse", jit_compile=jit)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(BATCH, WIDTH)).astype("float32")

@@ -2,8 +2,9 @@
 to its embedded server on 127.0.0.1, and the report opened in Debian's headless Chromium.
 
 A reduced study: the built-in deep MLP, SGD and Adam, no remedy / ``global_norm``, 40 steps
-per cell (8 cells and 2 warm-ups; each cell is a fresh model traced and fitted, ~4 s). The MLP's high SGD rate explodes
-unclipped after about 23 steps, so the assertions below hold with the fixed seed.
+per cell (8 cells and 2 warm-ups; each cell is a fresh model traced and fitted, ~4 s). The
+MLP's high SGD rate explodes unclipped after about 23 steps, so the assertions below hold
+with the fixed seed.
 """
 
 from __future__ import annotations
