@@ -23,6 +23,7 @@ and over the model do not overflow either.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -129,7 +130,16 @@ def _careful_flat(grads: Sequence[tf.Tensor], sizes: list[int]) -> tuple[tf.Tens
     """:func:`_careful_parts` over one flat vector (every size static)."""
     count = len(grads)
     flat = tf.concat([tf.reshape(g, [-1]) for g in grads], axis=0)
-    ids = tf.repeat(tf.range(count), sizes)
+    # Each value's tensor index: a 1 where a tensor starts, summed up. (tf.repeat gives a
+    # tensor of dynamic size under XLA, which the segment ops then refuse.)
+    total = sum(sizes)
+    starts = [start for start in itertools.accumulate(sizes[:-1]) if start < total]
+    marks = tf.scatter_nd(
+        tf.constant(starts, tf.int32, shape=[len(starts), 1]),
+        tf.ones([len(starts)], tf.int32),
+        [total],
+    )
+    ids = tf.cumsum(marks)
     finite = tf.math.is_finite(flat)
     finite_flat = tf.where(finite, flat, tf.zeros_like(flat))
     # An empty tensor's segment gives the dtype's lowest value: 0 instead.

@@ -111,3 +111,42 @@ def test_sum_of_squares_matches_float64_in_every_compiler(mode, shape):
     fn = {"eager": ssq, "graph": tf.function(ssq), "xla": tf.function(ssq, jit_compile=True)}
     got = float(fn[mode](tf.constant(x)))
     assert got == pytest.approx(float(np.sum(np.square(x.astype(np.float64)))), rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["eager", "graph", "xla"])
+@pytest.mark.parametrize("scale", [1.0, 1e30, 1e-30])
+def test_careful_norms_of_many_tensors_match_float64_in_every_compiler(mode, scale):
+    # Several tensors of different shapes, one empty, one with a NaN and an Inf: the careful
+    # path (taken for non-finite or tiny sums) reduces them all in one flat vector, which
+    # under XLA must keep static shapes.
+    rng = np.random.default_rng(7)
+    shapes = [(3, 4), (0,), (5,), (2, 2, 2), (0, 3), (7,)]
+    grads = [(rng.normal(size=s) * scale).astype(np.float32) for s in shapes]
+    poisoned = grads[2].copy()
+    poisoned[[1, 3]] = [np.nan, np.inf]
+    layout = LayerLayout(names=("a", "b", "c"), segment_ids=(0, 0, 1, 1, 2, 2))
+
+    def stats_of(*tensors):
+        stats = compute_gradient_stats(list(tensors), layout)
+        return stats.layer_norms, stats.layer_nonfinite, stats.variable_norms
+
+    fn = {
+        "eager": stats_of,
+        "graph": tf.function(stats_of),
+        "xla": tf.function(stats_of, jit_compile=True),
+    }[mode]
+    layer_norms, nonfinite, variable_norms = fn(*(tf.constant(g) for g in grads))
+    np.testing.assert_allclose(
+        layer_norms.numpy(),
+        [_ref_norm(*grads[0:2]), _ref_norm(*grads[2:4]), _ref_norm(*grads[4:6])],
+        rtol=1e-5,
+    )
+    np.testing.assert_allclose(variable_norms.numpy(), [_ref_norm(g) for g in grads], rtol=1e-5)
+    assert nonfinite.numpy().tolist() == [0, 0, 0]
+
+    grads[2] = poisoned
+    layer_norms, nonfinite, variable_norms = fn(*(tf.constant(g) for g in grads))
+    assert np.isnan(layer_norms.numpy()[1])
+    assert np.isnan(variable_norms.numpy()[2])
+    assert layer_norms.numpy()[0] == pytest.approx(_ref_norm(*grads[0:2]), rel=1e-5)
+    assert nonfinite.numpy().tolist() == [0, 2, 0]
