@@ -23,7 +23,6 @@ and over the model do not overflow either.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -95,20 +94,7 @@ def _fast_ssq(grads: Sequence[tf.Tensor]) -> tf.Tensor:
 
 
 def _careful_parts(grads: Sequence[tf.Tensor]) -> tuple[tf.Tensor, ...]:
-    """Scaled sums of squares plus NaN/Inf flags and counts, per tensor.
-
-    In graph mode, with every shape known (the usual case), the tensors are flattened into
-    one vector and reduced per tensor by segment ops and one sum per tensor: about 2 ops per
-    tensor, where 20 per tensor made this branch the largest part of tracing the train step
-    (about 1.4 s of a 50-layer model's first step for each of the three statistics computed
-    in it). The copy into one vector costs only when this branch runs (a non-finite or tiny
-    sum).
-    """
-    sizes = [g.shape.num_elements() for g in grads]
-    # Not under XLA: compiling the flat form (its per-value index of the model's size is
-    # built from constants) took the 50-layer model's first step from 22 s to 65-88 s.
-    if not compat.in_xla_context() and len(grads) > 1 and None not in sizes:
-        return _careful_flat(grads, [int(size) for size in sizes])
+    """Scaled sums of squares plus NaN/Inf flags and counts, one pass per tensor."""
     scales, ssqs, has_nan, has_inf, counts = [], [], [], [], []
     for g in grads:
         finite = tf.math.is_finite(g)
@@ -126,47 +112,6 @@ def _careful_parts(grads: Sequence[tf.Tensor]) -> tuple[tf.Tensor, ...]:
         tf.stack(has_nan),
         tf.stack(has_inf),
         tf.stack(counts),
-    )
-
-
-def _careful_flat(grads: Sequence[tf.Tensor], sizes: list[int]) -> tuple[tf.Tensor, ...]:
-    """:func:`_careful_parts` over one flat vector (every size static)."""
-    count = len(grads)
-    flat = tf.concat([tf.reshape(g, [-1]) for g in grads], axis=0)
-    # Each value's tensor index: a 1 where a tensor starts, summed up. (tf.repeat gives a
-    # tensor of dynamic size under XLA, which the segment ops then refuse.)
-    total = sum(sizes)
-    starts = [start for start in itertools.accumulate(sizes[:-1]) if start < total]
-    marks = tf.scatter_nd(
-        tf.constant(starts, tf.int32, shape=[len(starts), 1]),
-        tf.ones([len(starts)], tf.int32),
-        [total],
-    )
-    ids = tf.cumsum(marks)
-    finite = tf.math.is_finite(flat)
-    finite_flat = tf.where(finite, flat, tf.zeros_like(flat))
-    # An empty tensor's segment gives the dtype's lowest value: 0 instead.
-    m = tf.maximum(tf.math.unsorted_segment_max(tf.abs(finite_flat), ids, count), 0.0)
-    safe_m = tf.where(m > 0.0, m, tf.ones_like(m))
-    # Summed per tensor by reduce_sum (pairwise, as before), not by a segment sum, which
-    # adds up a tensor's values one after the other and loses float32 precision.
-    squares = tf.square(finite_flat / tf.gather(safe_m, ids))
-    ssqs = tf.stack([tf.reduce_sum(part) for part in tf.split(squares, sizes)])
-    flags = tf.math.unsorted_segment_max(
-        tf.stack(
-            [tf.cast(tf.math.is_nan(flat), tf.int32), tf.cast(tf.math.is_inf(flat), tf.int32)],
-            axis=1,
-        ),
-        ids,
-        count,
-    )
-    counts = tf.math.unsorted_segment_sum(tf.cast(tf.logical_not(finite), tf.int32), ids, count)
-    return (
-        tf.where(m > 0.0, m, tf.zeros_like(m)),
-        ssqs,
-        flags[:, 0] > 0,
-        flags[:, 1] > 0,
-        counts,
     )
 
 
