@@ -49,7 +49,7 @@ from gradwatch.agent.transport import RunInfo
 WIDTH, DEPTH, BATCH = 350, 50, 256
 
 
-class _DiscardTransport:
+class DiscardTransport:
     """Accepts and drops everything: isolates the agent's own cost from the network."""
 
     def create_run(self, run: RunInfo) -> None: ...
@@ -72,9 +72,11 @@ class _EagerNormModel(keras.Sequential):  # type: ignore[misc]
         return {"loss": loss}
 
 
-def _layers() -> list[Any]:
+def mlp_layers(depth: int = DEPTH) -> list[Any]:
+    """The benchmark model's layers: ``depth`` Dense(WIDTH) layers, the last one of width 1
+    (shared with ``bench.first_step``)."""
     layers: list[Any] = [keras.Input((WIDTH,))]
-    layers += [keras.layers.Dense(WIDTH, activation="relu") for _ in range(DEPTH - 1)]
+    layers += [keras.layers.Dense(WIDTH, activation="relu") for _ in range(depth - 1)]
     layers.append(keras.layers.Dense(1))
     return layers
 
@@ -96,17 +98,17 @@ def _setup(name: str, jit: bool) -> tuple[keras.Model, list[Any]]:
     keras.utils.set_random_seed(0)
     callbacks: list[Any] = []
     if name == "d":
-        model = _EagerNormModel(_layers())
+        model = _EagerNormModel(mlp_layers())
         model.compile(optimizer=keras.optimizers.Adam(1e-4), loss="mse", run_eagerly=True)
         return model, callbacks
-    model = keras.Sequential(_layers())
+    model = keras.Sequential(mlp_layers())
     if name in MONITORED:
         policy = clip.zclip() if name == "c" else None if name in "fk" else clip.global_norm(1.0)
         monitor = GradientMonitor(
             run="bench",
             policy=policy,
             flush_every=50,
-            transport=_DiscardTransport(),
+            transport=DiscardTransport(),
             **MONITORED[name],
         )
         optimizer = monitor.wrap(keras.optimizers.Adam(1e-4))

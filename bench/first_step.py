@@ -30,7 +30,6 @@ import time
 from typing import Any
 
 CONFIGS = ("plain", "monitor", "global_norm", "zclip")
-WIDTH, BATCH = 350, 256
 
 
 def _child(config: str, depth: int, jit: bool) -> dict[str, float]:
@@ -39,24 +38,17 @@ def _child(config: str, depth: int, jit: bool) -> dict[str, float]:
     import keras
     import numpy as np
 
+    from bench.agent_overhead import BATCH, WIDTH, DiscardTransport, mlp_layers
     from gradwatch.agent import GradientMonitor, clip
-    from gradwatch.agent.transport import RunInfo
-
-    class Discard:
-        def create_run(self, run: RunInfo) -> None: ...
-        def send_batch(self, run_id: str, batch: dict[str, Any]) -> None: ...
-        def set_status(self, run_id: str, status: str) -> None: ...
-        def close(self) -> None: ...
 
     keras.utils.set_random_seed(0)
-    layers: list[Any] = [keras.Input((WIDTH,))]
-    layers += [keras.layers.Dense(WIDTH, activation="relu") for _ in range(depth - 1)]
-    layers.append(keras.layers.Dense(1))
-    model = keras.Sequential(layers)
+    model = keras.Sequential(mlp_layers(depth))
     callbacks: list[Any] = []
     if config != "plain":
         policies = {"monitor": None, "global_norm": clip.global_norm(1.0), "zclip": clip.zclip()}
-        callbacks.append(GradientMonitor(run="bench", policy=policies[config], transport=Discard()))
+        callbacks.append(
+            GradientMonitor(run="bench", policy=policies[config], transport=DiscardTransport())
+        )
     model.compile(optimizer=keras.optimizers.Adam(1e-4), loss="mse", jit_compile=jit)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(BATCH, WIDTH)).astype("float32")
@@ -94,7 +86,7 @@ def main() -> None:
             first[config].append(result["first"])
             warm[config].append(result["warm"])
     print(
-        f"MLP {args.depth}×Dense({WIDTH}), batch {BATCH}, {'XLA' if args.jit else 'graph'} "
+        f"MLP {args.depth}×Dense(350), batch 256, {'XLA' if args.jit else 'graph'} "
         f"mode; first one-step fit in a fresh process, median of {args.repeats}"
     )
     base = statistics.median(first["plain"])
