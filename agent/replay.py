@@ -40,10 +40,10 @@ import numpy as np
 import tensorflow as tf
 
 from . import _keras_compat as compat
-from .bundle import bundle_path
 from .remedies import Remedy, remedies
 from .replay_bundle import (
     BundleError,
+    RecordedNames,
     batch_data,
     build_model,
     compile_from_manifest,
@@ -141,6 +141,8 @@ def replay(bundle: Path, model_fn: str | None = None) -> ReplayReport:
         inner = getattr(model.optimizer, "inner_optimizer", model.optimizer)
         inner.build(model.trainable_variables)
     restore = restorer(model, inner, manifest, reader)
+    names = RecordedNames(model.trainable_variables, manifest["weights"])
+    select = _Selection(names, group)
     rolled = None
     if manifest.get("roll_forward"):  # a copy from before the step, and the batches since
         restore()
@@ -148,7 +150,7 @@ def replay(bundle: Path, model_fn: str | None = None) -> ReplayReport:
         restore = holding_now(model, inner)
 
     restore()
-    grads, variables = _gradients(model, data, group, bool(manifest.get("jit_compile")))
+    grads, variables = _gradients(model, data, select, bool(manifest.get("jit_compile")))
     steps = manifest.get("gradient_accumulation_steps")
     sums = _accumulators(inner, variables) if steps else None
     if sums is not None:  # as Keras averages: (the last micro-batch's + the others') / n
@@ -156,13 +158,13 @@ def replay(bundle: Path, model_fn: str | None = None) -> ReplayReport:
             None if g is None else (g + total) / np.float32(steps)
             for g, total in zip(grads, sums, strict=True)
         ]
-    report = _compare(bundle, manifest, grads, variables)
+    report = _compare(bundle, manifest, grads, variables, names)
     report.accumulation_steps = steps
     report.rolled = rolled
     if sums is not None:
-        report.accumulated_nonfinite = _nonfinite_by_layer(sums, variables)
+        report.accumulated_nonfinite = _nonfinite_by_layer(sums, variables, names)
     restore()
-    report.first_bad_op = _first_bad_op(model, data, group)
+    report.first_bad_op = _first_bad_op(model, data, select)
     report.remedies = remedies(manifest, grads)
     report.batch_nonfinite = _nonfinite_inputs(manifest, leaves)
     report.position = manifest.get("position")
@@ -192,13 +194,15 @@ def _accumulators(inner: Any, variables: list[Any]) -> list[np.ndarray]:
     return [np.asarray(total) for total in found]
 
 
-def _nonfinite_by_layer(sums: list[np.ndarray], variables: list[Any]) -> dict[str, int]:
+def _nonfinite_by_layer(
+    sums: list[np.ndarray], variables: list[Any], names: RecordedNames
+) -> dict[str, int]:
     """NaN/±Inf values in ``sums`` (the earlier micro-batches' gradients), by layer."""
     found: dict[str, int] = {}
     for variable, total in zip(variables, sums, strict=True):
         count = int(total.size - np.count_nonzero(np.isfinite(total)))
         if count:
-            layer = _layer_of(variable)
+            layer = names.layer_of(variable)
             found[layer] = found.get(layer, 0) + count
     return found
 
@@ -229,9 +233,18 @@ def _optimizers(model: Any) -> list[Any]:
     return list(unique.values())
 
 
-def _intercepted_step(model: Any, data: tuple[Any, ...], group: list[str] | None) -> list[Any]:
+@dataclass(frozen=True, slots=True)
+class _Selection:
+    """Which ``apply`` of a ``train_step`` was the bundle's: the last, or for an optimizer
+    group (a GAN's part) the one of the group's variables, by their recorded paths."""
+
+    names: RecordedNames
+    group: list[str] | None
+
+
+def _intercepted_step(model: Any, data: tuple[Any, ...], select: _Selection) -> list[Any]:
     """Run ``model.train_step(data)``; return the (grads, variables) that reached ``apply``
-    (nothing is applied): the last apply, or the one of ``group``'s variables (by path)."""
+    (nothing is applied): the one ``select`` picks."""
     seen: list[Any] = []
 
     def apply(grads: Sequence[Any], trainable_variables: Sequence[Any] | None = None) -> None:
@@ -246,8 +259,9 @@ def _intercepted_step(model: Any, data: tuple[Any, ...], group: list[str] | None
     finally:
         for target in targets:
             target.__dict__.pop("apply", None)
+    group = select.group
     if group is not None:
-        seen = [item for item in seen if [bundle_path(v) for v in item[1]] == group]
+        seen = [item for item in seen if [select.names.variable(v) for v in item[1]] == group]
     if not seen:
         which = "" if group is None else " to the captured group's variables"
         raise BundleError(f"the model's train_step applied no gradients{which}")
@@ -255,18 +269,18 @@ def _intercepted_step(model: Any, data: tuple[Any, ...], group: list[str] | None
 
 
 def _gradients(
-    model: Any, data: tuple[Any, ...], group: list[str] | None, jit_compile: bool
+    model: Any, data: tuple[Any, ...], select: _Selection, jit_compile: bool
 ) -> tuple[list[Any], list[Any]]:
     """The step's gradients as NumPy arrays, and their variables. A step trained under XLA
     is replayed under XLA: its stateless RNG (dropout masks) draws differently from the
     eager kernels', and its float rounding may differ too."""
     if not jit_compile:
-        grads, variables = _intercepted_step(model, data, group)
+        grads, variables = _intercepted_step(model, data, select)
         return [None if g is None else np.asarray(g) for g in grads], variables
     found: list[Any] = []
 
     def step(batch: Any) -> list[Any]:
-        grads, variables = _intercepted_step(model, batch, group)
+        grads, variables = _intercepted_step(model, batch, select)
         found[:] = [variables, [g is not None for g in grads]]
         return [g for g in grads if g is not None]
 
@@ -275,13 +289,12 @@ def _gradients(
     return [np.asarray(next(computed)) if p else None for p in present], variables
 
 
-def _layer_of(variable: Any) -> str:
-    path = str(getattr(variable, "path", variable.name))
-    return path.rsplit("/", 1)[0] if "/" in path else path
-
-
 def _compare(
-    bundle: Path, manifest: dict[str, Any], grads: list[Any], variables: list[Any]
+    bundle: Path,
+    manifest: dict[str, Any],
+    grads: list[Any],
+    variables: list[Any],
+    names: RecordedNames,
 ) -> ReplayReport:
     sums32: dict[str, float] = {}
     sums64: dict[str, float] = {}
@@ -290,7 +303,7 @@ def _compare(
     for grad, variable in zip(grads, variables, strict=True):
         if grad is None:
             continue
-        layer = _layer_of(variable)
+        layer = names.layer_of(variable)
         g32 = grad.astype(np.float32)
         with np.errstate(all="ignore"):
             square32 = float(np.sum(np.square(g32), dtype=np.float32))
@@ -366,7 +379,7 @@ def _is_library(filename: str) -> bool:
     return installed or resolved.startswith(_LIBRARIES)
 
 
-def _first_bad_op(model: Any, data: tuple[Any, ...], group: list[str] | None) -> FirstBadOp | None:
+def _first_bad_op(model: Any, data: tuple[Any, ...], select: _Selection) -> FirstBadOp | None:
     # Keras and TensorFlow drop their own frames from tracebacks; the layer is found there.
     keras_filtering = keras.config.is_traceback_filtering_enabled()
     tf_filtering = tf.debugging.is_traceback_filtering_enabled()
@@ -374,12 +387,13 @@ def _first_bad_op(model: Any, data: tuple[Any, ...], group: list[str] | None) ->
     tf.debugging.disable_traceback_filtering()
     tf.debugging.enable_check_numerics()
     try:
-        _intercepted_step(model, data, group)
+        _intercepted_step(model, data, select)
     except tf.errors.InvalidArgumentError as error:
         message = str(error.message if hasattr(error, "message") else error)
         match = _OP.search(message)
         op = match.group(1) if match else "unknown"
         layer, frame, code = _where(error.__traceback__)
+        layer = None if layer is None else select.names.layer(layer)
         first = next((line.strip() for line in message.splitlines() if "Detected" in line), "")
         return FirstBadOp(
             op=op, layer=layer, frame=frame, code=code, message=first or message[:200]

@@ -20,10 +20,11 @@ import numpy as np
 import tensorflow as tf
 
 from . import _keras_compat as compat
-from .bundle import BUNDLE_FORMATS, from_template, leaf_names
+from .bundle import BUNDLE_FORMATS, bundle_path, from_template, leaf_names
 
 __all__ = [
     "BundleError",
+    "RecordedNames",
     "batch_data",
     "build_model",
     "compile_from_manifest",
@@ -182,3 +183,47 @@ def restorer(
             variable.assign(value)
 
     return restore
+
+
+class RecordedNames:
+    """The names the bundle recorded for the rebuilt model's variables and layers.
+
+    A model rebuilt in a process that has made models before gets Keras' unique names
+    (``sequential_1/dense`` for the recorded ``sequential/dense``): in a notebook, or a job
+    that builds a GAN's parts before its replay. The replay reports the recorded names, the
+    ones the server and the monitor's output show: a variable by its position in the bundle,
+    a layer without variables by the recorded prefix of the rebuilt path's longest prefix
+    some variable shares.
+
+    Host-side, pure; not thread-safe to build, safe to read.
+    """
+
+    def __init__(self, variables: list[Any], specs: list[dict[str, Any]]) -> None:
+        self._by_variable: dict[int, str] = {}
+        self._prefixes: dict[str, str] = {}
+        for variable, spec in zip(variables, specs, strict=False):
+            recorded = str(spec["path"])
+            self._by_variable[id(variable)] = recorded
+            rebuilt_parts, recorded_parts = bundle_path(variable).split("/"), recorded.split("/")
+            if len(rebuilt_parts) == len(recorded_parts):  # same tree, renamed folders
+                for end in range(1, len(rebuilt_parts)):
+                    rebuilt = "/".join(rebuilt_parts[:end])
+                    self._prefixes.setdefault(rebuilt, "/".join(recorded_parts[:end]))
+
+    def variable(self, variable: Any) -> str:
+        """The variable's recorded path (its own when the bundle does not hold it)."""
+        return self._by_variable.get(id(variable), bundle_path(variable))
+
+    def layer_of(self, variable: Any) -> str:
+        """The recorded path of the layer holding ``variable``: its path minus the last part."""
+        path = self.variable(variable)
+        return path.rsplit("/", 1)[0] if "/" in path else path
+
+    def layer(self, path: str) -> str:
+        """A rebuilt layer's path, with its longest known prefix renamed as recorded."""
+        parts = path.split("/")
+        for end in range(len(parts), 0, -1):
+            recorded = self._prefixes.get("/".join(parts[:end]))
+            if recorded is not None:
+                return "/".join([recorded, *parts[end:]])
+        return path

@@ -1,5 +1,6 @@
 """What the incident tests share: the planted-fault data, the monitor they use, a fit that
-keeps the weights before the bad step, and the real ``gradwatch replay`` command."""
+keeps the weights before the bad step, and the real ``gradwatch replay`` command (run in this
+process, and as its own process)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,19 @@ import re
 import shutil
 import subprocess
 import sys
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from typer.testing import CliRunner
 
 from gradwatch.agent import GradientMonitor, clip
 from gradwatch.agent.replay_bundle import open_bundle, read_tensor
+from gradwatch.server.cli import app
 
 BAD_STEP = 7
 BATCH = 16
@@ -72,7 +77,8 @@ def fit_planted(model, monitor, x, y, **compile_options):
     return weights_before
 
 
-def run_replay(bundle: str, model_fn: str) -> subprocess.CompletedProcess[str]:
+def run_replay_command(bundle: str, model_fn: str) -> subprocess.CompletedProcess[str]:
+    """The real ``gradwatch replay`` console script, in a fresh process (as after a job)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRADWATCH_")}
     env.update({"COLUMNS": "200", "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)})
     return subprocess.run(
@@ -82,6 +88,27 @@ def run_replay(bundle: str, model_fn: str) -> subprocess.CompletedProcess[str]:
         env=env,
         cwd=ROOT,
     )
+
+
+@dataclass(frozen=True)
+class Replayed:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_replay(bundle: str, model_fn: str) -> Replayed:
+    """``gradwatch replay`` in this process, the one that trained (as in a notebook): the
+    rebuilt model's layers get Keras' unique names (``sequential_1``), the report must not.
+    Saves a process start and TensorFlow's import (~4 s) per replay."""
+    unset: dict[str, str | None] = {k: None for k in os.environ if k.startswith("GRADWATCH_")}
+    result = CliRunner().invoke(
+        app, ["replay", bundle, "--model-fn", model_fn], env={**unset, "COLUMNS": "200"}
+    )
+    stderr = result.stderr
+    if result.exc_info is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(*result.exc_info))
+    return Replayed(result.exit_code, result.stdout, stderr)
 
 
 def read_manifest(bundle: str) -> dict:
@@ -116,6 +143,13 @@ def assert_replayed_norms_equal_recorded(stdout: str, layers: tuple[str, ...]) -
         line = next(row for row in stdout.splitlines() if layer in row)
         replayed, _, recorded = (float(v) for v in line.split("│")[2:5])
         assert replayed == pytest.approx(recorded, rel=1e-5), line
+
+
+def recorded_layer(bundle: str, layer: str) -> str:
+    """``layer``'s path as training named it: under the model's name, which Keras makes
+    unique in a process (``sequential_3``), and which the replay must report."""
+    root = read_manifest(bundle)["weights"][0]["path"].split("/", 1)[0]
+    return f"{root}/{layer}"
 
 
 def bundle_tensor(bundle: str, kind: str, index: int) -> np.ndarray:

@@ -8,12 +8,15 @@ policy skips, and a custom loop; the limits and settings of capture.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
 
 from gradwatch.agent import ConfigError, GradientMonitor, clip
 from gradwatch.agent.local import read_run_file
+from gradwatch.agent.replay import replay
 from tests.agent.incident_helpers import (
     BAD_STEP,
     BATCH,
@@ -24,7 +27,9 @@ from tests.agent.incident_helpers import (
     planted_data,
     planted_monitor,
     read_manifest,
+    recorded_layer,
     run_replay,
+    run_replay_command,
 )
 from tests.agent.incident_models import (
     linear,
@@ -63,21 +68,41 @@ def test_planted_log_of_zero_is_captured_before_its_update_and_replay_names_the_
         for got, expected in zip(bundle_tensors(bundle, "weights"), weights_before, strict=True):
             np.testing.assert_array_equal(got, expected)
 
-    result = run_replay(bundle, "tests.agent.incident_models:planted_log")
+    result = run_replay_command(bundle, "tests.agent.incident_models:planted_log")
 
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "reproduced: yes" in out
-    assert "first NaN/Inf: op Log in layer sequential/log" in out
+    assert f"first NaN/Inf: op Log in layer {recorded_layer(bundle, 'log')}" in out
     assert "incident_models.py" in out
     assert "return tf.math.log(x)" in out
-    hidden = next(line for line in out.splitlines() if "sequential/hidden" in line)
+    hidden = next(
+        line for line in out.splitlines() if f"{recorded_layer(bundle, 'hidden')}" in line
+    )
     assert "nan" in hidden  # the layer after log: NaN replayed, NaN recorded
-    out_row = next(line for line in out.splitlines() if "sequential/out" in line)
+    out_row = next(line for line in out.splitlines() if recorded_layer(bundle, "out") in line)
     assert float(out_row.split("│")[6]) > 0  # its largest finite |g|
     assert "global_norm" in out
     assert "by_value" in out
     assert "zclip" in out
+
+
+def test_replayed_in_the_training_process_it_reports_the_names_training_recorded(tmp_path):
+    """In a notebook the rebuilt model gets the next unique name (``sequential_4`` for the
+    recorded ``sequential_3``); the replay's Python API reports the recorded names, the ones
+    the server shows, for layers with variables and for the log layer, which has none."""
+    x, y = planted_data()
+    model = planted_log()
+    monitor = planted_monitor(tmp_path)
+    fit_planted(model, monitor, x, y)
+    (bundle,) = monitor.incidents
+
+    report = replay(Path(bundle), "tests.agent.incident_models:planted_log")
+
+    assert [layer.layer for layer in report.layers] == [f"{model.name}/hidden", f"{model.name}/out"]
+    assert all(layer.recorded is not None for layer in report.layers)
+    assert report.first_bad_op is not None
+    assert report.first_bad_op.layer == f"{model.name}/log"
 
 
 def test_a_nan_in_the_data_is_traced_to_the_first_layer_that_reads_it(tmp_path):
@@ -92,7 +117,7 @@ def test_a_nan_in_the_data_is_traced_to_the_first_layer_that_reads_it(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "reproduced: yes" in result.stdout
     assert "the batch itself holds 1 NaN/Inf value(s) in x" in result.stdout
-    assert "first NaN/Inf: op MatMul in layer sequential/hidden" in result.stdout
+    assert f"first NaN/Inf: op MatMul in layer {recorded_layer(bundle, 'hidden')}" in result.stdout
 
 
 def test_a_learning_rate_jump_skipped_by_skip_spike_is_captured_and_reproduced(tmp_path):

@@ -22,6 +22,7 @@ from tests.agent.incident_helpers import (
     planted_data,
     planted_monitor,
     read_manifest,
+    recorded_layer,
     run_replay,
 )
 from tests.agent.incident_models import planted_log, planted_log_accumulating
@@ -71,7 +72,7 @@ def test_a_planted_fault_under_mirrored_strategy_is_captured_like_on_one_device(
     assert result.returncode == 0, result.stdout + result.stderr
     assert "reproduced: yes" in result.stdout
     assert "captured on 2 replicas (tf.distribute), replayed on one device" in result.stdout
-    assert "first NaN/Inf: op Log in layer sequential/log" in result.stdout
+    assert f"first NaN/Inf: op Log in layer {recorded_layer(bundle, 'log')}" in result.stdout
 
 
 def test_healthy_steps_under_mirrored_strategy_write_no_bundle(tmp_path, mirrored):
@@ -129,8 +130,8 @@ def test_an_accumulated_step_is_captured_with_its_last_micro_batch_and_replayed(
     assert "reproduced: yes" in out
     assert "the step averaged 2 micro-batches" in out
     if traced:
-        assert "first NaN/Inf: op Log in layer sequential/log" in out
+        assert f"first NaN/Inf: op Log in layer {recorded_layer(bundle, 'log')}" in out
         assert "earlier micro-batches' gradient already holds" not in out
     else:
         assert "the earlier micro-batches' gradient already holds" in out
-        assert "in sequential/hidden: the fault is in one of them" in out
+        assert f"in {recorded_layer(bundle, 'hidden')}: the fault is in one of them" in out

@@ -22,6 +22,7 @@ from tests.agent.incident_helpers import (
     planted_data,
     planted_monitor,
     read_manifest,
+    recorded_layer,
     run_replay,
 )
 from tests.agent.incident_models import (
@@ -112,7 +113,9 @@ def test_dropout_masks_are_replayed_from_the_rng_states_at_the_step_start(tmp_pa
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert "reproduced: yes" in result.stdout, result.stdout
-    assert_replayed_norms_equal_recorded(result.stdout, ("sequential/wide", "sequential/out"))
+    assert_replayed_norms_equal_recorded(
+        result.stdout, (f"{recorded_layer(bundle, 'wide')}", f"{recorded_layer(bundle, 'out')}")
+    )
 
 
 def test_a_custom_loop_replays_its_dropout_masks_from_the_states_on_step_kept(tmp_path):
@@ -141,7 +144,9 @@ def test_a_custom_loop_replays_its_dropout_masks_from_the_states_on_step_kept(tm
     result = run_replay(bundle, "tests.agent.incident_models:dropout")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "reproduced: yes" in result.stdout, result.stdout
-    assert_replayed_norms_equal_recorded(result.stdout, ("sequential/wide", "sequential/out"))
+    assert_replayed_norms_equal_recorded(
+        result.stdout, (f"{recorded_layer(bundle, 'wide')}", f"{recorded_layer(bundle, 'out')}")
+    )
 
 
 @pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
@@ -182,7 +187,9 @@ def test_a_float16_overflow_of_the_forward_pass_under_mixed_precision_is_capture
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert "reproduced: yes" in result.stdout, result.stdout
-    assert "first NaN/Inf: op Mul in layer sequential/amplify" in result.stdout, result.stdout
+    assert f"first NaN/Inf: op Mul in layer {recorded_layer(bundle, 'amplify')}" in result.stdout, (
+        result.stdout
+    )
     if jit_compile:
         assert "rolled forward 3 steps from step 4" in result.stdout, result.stdout
 

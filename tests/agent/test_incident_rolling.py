@@ -25,6 +25,7 @@ from tests.agent.incident_helpers import (
     bundle_tensors,
     planted_data,
     read_manifest,
+    recorded_layer,
     run_replay,
 )
 from tests.agent.incident_models import dropout
@@ -109,7 +110,7 @@ def test_xla_bundle_holds_a_copy_from_before_the_step_and_replay_rolls_forward(
     assert "rolled forward 5 steps from step 8" in out, out
     assert "their global norms equal the recorded ones" in out, out
     assert "the batch itself holds 1 NaN/Inf value(s) in x" in out
-    assert "first NaN/Inf: op MatMul in layer sequential/wide" in out
+    assert f"first NaN/Inf: op MatMul in layer {recorded_layer(bundle, 'wide')}" in out
 
 
 def test_snapshot_every_1_copies_the_bad_steps_own_state_under_xla(tmp_path):

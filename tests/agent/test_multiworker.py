@@ -27,7 +27,7 @@ from gradwatch.agent.cluster import cluster_task, shared_run_id
 from gradwatch.server.config import Settings
 from gradwatch.server.embedded import EmbeddedServer
 from gradwatch.wire import decode_float
-from tests.agent.incident_helpers import bundle_tensor, read_manifest, run_replay
+from tests.agent.incident_helpers import bundle_tensor, read_manifest, run_replay_command
 from tests.agent.multiworker_job import global_batch
 from tests.server_process import free_port
 
@@ -260,7 +260,7 @@ def test_a_nan_on_one_worker_is_captured_once_by_the_chief_with_the_global_batch
     [announced] = api.get(f"/api/v1/runs/{run_id}/incidents").json()["incidents"]
     assert announced["path"] == str(Path(bundle).resolve())
 
-    result = run_replay(bundle, "tests.agent.multiworker_job:build_model")
+    result = run_replay_command(bundle, "tests.agent.multiworker_job:build_model")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "reproduced: yes" in result.stdout
     assert "captured on 2 replicas" in result.stdout
