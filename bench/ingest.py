@@ -55,8 +55,14 @@ from gradwatch.server.embedded import EmbeddedServer
 from gradwatch.server.ingest.batch import IngestOptions, ingest_batches, prepare_batch
 from gradwatch.server.query.run import create_run
 from gradwatch.server.schemas import RunCreate, StepBatch
+from gradwatch.server.store import db as db_module
 from gradwatch.server.store import series as series_store
-from gradwatch.server.store.db import Database, create_db_engine, upgrade_database
+from gradwatch.server.store.db import (
+    SQLITE_CHECKPOINT_PAGES,
+    Database,
+    create_db_engine,
+    upgrade_database,
+)
 from gradwatch.server.store.models import Block
 from tests.fakes import sqlite_file_bytes
 
@@ -129,8 +135,12 @@ class _HttpResult:
     """CPU of the PostgreSQL server processes while posting (0 for SQLite)."""
 
 
-def _http_ingest(url: str, bodies: list[tuple[bytes, int]]) -> _HttpResult:
-    """Post every body; time all but the first, which creates the run's series."""
+def _http_ingest(
+    url: str, bodies: list[tuple[bytes, int]], preload: Iterator[bytes]
+) -> _HttpResult:
+    """Post every body; time all but the first, which creates the run's series. The
+    ``preload`` bodies are posted first, untimed: the run then holds their steps, as a run
+    that has trained for a while does (its blocks spread over more pages)."""
     headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
     with (
         EmbeddedServer(Settings(database_url=url)) as server,
@@ -139,6 +149,8 @@ def _http_ingest(url: str, bodies: list[tuple[bytes, int]]) -> _HttpResult:
         run_id = str(uuid.uuid4())
         client.post("/api/v1/runs", json={"run_id": run_id, "name": "bench"}).raise_for_status()
         path = f"/api/v1/runs/{run_id}/batches"
+        for body in preload:
+            client.post(path, content=body, headers=headers).raise_for_status()
         client.post(path, content=bodies[0][0], headers=headers).raise_for_status()
         stored = 0
         database_before = _database_cpu(url)
@@ -317,6 +329,20 @@ def main() -> None:
     parser.add_argument("--backends", default="sqlite,postgresql")
     parser.add_argument("--postgres-url", default=None, help="use this server, not a new one")
     parser.add_argument(
+        "--preload-steps",
+        type=int,
+        default=20_000,
+        help="steps the run holds before HTTP ingest is timed (posted untimed): a run's "
+        "per-batch cost grows with its stored blocks until they fill their pages",
+    )
+    parser.add_argument(
+        "--sqlite-checkpoint-pages",
+        type=int,
+        default=None,
+        help="override SQLite's wal_autocheckpoint (the server's: "
+        f"{SQLITE_CHECKPOINT_PAGES}; SQLite's default: 1000), to compare",
+    )
+    parser.add_argument(
         "--http-only",
         action="store_true",
         help="time HTTP ingest only (no ORM baseline, query or size): for profiling, e.g. "
@@ -332,16 +358,22 @@ def main() -> None:
     args = parser.parse_args()
     if args.postgres_insert == "executemany":
         series_store._copy_rows = _insert_rows  # type: ignore[assignment]
+    if args.sqlite_checkpoint_pages is not None:
+        db_module.SQLITE_CHECKPOINT_PAGES = args.sqlite_checkpoint_pages
 
     rng = np.random.default_rng(0)
     layers = [f"model/block_{i}/dense" for i in range(args.layers)]
-    batches = [_batch(i * args.steps, args.steps, layers, rng) for i in range(args.batches + 1)]
+    first = args.preload_steps // args.steps * args.steps  # the timed steps follow the preload
+    batches = [
+        _batch(first + i * args.steps, args.steps, layers, rng) for i in range(args.batches + 1)
+    ]
     bodies = [(_gzip(b), len(b["step"])) for b in batches]
     float_fraction = (args.layers + 4) / (2 * args.layers + 5)
     kib = np.mean([len(body) for body, _ in bodies]) / 1024
     print(
         f"{args.batches} batches of {args.steps} steps × {args.layers} layers "
-        f"({(2 * args.layers + 5) * args.steps} samples, {kib:.0f} KiB gzip each)"
+        f"({(2 * args.layers + 5) * args.steps} samples, {kib:.0f} KiB gzip each), "
+        f"timed after {first:,} steps"
     )
     workdir = Path(tempfile.mkdtemp(prefix="gradwatch-bench-"))
     rows = []
@@ -358,7 +390,11 @@ def main() -> None:
                 else:
                     make = make_postgres
                 http_url = make()
-                http = _http_ingest(http_url, bodies)
+                preload = (
+                    _gzip(_batch(step, args.steps, layers, rng))
+                    for step in range(0, first, args.steps)
+                )
+                http = _http_ingest(http_url, bodies, preload)
                 stored = http.stored
                 http_rate = stored / http.seconds
                 cpu_rate = stored / (http.cpu_seconds + http.database_cpu_seconds)
@@ -373,7 +409,7 @@ def main() -> None:
                     )
                     continue
                 size = _size_bytes(http_url)
-                total_samples = stored * (args.batches + 1) / args.batches
+                total_samples = stored * (args.batches + 1 + first // args.steps) / args.batches
                 orm_seconds, orm_stored = _orm_baseline(make(), batches)
                 orm_rate = orm_stored / orm_seconds
                 query_url = make()

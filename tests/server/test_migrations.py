@@ -60,6 +60,8 @@ def test_migrations_sqlite_pragmas(tmp_path):
                     "foreign_keys",
                     "busy_timeout",
                     "cache_size",
+                    "wal_autocheckpoint",
+                    "journal_size_limit",
                 )
             }
     finally:
@@ -70,6 +72,8 @@ def test_migrations_sqlite_pragmas(tmp_path):
         "foreign_keys": 1,
         "busy_timeout": 30000,
         "cache_size": -16384,  # KiB: the ~1000 leaf pages a 500-layer batch writes stay cached
+        "wal_autocheckpoint": 16384,  # pages: not every commit of such a batch checkpoints
+        "journal_size_limit": 64 * 1024 * 1024,
     }
 
 
