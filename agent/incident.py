@@ -236,15 +236,25 @@ class IncidentCapture:
         step's loss is non-finite (the forward pass broke) or the scale is down to 1 (the
         float16 gradient overflows unscaled). An overflow at a high scale is the loss
         scaling at work and is not captured. The skipped update leaves the weights and the
-        inner optimizer's state as they were before the step, so the copy is exact.
+        inner optimizer's state as they were before the step, so the copy is exact. Under
+        ``MirroredStrategy`` this runs in cross-replica context, where the LSO decides (on
+        the all-reduced gradient): the copy is made once, as for any bad step.
 
         Args:
             step: The step (int64 scalar); ``loss``: its unscaled loss (float32 scalar);
             loss_known: Scalar bool, whether the step's loss was seen at all;
             loss_scale: The LSO's scale before this step (float32 scalar) or ``None``.
         """
-        if not self.enabled or self._replicas > 1:
-            return  # a LossScaleOptimizer's overflow under tf.distribute: not captured yet
+        if not self.enabled:
+            return
+        if many_replicas() is not None:
+            # The LSO judged the step in replica context (strategies without merge_call: XLA
+            # on GPUs only); a merge_call in its cond's branch is not allowed there.
+            say(
+                "a LossScaleOptimizer's overflow steps are not captured under this "
+                "tf.distribute strategy (XLA on GPUs decides them in replica context)"
+            )
+            return
         broken = tf.logical_and(loss_known, tf.logical_not(tf.math.is_finite(loss)))
         if loss_scale is not None:
             broken = tf.logical_or(broken, loss_scale <= 1.0)

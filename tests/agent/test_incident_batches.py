@@ -25,7 +25,7 @@ from tests.agent.incident_helpers import (
     recorded_layer,
     run_replay,
 )
-from tests.agent.incident_models import planted_log, planted_log_accumulating
+from tests.agent.incident_models import planted_log, planted_log_accumulating, planted_overflow
 
 
 def _bundle(tmp_path: Path, x, y, strategy=None):
@@ -135,3 +135,38 @@ def test_an_accumulated_step_is_captured_with_its_last_micro_batch_and_replayed(
     else:
         assert "the earlier micro-batches' gradient already holds" in out
         assert f"in {recorded_layer(bundle, 'hidden')}: the fault is in one of them" in out
+
+
+def test_a_float16_overflow_under_mirrored_strategy_is_captured_with_the_global_batch(
+    tmp_path, mirrored
+):
+    """Under MirroredStrategy the LossScaleOptimizer decides a step overflowed in
+    cross-replica context; a step whose loss is non-finite (here on the second replica only:
+    the all-reduced loss is) is captured there like on one device: the global batch, and the
+    state the skipped update left untouched."""
+    x, y = planted_data(zero_in_batch=None)
+    x[BAD_STEP * BATCH + 13, 3] = 100.0  # ×1000 in float16: Inf, in replica 1's shard only
+    with mirrored.scope():
+        model = planted_overflow()
+    monitor = planted_monitor(tmp_path)
+    weights_before = fit_planted(model, monitor, x, y)
+
+    (bundle,) = monitor.incidents
+    manifest = read_manifest(bundle)
+    assert manifest["step"] == BAD_STEP
+    assert manifest["cause"] == "nonfinite"
+    assert manifest["replicas"] == 2
+    assert manifest["recorded"][-1]["skipped"] is True
+    np.testing.assert_array_equal(
+        bundle_tensor(bundle, "batch", 0).reshape(BATCH, 4),
+        x[BAD_STEP * BATCH : (BAD_STEP + 1) * BATCH],
+    )
+    for got, expected in zip(bundle_tensors(bundle, "weights"), weights_before, strict=True):
+        np.testing.assert_array_equal(got, expected)
+
+    result = run_replay(bundle, "tests.agent.incident_models:planted_overflow")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "reproduced: yes" in result.stdout, result.stdout
+    assert "captured on 2 replicas (tf.distribute), replayed on one device" in result.stdout
+    amplify = recorded_layer(bundle, "amplify")
+    assert f"first NaN/Inf: op Mul in layer {amplify}" in result.stdout, result.stdout
