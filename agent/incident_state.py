@@ -113,9 +113,9 @@ class SharedCapture:
             latest.assign(tf.convert_to_tensor(source))
 
     def _keeps_states(self) -> bool:
-        # Several replicas draw from the same states for their own shards: one device
-        # replaying the global batch cannot draw the same masks.
-        return self.max_incidents > 0 and tf.distribute.get_strategy().num_replicas_in_sync == 1
+        # Under tf.distribute every replica draws its own shard's masks from the same states
+        # (mirrored, advanced alike): the replay runs the shards one by one from them.
+        return self.max_incidents > 0
 
     def copy_model_state(self, between_steps: bool = False) -> None:
         """In-graph, inside a capture's copy: the step-start RNG states and the other

@@ -15,6 +15,10 @@ a weight (the optimizer's ``apply`` is intercepted):
 A rolling bundle (captured under XLA, :mod:`.incident_rolling`) holds a copy of the state from
 a few steps before; those steps are run again first (:mod:`.replay_roll`).
 
+A step captured on several ``tf.distribute`` replicas is run shard by shard (each replica's
+part of the global batch, from the same restored RNG states) and the shards' gradients are
+averaged, as the all-reduce did.
+
 A step that averaged ``n`` micro-batches (``gradient_accumulation_steps``) is replayed from
 its last micro-batch, whose gradient is added to the restored sum of the others' (the
 optimizer's accumulators) and divided by ``n``, as Keras does; a NaN/±Inf already in that
@@ -30,7 +34,7 @@ import math
 import re
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +54,7 @@ from .replay_bundle import (
     input_names,
     open_bundle,
     read_batch,
+    replica_shards,
     restorer,
 )
 from .replay_roll import RolledForward, holding_now, roll_forward
@@ -108,6 +113,7 @@ class ReplayReport:
     position: dict[str, int] | None = None  # epoch and step in it (fit only)
     group: str | None = None  # the optimizer group whose step it was
     replicas: int = 1  # the tf.distribute replicas the step ran on (the batch is global)
+    sharded: bool = False  # replayed shard by shard (the replicas' own batches), averaged
     accumulation_steps: int | None = None  # micro-batches averaged (the bundle holds the last)
     # NaN/±Inf values, by layer, in the gradient sum of the step's earlier micro-batches.
     accumulated_nonfinite: dict[str, int] = field(default_factory=dict)
@@ -150,7 +156,13 @@ def replay(bundle: Path, model_fn: str | None = None) -> ReplayReport:
         restore = holding_now(model, inner)
 
     restore()
-    grads, variables = _gradients(model, data, select, bool(manifest.get("jit_compile")))
+    replicas = int(manifest.get("replicas") or 1)
+    shards = replica_shards(data, replicas)
+    jit_compile = bool(manifest.get("jit_compile"))
+    if shards is None:
+        grads, variables = _gradients(model, data, select, jit_compile)
+    else:
+        grads, variables = _averaged_gradients(model, shards, select, jit_compile, restore)
     steps = manifest.get("gradient_accumulation_steps")
     sums = _accumulators(inner, variables) if steps else None
     if sums is not None:  # as Keras averages: (the last micro-batch's + the others') / n
@@ -169,7 +181,8 @@ def replay(bundle: Path, model_fn: str | None = None) -> ReplayReport:
     report.batch_nonfinite = _nonfinite_inputs(manifest, leaves)
     report.position = manifest.get("position")
     report.group = manifest.get("group")
-    report.replicas = int(manifest.get("replicas") or 1)
+    report.replicas = replicas
+    report.sharded = shards is not None
     rows = manifest.get("recorded", [])
     for name in ("learning_rate", "loss_scale"):
         history = [(int(r["step"]), float(r[name])) for r in rows if r.get(name) is not None]
@@ -287,6 +300,30 @@ def _gradients(
     computed = iter(tf.function(step, jit_compile=True)(data))
     variables, present = found
     return [np.asarray(next(computed)) if p else None for p in present], variables
+
+
+def _averaged_gradients(
+    model: Any,
+    shards: list[Any],
+    select: _Selection,
+    jit_compile: bool,
+    restore: Callable[[], None],
+) -> tuple[list[Any], list[Any]]:
+    """The step as ``tf.distribute`` ran it: each shard's gradient from the captured state
+    (its RNG states too, which every replica drew its own shard's dropout masks from), then
+    their mean, as Keras' all-reduce of the replicas' gradients of loss ÷ replicas gives."""
+    total: list[Any] = []
+    variables: list[Any] = []
+    for index, shard in enumerate(shards):
+        restore()
+        grads, variables = _gradients(model, shard, select, jit_compile)
+        parts = [None if g is None else g / np.float32(len(shards)) for g in grads]
+        total = (
+            parts
+            if index == 0
+            else [None if t is None else t + p for t, p in zip(total, parts, strict=True)]
+        )
+    return total, variables
 
 
 def _compare(

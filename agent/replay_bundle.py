@@ -32,6 +32,7 @@ __all__ = [
     "open_bundle",
     "read_batch",
     "read_tensor",
+    "replica_shards",
     "restorer",
 ]
 
@@ -88,6 +89,24 @@ def batch_data(manifest: dict[str, Any], leaves: tuple[Any, ...]) -> Any:
     if batch.get("nest") is not None:
         return from_template(batch["nest"], leaves)
     return leaves if batch.get("packed", True) or len(leaves) != 1 else leaves[0]
+
+
+def replica_shards(data: Any, replicas: int) -> list[Any] | None:
+    """The global batch ``data`` cut into the ``replicas`` shards ``tf.distribute`` gave its
+    replicas (equal, contiguous, in order), or None when it does not cut evenly (or there is
+    one replica)."""
+    leaves = tf.nest.flatten(data)
+    sizes = {int(np.shape(leaf)[0]) for leaf in leaves if np.ndim(leaf) > 0}
+    if replicas <= 1 or len(sizes) != 1 or next(iter(sizes)) % replicas:
+        return None
+    size = next(iter(sizes)) // replicas
+    return [
+        tf.nest.map_structure(
+            lambda leaf, r=r: leaf[r * size : (r + 1) * size] if np.ndim(leaf) > 0 else leaf,
+            data,
+        )
+        for r in range(replicas)
+    ]
 
 
 def input_names(manifest: dict[str, Any]) -> list[str]:

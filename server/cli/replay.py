@@ -106,10 +106,18 @@ def _print(report: ReplayReport) -> None:
         f"reproduced: {verdict}; global norm {_number(report.global_norm)} "
         f"(recorded {_number(report.recorded_global_norm)})"
     )
-    if report.replicas > 1:
+    if report.replicas > 1 and report.sharded:
+        console.print(
+            f"captured on {report.replicas} replicas (tf.distribute), replayed shard by shard "
+            "on one device from the captured state (each replica's batch and dropout masks), "
+            "the shards' gradients averaged as the all-reduce did",
+            highlight=False,
+        )
+    elif report.replicas > 1:
         console.print(
             f"captured on {report.replicas} replicas (tf.distribute), replayed on one device "
-            f"with their global batch: the all-reduced gradient is one device's",
+            "with their global batch, which does not cut into equal shards: the all-reduced "
+            "gradient is one device's, up to the replicas' random draws",
             highlight=False,
         )
     rolled = report.rolled

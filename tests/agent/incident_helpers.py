@@ -106,8 +106,9 @@ def run_replay(bundle: str, model_fn: str) -> Replayed:
         app, ["replay", bundle, "--model-fn", model_fn], env={**unset, "COLUMNS": "200"}
     )
     stderr = result.stderr
-    if result.exc_info is not None and not isinstance(result.exception, SystemExit):
-        stderr += "".join(traceback.format_exception(*result.exc_info))
+    error = result.exception
+    if error is not None and not isinstance(error, SystemExit):
+        stderr += "".join(traceback.format_exception(error))
     return Replayed(result.exit_code, result.stdout, stderr)
 
 

@@ -13,9 +13,11 @@ import keras
 import numpy as np
 import pytest
 
+from gradwatch.agent import GradientMonitor, clip
 from tests.agent.incident_helpers import (
     BAD_STEP,
     BATCH,
+    assert_replayed_norms_equal_recorded,
     bundle_tensor,
     bundle_tensors,
     fit_planted,
@@ -25,7 +27,12 @@ from tests.agent.incident_helpers import (
     recorded_layer,
     run_replay,
 )
-from tests.agent.incident_models import planted_log, planted_log_accumulating, planted_overflow
+from tests.agent.incident_models import (
+    dropout,
+    planted_log,
+    planted_log_accumulating,
+    planted_overflow,
+)
 
 
 def _bundle(tmp_path: Path, x, y, strategy=None):
@@ -71,7 +78,7 @@ def test_a_planted_fault_under_mirrored_strategy_is_captured_like_on_one_device(
     result = run_replay(bundle, "tests.agent.incident_models:planted_log")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "reproduced: yes" in result.stdout
-    assert "captured on 2 replicas (tf.distribute), replayed on one device" in result.stdout
+    assert "captured on 2 replicas (tf.distribute), replayed shard by shard" in result.stdout
     assert f"first NaN/Inf: op Log in layer {recorded_layer(bundle, 'log')}" in result.stdout
 
 
@@ -167,6 +174,40 @@ def test_a_float16_overflow_under_mirrored_strategy_is_captured_with_the_global_
     result = run_replay(bundle, "tests.agent.incident_models:planted_overflow")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "reproduced: yes" in result.stdout, result.stdout
-    assert "captured on 2 replicas (tf.distribute), replayed on one device" in result.stdout
+    assert "captured on 2 replicas (tf.distribute), replayed shard by shard" in result.stdout
     amplify = recorded_layer(bundle, "amplify")
     assert f"first NaN/Inf: op Mul in layer {amplify}" in result.stdout, result.stdout
+
+
+def test_dropout_under_mirrored_strategy_is_replayed_shard_by_shard(tmp_path, mirrored):
+    """Each replica draws its dropout mask for its own shard from the same RNG state, so the
+    replay runs the step on each shard from the captured state and averages their gradients
+    as the all-reduce did: the recorded norms come back, layer by layer."""
+    x, y = planted_data(zero_in_batch=None)
+    with mirrored.scope():
+        model = dropout()
+    monitor = GradientMonitor(
+        run="dropout-mirrored",
+        policy=clip.skip_spike(sigma=6.0, window=16, min_history=8),
+        flush_every=4,
+        local_dir=str(tmp_path / "runs"),
+    )
+
+    class JumpAt(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch == 12:
+                self.model.optimizer.learning_rate.assign(30.0)
+
+    model.fit(
+        x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[JumpAt(), monitor]
+    )
+    monitor.close()
+
+    (bundle,) = monitor.incidents
+    assert read_manifest(bundle)["replicas"] == 2
+    result = run_replay(bundle, "tests.agent.incident_models:dropout")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "reproduced: yes" in result.stdout, result.stdout
+    assert "captured on 2 replicas (tf.distribute), replayed shard by shard" in result.stdout
+    layers = (recorded_layer(bundle, "wide"), recorded_layer(bundle, "out"))
+    assert_replayed_norms_equal_recorded(result.stdout, layers)
