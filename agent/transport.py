@@ -301,7 +301,9 @@ class HttpTransport:
         content = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
         headers = {"Content-Type": "application/json"}
         if compress:
-            content = gzip.compress(content, compresslevel=5)
+            # Level 1: a 500-layer batch of 50 steps (800 KB of JSON) compresses in ~5 ms
+            # instead of ~22 ms at level 5, in the training process, to 252 KB instead of 235.
+            content = gzip.compress(content, compresslevel=1)
             headers["Content-Encoding"] = "gzip"
         try:
             response = self._client.request(method, path, content=content, headers=headers)

@@ -94,7 +94,7 @@ def _batch(first: int, steps: int, layers: list[str], rng: np.random.Generator) 
 
 
 def _gzip(body: dict[str, Any]) -> bytes:
-    return gzip.compress(json.dumps(body, separators=(",", ":")).encode(), compresslevel=5)
+    return gzip.compress(json.dumps(body, separators=(",", ":")).encode(), compresslevel=1)
 
 
 @contextmanager
