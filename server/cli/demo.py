@@ -139,7 +139,13 @@ def _summarise(client: ApiClient, run_ids: list[str], console: Console) -> list[
     table = Table(title="gradwatch demo")
     columns = ("run", "steps", "max global norm", "clipped steps", "non-finite steps", "health")
     for column in columns:
-        table.add_column(column, justify="left" if column in ("run", "health") else "right")
+        # The run's name whole (the text below tells the user which run to open first); the
+        # numeric headers wrap instead in an 80-column terminal.
+        table.add_column(
+            column,
+            justify="left" if column in ("run", "health") else "right",
+            no_wrap=column == "run",
+        )
     runs = [client.run(run_id) for run_id in run_ids]
     healths = [client.health(run_id) for run_id in run_ids]
     for run, health in zip(runs, healths, strict=True):
