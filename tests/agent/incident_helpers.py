@@ -53,6 +53,34 @@ def planted_monitor(tmp_path: Path, **settings) -> GradientMonitor:
     )
 
 
+def spike_monitor(tmp_path: Path, run: str) -> GradientMonitor:
+    """A monitor whose ``skip_spike`` skips (and captures) the finite spike that follows a
+    learning-rate jump (:func:`fit_with_learning_rate_jump`)."""
+    return GradientMonitor(
+        run=run,
+        policy=clip.skip_spike(sigma=6.0, window=16, min_history=8),
+        flush_every=4,
+        local_dir=str(tmp_path / "runs"),
+    )
+
+
+def fit_with_learning_rate_jump(model, monitor, x, y, **compile_options) -> None:
+    """fit (batches of ``BATCH``, one epoch, in order) with the learning rate ×3000 from step
+    12 (a finite spike ``skip_spike`` skips); then close the monitor."""
+
+    class JumpAt(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch == 12:
+                self.model.optimizer.learning_rate.assign(30.0)
+
+    if compile_options:
+        model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse", **compile_options)
+    model.fit(
+        x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[JumpAt(), monitor]
+    )
+    monitor.close()
+
+
 def fit_planted(model, monitor, x, y, **compile_options):
     if compile_options:
         model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse", **compile_options)

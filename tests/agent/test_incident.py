@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import keras
 import numpy as np
 import pytest
 
-from gradwatch.agent import ConfigError, GradientMonitor, clip
+from gradwatch.agent import ConfigError, GradientMonitor
 from gradwatch.agent.local import read_run_file
 from gradwatch.agent.replay import replay
 from tests.agent.incident_helpers import (
@@ -24,12 +23,14 @@ from tests.agent.incident_helpers import (
     bundle_tensors,
     custom_loop,
     fit_planted,
+    fit_with_learning_rate_jump,
     planted_data,
     planted_monitor,
     read_manifest,
     recorded_layer,
     run_replay,
     run_replay_command,
+    spike_monitor,
 )
 from tests.agent.incident_models import (
     linear,
@@ -124,23 +125,8 @@ def test_a_learning_rate_jump_skipped_by_skip_spike_is_captured_and_reproduced(t
     """Finite gradients: the bundle is of the first step the policy skipped, and the replay
     gives the recorded global norm back (no op made a NaN/Inf)."""
     x, y = planted_data(zero_in_batch=None)
-    model = linear()
-    monitor = GradientMonitor(
-        run="lr-jump",
-        policy=clip.skip_spike(sigma=6.0, window=16, min_history=8),
-        flush_every=4,
-        local_dir=str(tmp_path / "runs"),
-    )
-
-    class JumpAt(keras.callbacks.Callback):
-        def on_train_batch_begin(self, batch, logs=None):
-            if batch == 12:
-                self.model.optimizer.learning_rate.assign(30.0)
-
-    model.fit(
-        x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[JumpAt(), monitor]
-    )
-    monitor.close()
+    monitor = spike_monitor(tmp_path, "lr-jump")
+    fit_with_learning_rate_jump(linear(), monitor, x, y)
 
     (bundle,) = monitor.incidents
     manifest = read_manifest(bundle)

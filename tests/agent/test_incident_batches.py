@@ -13,7 +13,6 @@ import keras
 import numpy as np
 import pytest
 
-from gradwatch.agent import GradientMonitor, clip
 from tests.agent.incident_helpers import (
     BAD_STEP,
     BATCH,
@@ -21,11 +20,13 @@ from tests.agent.incident_helpers import (
     bundle_tensor,
     bundle_tensors,
     fit_planted,
+    fit_with_learning_rate_jump,
     planted_data,
     planted_monitor,
     read_manifest,
     recorded_layer,
     run_replay,
+    spike_monitor,
 )
 from tests.agent.incident_models import (
     dropout,
@@ -186,22 +187,8 @@ def test_dropout_under_mirrored_strategy_is_replayed_shard_by_shard(tmp_path, mi
     x, y = planted_data(zero_in_batch=None)
     with mirrored.scope():
         model = dropout()
-    monitor = GradientMonitor(
-        run="dropout-mirrored",
-        policy=clip.skip_spike(sigma=6.0, window=16, min_history=8),
-        flush_every=4,
-        local_dir=str(tmp_path / "runs"),
-    )
-
-    class JumpAt(keras.callbacks.Callback):
-        def on_train_batch_begin(self, batch, logs=None):
-            if batch == 12:
-                self.model.optimizer.learning_rate.assign(30.0)
-
-    model.fit(
-        x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[JumpAt(), monitor]
-    )
-    monitor.close()
+    monitor = spike_monitor(tmp_path, "dropout-mirrored")
+    fit_with_learning_rate_jump(model, monitor, x, y)
 
     (bundle,) = monitor.incidents
     assert read_manifest(bundle)["replicas"] == 2

@@ -19,11 +19,13 @@ from tests.agent.incident_helpers import (
     bundle_tensor,
     custom_loop,
     fit_planted,
+    fit_with_learning_rate_jump,
     planted_data,
     planted_monitor,
     read_manifest,
     recorded_layer,
     run_replay,
+    spike_monitor,
 )
 from tests.agent.incident_models import (
     dropout,
@@ -32,22 +34,6 @@ from tests.agent.incident_models import (
     planted_log,
     planted_overflow,
 )
-
-
-def _jump_learning_rate(model, monitor, x, y, **compile_options) -> None:
-    """fit with the learning rate ×3000 from step 12 (a finite spike ``skip_spike`` skips)."""
-
-    class JumpAt(keras.callbacks.Callback):
-        def on_train_batch_begin(self, batch, logs=None):
-            if batch == 12:
-                self.model.optimizer.learning_rate.assign(30.0)
-
-    if compile_options:
-        model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse", **compile_options)
-    model.fit(
-        x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[JumpAt(), monitor]
-    )
-    monitor.close()
 
 
 def test_an_explosion_with_finite_gradients_is_captured_where_the_server_calls_it_critical(
@@ -96,13 +82,8 @@ def test_dropout_masks_are_replayed_from_the_rng_states_at_the_step_start(tmp_pa
     """The bundle holds the seed generators' states from the start of the bad step, so the
     replay draws the same dropout mask and gives the recorded norms back, layer by layer."""
     x, y = planted_data(zero_in_batch=None)
-    monitor = GradientMonitor(
-        run="dropout",
-        policy=clip.skip_spike(sigma=6.0, window=16, min_history=8),
-        flush_every=4,
-        local_dir=str(tmp_path / "runs"),
-    )
-    _jump_learning_rate(dropout(), monitor, x, y, **options)
+    monitor = spike_monitor(tmp_path, "dropout")
+    fit_with_learning_rate_jump(dropout(), monitor, x, y, **options)
 
     (bundle,) = monitor.incidents
     manifest = read_manifest(bundle)
@@ -124,12 +105,7 @@ def test_a_custom_loop_replays_its_dropout_masks_from_the_states_on_step_kept(tm
     x, y = planted_data(zero_in_batch=None)
     model = dropout()
     adam = keras.optimizers.Adam(0.01)
-    monitor = GradientMonitor(
-        run="dropout-loop",
-        policy=clip.skip_spike(sigma=6.0, window=16, min_history=8),
-        flush_every=4,
-        local_dir=str(tmp_path / "runs"),
-    )
+    monitor = spike_monitor(tmp_path, "dropout-loop")
 
     def jump(step: int) -> None:
         if step == 12:
