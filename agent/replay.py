@@ -144,8 +144,11 @@ def replay(bundle: Path, model_fn: str | None = None) -> ReplayReport:
         compile_from_manifest(model, manifest)
     inner = None
     if group is None:  # a group's optimizer is not known by name: its state is not restored
+        if not model.optimizer.built:  # a LossScaleOptimizer builds its scale and its inner
+            model.optimizer.build(model.trainable_variables)
         inner = getattr(model.optimizer, "inner_optimizer", model.optimizer)
-        inner.build(model.trainable_variables)
+        if not inner.built:
+            inner.build(model.trainable_variables)
     restore = restorer(model, inner, manifest, reader)
     names = RecordedNames(model.trainable_variables, manifest["weights"])
     select = _Selection(names, group)
@@ -176,6 +179,9 @@ def replay(bundle: Path, model_fn: str | None = None) -> ReplayReport:
     if sums is not None:
         report.accumulated_nonfinite = _nonfinite_by_layer(sums, variables, names)
     restore()
+    # The global batch, even when sharded above: a replica's backward pass ran on loss ÷
+    # replicas, which one device's shard would not reproduce (under a LossScaleOptimizer its
+    # float16 gradient could overflow where the replica's did not).
     report.first_bad_op = _first_bad_op(model, data, select)
     report.remedies = remedies(manifest, grads)
     report.batch_nonfinite = _nonfinite_inputs(manifest, leaves)

@@ -196,12 +196,35 @@ def restorer(
                     "and optimizer?"
                 )
             pairs.append((variable, value))
+    scale = _recorded_loss_scale(model, manifest)
+    if scale is not None:
+        pairs.append(scale)
 
     def restore() -> None:
         for variable, value in pairs:
             variable.assign(value)
 
     return restore
+
+
+def _recorded_loss_scale(model: Any, manifest: dict[str, Any]) -> tuple[Any, np.ndarray] | None:
+    """A ``LossScaleOptimizer``'s scale as training had it when the restored state begins
+    (the bad step, or a rolling bundle's copy), from the recorded rows; None without one.
+
+    A rebuilt LSO starts at its initial scale (32,768): the replay's scaled float16 backward
+    pass would overflow where training's (often at 256 by then) did not, and check_numerics
+    would name that cast instead of the step's own fault.
+    """
+    variable = getattr(getattr(model, "optimizer", None), "dynamic_scale", None)
+    begins = int((manifest.get("roll_forward") or {}).get("from_step", manifest["step"]))
+    found = [
+        row.get("loss_scale")
+        for row in manifest.get("recorded", [])
+        if int(row["step"]) == begins and row.get("loss_scale") is not None
+    ]
+    if variable is None or not found:
+        return None
+    return variable, np.asarray(float(found[-1]), dtype=np.float32)
 
 
 class RecordedNames:

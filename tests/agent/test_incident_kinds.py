@@ -7,11 +7,14 @@ the data (epochs).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
 
 from gradwatch.agent import GradientMonitor, clip
+from gradwatch.agent.replay_bundle import open_bundle, restorer
 from tests.agent.incident_helpers import (
     BAD_STEP,
     BATCH,
@@ -168,6 +171,16 @@ def test_a_float16_overflow_of_the_forward_pass_under_mixed_precision_is_capture
     )
     if jit_compile:
         assert "rolled forward 3 steps from step 4" in result.stdout, result.stdout
+    # The replay restores the scale training had where the restored state begins (halved at
+    # every overflow since 32,768), not a rebuilt LossScaleOptimizer's initial one.
+    begins = 4 if jit_compile else BAD_STEP
+    (recorded,) = [r["loss_scale"] for r in manifest["recorded"] if r["step"] == begins]
+    assert recorded < 32768
+    rebuilt = planted_overflow()
+    rebuilt.optimizer.build(rebuilt.trainable_variables)
+    _, reader = open_bundle(Path(bundle))
+    restorer(rebuilt, rebuilt.optimizer.inner_optimizer, manifest, reader)()
+    assert float(rebuilt.optimizer.dynamic_scale.numpy()) == recorded
 
 
 def test_a_gan_generator_fault_is_captured_for_its_group_and_replayed_exactly(tmp_path):
