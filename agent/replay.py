@@ -266,13 +266,23 @@ def _intercepted_step(model: Any, data: tuple[Any, ...], select: _Selection) -> 
     (nothing is applied): the one ``select`` picks."""
     seen: list[Any] = []
 
-    def apply(grads: Sequence[Any], trainable_variables: Sequence[Any] | None = None) -> None:
-        # Keras' own name: a LossScaleOptimizer passes it by keyword.
-        seen.append((list(grads), list(trainable_variables or model.trainable_variables)))
+    def intercept(target: Any) -> Callable[..., None]:
+        # A LossScaleOptimizer is given the scaled gradient: unscale it as its apply would.
+        lso = isinstance(target, keras.optimizers.LossScaleOptimizer)
+        scale = target.dynamic_scale if lso else None
+
+        def apply(grads: Sequence[Any], trainable_variables: Sequence[Any] | None = None) -> None:
+            # Keras' own name: a LossScaleOptimizer passes it by keyword.
+            found = list(grads)
+            if scale is not None:
+                found = [None if g is None else g / tf.cast(scale, g.dtype) for g in found]
+            seen.append((found, list(trainable_variables or model.trainable_variables)))
+
+        return apply
 
     targets = _optimizers(model)
     for target in targets:
-        target.__dict__["apply"] = apply
+        target.__dict__["apply"] = intercept(target)
     try:
         model.train_step(data)
     finally:

@@ -64,14 +64,15 @@ def spike_monitor(tmp_path: Path, run: str) -> GradientMonitor:
     )
 
 
-def fit_with_learning_rate_jump(model, monitor, x, y, **compile_options) -> None:
-    """fit (batches of ``BATCH``, one epoch, in order) with the learning rate ×3000 from step
-    12 (a finite spike ``skip_spike`` skips); then close the monitor."""
+def fit_with_learning_rate_jump(model, monitor, x, y, rate=30.0, **compile_options) -> None:
+    """fit (batches of ``BATCH``, one epoch, in order) with the learning rate ``rate`` (30: ×3000
+    of Adam(0.01)'s) from step 12 (a finite spike ``skip_spike`` skips); then close the
+    monitor."""
 
     class JumpAt(keras.callbacks.Callback):
         def on_train_batch_begin(self, batch, logs=None):
             if batch == 12:
-                self.model.optimizer.learning_rate.assign(30.0)
+                self.model.optimizer.learning_rate.assign(rate)
 
     if compile_options:
         model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse", **compile_options)

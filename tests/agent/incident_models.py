@@ -96,6 +96,27 @@ def planted_overflow() -> keras.Model:
         keras.config.set_dtype_policy("float32")
 
 
+def mixed_linear() -> keras.Model:
+    """:func:`linear` under ``mixed_float16`` with a ``LossScaleOptimizer`` whose scale (16)
+    no step of the tests' data overflows: its finite steps are recorded and captured like
+    any other. Restores the float32 policy."""
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        keras.utils.set_random_seed(1)
+        model = keras.Sequential(
+            [
+                keras.Input((4,)),
+                keras.layers.Dense(8, name="hidden"),
+                keras.layers.Dense(1, name="out", dtype="float32"),
+            ]
+        )
+    finally:
+        keras.config.set_dtype_policy("float32")
+    optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(0.01), initial_scale=16)
+    model.compile(optimizer=optimizer, loss="mse")
+    return model
+
+
 def dropout() -> keras.Model:
     """Linear layers around a ``Dropout(0.5)``: its mask changes every step, so a replay that
     draws its own mask gets another gradient (the learning-rate-jump test's model with one)."""

@@ -33,6 +33,7 @@ from tests.agent.incident_helpers import (
 from tests.agent.incident_models import (
     dropout,
     linear,
+    mixed_linear,
     planted_gan,
     planted_log,
     planted_overflow,
@@ -181,6 +182,25 @@ def test_a_float16_overflow_of_the_forward_pass_under_mixed_precision_is_capture
     _, reader = open_bundle(Path(bundle))
     restorer(rebuilt, rebuilt.optimizer.inner_optimizer, manifest, reader)()
     assert float(rebuilt.optimizer.dynamic_scale.numpy()) == recorded
+
+
+def test_a_finite_spike_under_mixed_precision_replays_to_the_recorded_unscaled_norms(tmp_path):
+    """The LossScaleOptimizer's apply is given the scaled gradient; the replay unscales it as
+    the LSO does, so its norms are the recorded (unscaled) ones, not ×16."""
+    x, y = planted_data(zero_in_batch=None)
+    monitor = spike_monitor(tmp_path, "mixed-spike")
+    fit_with_learning_rate_jump(mixed_linear(), monitor, x, y, rate=3.0)  # ×3000 overflows
+
+    (bundle,) = monitor.incidents
+    manifest = read_manifest(bundle)
+    assert manifest["cause"] == "skipped"
+    assert manifest["step"] == 13
+    assert manifest["recorded"][-1]["loss_scale"] == 16
+    result = run_replay(bundle, "tests.agent.incident_models:mixed_linear")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "reproduced: yes" in result.stdout, result.stdout
+    layers = (recorded_layer(bundle, "hidden"), recorded_layer(bundle, "out"))
+    assert_replayed_norms_equal_recorded(result.stdout, layers)
 
 
 def test_a_gan_generator_fault_is_captured_for_its_group_and_replayed_exactly(tmp_path):
