@@ -5,8 +5,10 @@ is given):
 
 * **HTTP ingest**: a real uvicorn server on 127.0.0.1 (``EmbeddedServer``); one client posts
   pre-built gzip JSON ``StepBatch`` bodies of ``--steps`` steps × ``--layers`` layers, one
-  after the other, as one agent does. Samples/s = stored samples / wall time (request
-  decoding, validation, block encoding and the transaction all included). On a shared
+  after the other, as one agent does, to a run that already holds ``--preload-steps`` steps
+  (posted untimed first: a run's cost per batch grows until its blocks fill their pages).
+  Samples/s = stored samples / wall time (request decoding, validation, block encoding and
+  the transaction all included). On a shared
   machine wall time swings with other jobs, so beside it: samples per CPU second and CPU ms
   per batch, of this process (the server's threads and the client, ``time.process_time``) +
   of the PostgreSQL server processes (``/proc``; 0 for SQLite, which runs in-process).
@@ -24,6 +26,7 @@ is given):
 PostgreSQL runs with its default durability (fsync on) in a throwaway cluster on 127.0.0.1.
 
     python -m bench.ingest [--batches 40] [--layers 500] [--steps 50] [--query-steps 1000000]
+        [--preload-steps 20000] [--sqlite-checkpoint-pages N] [--http-only]
 """
 
 from __future__ import annotations

@@ -56,9 +56,8 @@ the pages the previous commits had copied already, and a batch took twice as lon
 20,000 as at step 1,000. Every ~16 batches, each tail page is copied once: at 20,000 steps
 the ingest transaction takes ~38 ms a batch instead of ~60, and HTTP ingest stores ×1.2–1.3 the
 samples per second (``python -m bench.ingest --sqlite-checkpoint-pages 1000`` compares). The
-WAL file is truncated
-back to :data:`_SQLITE_WAL_KEEP_BYTES` after a checkpoint; a restart replays at most this much
-WAL (~64 MiB, well under a second)."""
+WAL file is truncated back to :data:`_SQLITE_WAL_KEEP_BYTES` after a checkpoint; a restart
+reads at most that much WAL back (64 MiB of pages)."""
 
 _SQLITE_WAL_KEEP_BYTES = 64 * 1024 * 1024
 
