@@ -144,7 +144,8 @@ def replay(bundle: Path, model_fn: str | None = None) -> ReplayReport:
         compile_from_manifest(model, manifest)
     inner = None
     if group is None:  # a group's optimizer is not known by name: its state is not restored
-        if not model.optimizer.built:  # a LossScaleOptimizer builds its scale and its inner
+        lso = isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+        if lso and not model.optimizer.built:  # its scale (restored below) and its inner
             model.optimizer.build(model.trainable_variables)
         inner = getattr(model.optimizer, "inner_optimizer", model.optimizer)
         if not inner.built:
