@@ -329,18 +329,19 @@ def _averaged_gradients(
     """The step as ``tf.distribute`` ran it: each shard's gradient from the captured state
     (its RNG states too, which every replica drew its own shard's dropout masks from), then
     their mean, as Keras' all-reduce of the replicas' gradients of loss ÷ replicas gives."""
-    total: list[Any] = []
+    per_shard: list[list[Any]] = []
     variables: list[Any] = []
-    for index, shard in enumerate(shards):
+    for shard in shards:
         restore()
         grads, variables = _gradients(model, shard, select, jit_compile)
-        parts = [None if g is None else g / np.float32(len(shards)) for g in grads]
-        total = (
-            parts
-            if index == 0
-            else [None if t is None else t + p for t, p in zip(total, parts, strict=True)]
-        )
-    return total, variables
+        per_shard.append(grads)
+    count = np.float32(len(shards))
+    # Summed as the all-reduce sums the replicas' (already divided) gradients.
+    mean = [
+        None if parts[0] is None else sum(g / count for g in parts)
+        for parts in zip(*per_shard, strict=True)
+    ]
+    return mean, variables
 
 
 def _compare(
