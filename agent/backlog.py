@@ -24,7 +24,7 @@ from typing import Any
 
 from .clock import Clock
 from .delivery_log import DeliveryLog
-from .records import StepBatch
+from .records import OutgoingBatch, StepBatch, as_wire, with_report
 from .spool import Spool, SpoolState
 from .transport import (
     RejectedError,
@@ -108,28 +108,28 @@ class SpoolBacklog:
         self._run_created = True
         self._delivery_log.run_created()
 
-    def _send(self, wire: dict[str, Any]) -> None:
-        """One attempt at one wire batch, with the drop counts so far.
+    def _send(self, batch: OutgoingBatch) -> None:
+        """One attempt at one batch, with the drop counts so far.
 
         A server older than incident announcements refuses a batch carrying them (422 naming
         ``incidents``): the batch is sent again without them, so no step is lost for it, and
         the user is told once where the bundle stays."""
         with self._cond:
             drops = dict(self._dropped)
-        body = {**wire, "dropped_batches": drops} if drops else wire
+        body = with_report(batch, dropped_batches=drops) if drops else batch
         try:
             self._transport.send_batch(self._run.run_id, body)
         except RejectedError as exc:
-            if exc.status_code != 422 or "incidents" not in body or "incidents" not in str(exc):
+            announced = as_wire(body).get("incidents") if exc.status_code == 422 else None
+            if not announced or "incidents" not in str(exc):
                 raise
-            paths = ", ".join(str(item.get("path")) for item in body["incidents"])
+            paths = ", ".join(str(item.get("path")) for item in announced)
             log.warning(
                 "gradwatch: the server does not take incident announcements (an older gradwatch "
                 "server?); the bundle stays at %s: upgrade the server to see it there",
                 paths,
             )
-            body = {key: value for key, value in body.items() if key != "incidents"}
-            self._transport.send_batch(self._run.run_id, body)
+            self._transport.send_batch(self._run.run_id, with_report(body, without_incidents=True))
 
     def _delivered(self, steps: int) -> None:
         with self._cond:

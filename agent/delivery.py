@@ -14,6 +14,7 @@ from typing import Any
 
 from .config import ConfigError, MonitorConfig, check_writable_directory
 from .local import JsonlTransport, SummaryPrinter
+from .records import OutgoingBatch
 from .sender import Sender
 from .spool import Spool
 from .transport import HttpTransport, RetryPolicy, RunInfo, Transport
@@ -55,7 +56,7 @@ class _ChiefDelivers:
     def create_run(self, run: RunInfo) -> None:
         pass
 
-    def send_batch(self, run_id: str, batch: dict[str, Any]) -> None:
+    def send_batch(self, run_id: str, batch: OutgoingBatch) -> None:
         pass
 
     def set_status(self, run_id: str, status: str) -> None:

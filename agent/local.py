@@ -18,6 +18,7 @@ from typing import Any
 
 from gradwatch.wire import decode_float
 
+from .records import OutgoingBatch, as_wire
 from .transport import RetryableError, RunInfo
 
 __all__ = ["JsonlTransport", "LocalSummary", "RunFile", "SummaryPrinter", "read_run_file"]
@@ -114,7 +115,8 @@ class JsonlTransport:
     def create_run(self, run: RunInfo) -> None:
         self._append(run.run_id, {"kind": "run", **run.to_wire()})
 
-    def send_batch(self, run_id: str, batch: dict[str, Any]) -> None:
+    def send_batch(self, run_id: str, batch: OutgoingBatch) -> None:
+        batch = as_wire(batch)
         self._append(run_id, {"kind": "batch", "batch": batch})
         with self._lock:
             summary = self._summaries.get(run_id) or LocalSummary(self.path_for(run_id))

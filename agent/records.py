@@ -4,7 +4,9 @@ The wire form is columnar JSON (DESIGN.md §5). Non-finite floats travel as the
 strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"`` (the protobuf JSON
 convention), since JSON has no literal for them; unknown values are ``null``.
 Floats are the float32 values computed in the graph, written exactly. The
-format's constants and float codec live in :mod:`gradwatch.wire`.
+format's constants and float codec live in :mod:`gradwatch.wire`. The same batch
+also travels as the binary body of :mod:`gradwatch.wire.binary` (:meth:`StepBatch.to_binary`:
+~0.1 ms for 50 steps × 500 layers where JSON takes ~25 ms with the GIL held).
 """
 
 from __future__ import annotations
@@ -18,9 +20,17 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from gradwatch.wire import SCHEMA_VERSION, decode_floats, encode_floats
+from gradwatch.wire import SCHEMA_VERSION, binary, decode_floats, encode_floats
 
-__all__ = ["SCHEMA_VERSION", "StepBatch", "decode_floats", "encode_floats"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "OutgoingBatch",
+    "StepBatch",
+    "as_wire",
+    "decode_floats",
+    "encode_floats",
+    "with_report",
+]
 
 FloatArray = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]
@@ -59,6 +69,8 @@ class StepBatch:
         incidents: Announcements of incident bundles written since the previous batch
             (wire ``incidents``: step, cause, path, host, bytes, format, learning_rate,
             loss_scale), usually empty.
+        dropped_batches: The agent's cumulative drop counts by reason, reported with
+            this batch when it is sent (wire ``dropped_batches``), or ``None``.
     """
 
     layers: tuple[str, ...]
@@ -78,6 +90,7 @@ class StepBatch:
     learning_rate: FloatArray | None = None
     loss_scale: FloatArray | None = None
     incidents: tuple[Mapping[str, Any], ...] = ()
+    dropped_batches: Mapping[str, int] | None = None
 
     def __post_init__(self) -> None:
         n, num_layers = len(self.step), len(self.layers)
@@ -127,8 +140,10 @@ class StepBatch:
 
         Args:
             dropped_batches: Cumulative counts of batches the agent dropped, by
-                reason, to report with this batch.
+                reason, to report with this batch (default: the batch's own).
         """
+        if dropped_batches is None:
+            dropped_batches = self.dropped_batches
         wire: dict[str, Any] = {
             "schema": SCHEMA_VERSION,
             "batch_id": self.batch_id,
@@ -155,6 +170,43 @@ class StepBatch:
         if self.incidents:
             wire["incidents"] = [dict(incident) for incident in self.incidents]
         return wire
+
+    def to_binary(self) -> bytes:
+        """The batch as the binary body (:mod:`gradwatch.wire.binary`), with the same fields
+        as :meth:`to_wire`. ~0.1 ms for 50 steps × 500 layers."""
+        fields: dict[str, Any] = {
+            "schema": SCHEMA_VERSION,
+            "batch_id": self.batch_id,
+            "layers": list(self.layers),
+        }
+        columns: dict[str, npt.NDArray[Any]] = {
+            "step": self.step,
+            "global_norm": self.global_norm,
+            "global_norm_clipped": self.global_norm_clipped,
+            "clip_coef": self.clip_coef,
+            "skipped": self.skipped,
+            "grad_norm": self.grad_norm,
+            "nonfinite": self.nonfinite,
+        }
+        measured: dict[str, BoolArray] = {}
+        if self.loss_known.any():
+            columns["loss"] = self.loss
+            if not self.loss_known.all():
+                measured["loss"] = self.loss_known
+        known = self.weights_known
+        if known is not None and known.any():
+            assert self.weight_norm is not None
+            assert self.update_ratio is not None
+            columns["weight_norm"] = self.weight_norm
+            columns["update_ratio"] = self.update_ratio
+            if not known.all():
+                mask = np.broadcast_to(known[:, np.newaxis], self.weight_norm.shape)
+                measured["weight_norm"] = measured["update_ratio"] = mask
+        if self.dropped_batches:
+            fields["dropped_batches"] = dict(self.dropped_batches)
+        if self.incidents:
+            fields["incidents"] = [dict(incident) for incident in self.incidents]
+        return binary.pack(fields, columns, measured)
 
     @classmethod
     def from_wire(cls, wire: Mapping[str, Any]) -> StepBatch:
@@ -194,3 +246,36 @@ class StepBatch:
             incidents=tuple(wire.get("incidents") or ()),
             **weights,
         )
+
+
+OutgoingBatch = StepBatch | Mapping[str, Any]
+"""What a transport delivers: a batch made in this process, or a wire dict read back from
+the spool or a local file (sent as JSON, as it was written)."""
+
+
+def as_wire(batch: OutgoingBatch) -> dict[str, Any]:
+    """The JSON wire dict of an outgoing batch."""
+    return batch.to_wire() if isinstance(batch, StepBatch) else dict(batch)
+
+
+def with_report(
+    batch: OutgoingBatch,
+    *,
+    dropped_batches: Mapping[str, int] | None = None,
+    without_incidents: bool = False,
+) -> OutgoingBatch:
+    """``batch`` with the agent's drop counts to report, or without its incident
+    announcements (for a server too old to take them)."""
+    if isinstance(batch, StepBatch):
+        changes: dict[str, Any] = {}
+        if dropped_batches is not None:
+            changes["dropped_batches"] = dict(dropped_batches)
+        if without_incidents:
+            changes["incidents"] = ()
+        return dataclasses.replace(batch, **changes)
+    wire = dict(batch)
+    if dropped_batches is not None:
+        wire["dropped_batches"] = dict(dropped_batches)
+    if without_incidents:
+        wire.pop("incidents", None)
+    return wire

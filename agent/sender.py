@@ -416,24 +416,23 @@ class Sender(SpoolBacklog):
             except (RetryableError, _ShutdownError):
                 self._spool_status(item.status)
             return
-        wire = item.to_wire()
         if backlog:
-            self._to_spool(wire, DropReason.SHUTDOWN)
+            self._to_spool(item.to_wire(), DropReason.SHUTDOWN)
             return
         try:
             self._with_retry(self._ensure_run)
-            self._with_retry(lambda: self._send(wire))
+            self._with_retry(lambda: self._send(item))
         except RunRejectedError:
-            self._to_spool(wire, DropReason.REJECTED)
+            self._to_spool(item.to_wire(), DropReason.REJECTED)
             return
         except RejectedError:
             self._count(DropReason.REJECTED)
             return
         except RetryableError:
-            self._to_spool(wire, DropReason.SERVER_UNAVAILABLE)
+            self._to_spool(item.to_wire(), DropReason.SERVER_UNAVAILABLE)
             return
         except _ShutdownError:
-            self._to_spool(wire, DropReason.SHUTDOWN)
+            self._to_spool(item.to_wire(), DropReason.SHUTDOWN)
             return
         self._delivered(len(item))
 

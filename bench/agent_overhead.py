@@ -44,6 +44,7 @@ import numpy as np
 import tensorflow as tf
 
 from gradwatch.agent import GradientMonitor, clip
+from gradwatch.agent.records import OutgoingBatch
 from gradwatch.agent.transport import RunInfo
 
 WIDTH, DEPTH, BATCH = 350, 50, 256
@@ -53,7 +54,7 @@ class DiscardTransport:
     """Accepts and drops everything: isolates the agent's own cost from the network."""
 
     def create_run(self, run: RunInfo) -> None: ...
-    def send_batch(self, run_id: str, batch: dict[str, Any]) -> None: ...
+    def send_batch(self, run_id: str, batch: OutgoingBatch) -> None: ...
     def set_status(self, run_id: str, status: str) -> None: ...
     def close(self) -> None: ...
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 from anyio import to_thread
 from fastapi import FastAPI
@@ -58,10 +59,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (runs, batches, series, heatmap, events, projects, health):
         app.include_router(module.router)
     install_ui(app)
+    _document_batch_body(app)
     # Level 5, not Starlette's 9: the whole-run heatmap (2.8 MiB of JSON) compresses in 0.14 s
     # instead of 1.9 s for 8 % more bytes (926 vs 857 KiB).
     app.add_middleware(GZipMiddleware, minimum_size=4096, compresslevel=GZIP_LEVEL)
     return app
+
+
+def _document_batch_body(app: FastAPI) -> None:
+    """Have ``app.openapi()`` describe the batch body, which the endpoint reads itself."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            batches.add_body_schema(generate())
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _authenticator(settings: Settings) -> Authenticator:

@@ -44,6 +44,7 @@ __all__ = [
     "PROJECT_PATTERN",
     "SCHEMA_VERSION",
     "BatchAck",
+    "BatchHeader",
     "BucketedSeriesOut",
     "ErrorOut",
     "FieldErrorOut",
@@ -84,30 +85,13 @@ class _Out(BaseModel):
     model_config = ConfigDict(ser_json_inf_nan="strings", frozen=True)
 
 
-class StepBatch(_Wire):
-    """One batch of consecutive training steps, columnar (``schema`` 1).
-
-    Run-level arrays hold one entry per step; per-layer arrays one row per step with one entry
-    per layer, in ``layers`` order. ``null`` entries of the optional metrics mean "not measured
-    at that step". Size limits that depend on the server's settings (steps per batch, layers)
-    are checked at ingest, not here.
-    """
+class BatchHeader(_Wire):
+    """The fields of a batch that are not numeric columns: the same in the JSON and the
+    binary body (``gradwatch.wire.binary``), validated by the same rules."""
 
     schema_version: Literal[1] = Field(alias="schema", description="Wire format version: 1.")
     batch_id: UUID = Field(description="Client-made id; a resend with the same id is a no-op.")
     layers: list[_LayerName] = Field(min_length=1, description="Unique layer names.")
-    step: list[_Step] = Field(min_length=1, description="Strictly increasing training steps.")
-    loss: list[WireFloat | None] | None = None
-    global_norm: list[WireFloat] = Field(description="Global gradient L2 norm before clipping.")
-    global_norm_clipped: list[WireFloat] = Field(description="Global norm after clipping.")
-    clip_coef: list[WireFloat] = Field(description="Clip coefficient; < 1 means clipped.")
-    skipped: list[StrictBool] = Field(description="Whether the update was skipped.")
-    grad_norm: list[list[WireFloat]] = Field(description="Per-layer gradient L2 norm.")
-    nonfinite: list[list[_Count]] = Field(
-        description="Per-layer count of non-finite gradient values (0 ≤ count ≤ 2⁵³)."
-    )
-    weight_norm: list[list[WireFloat | None]] | None = None
-    update_ratio: list[list[WireFloat | None]] | None = None
     dropped_batches: dict[_DropReason, _Count] | None = Field(
         default=None,
         max_length=64,
@@ -126,6 +110,30 @@ class StepBatch(_Wire):
                 raise ValueError(f"layers: {name!r} appears more than once")
             seen.add(name)
         return layers
+
+
+class StepBatch(BatchHeader):
+    """One batch of consecutive training steps, columnar (``schema`` 1), as JSON.
+
+    Run-level arrays hold one entry per step; per-layer arrays one row per step with one entry
+    per layer, in ``layers`` order. ``null`` entries of the optional metrics mean "not measured
+    at that step". Size limits that depend on the server's settings (steps per batch, layers)
+    are checked at ingest, not here. The binary body carries the same fields (see
+    ``gradwatch.wire.binary``).
+    """
+
+    step: list[_Step] = Field(min_length=1, description="Strictly increasing training steps.")
+    loss: list[WireFloat | None] | None = None
+    global_norm: list[WireFloat] = Field(description="Global gradient L2 norm before clipping.")
+    global_norm_clipped: list[WireFloat] = Field(description="Global norm after clipping.")
+    clip_coef: list[WireFloat] = Field(description="Clip coefficient; < 1 means clipped.")
+    skipped: list[StrictBool] = Field(description="Whether the update was skipped.")
+    grad_norm: list[list[WireFloat]] = Field(description="Per-layer gradient L2 norm.")
+    nonfinite: list[list[_Count]] = Field(
+        description="Per-layer count of non-finite gradient values (0 ≤ count ≤ 2⁵³)."
+    )
+    weight_norm: list[list[WireFloat | None]] | None = None
+    update_ratio: list[list[WireFloat | None]] | None = None
 
     @field_validator("step")
     @classmethod

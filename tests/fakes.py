@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from gradwatch.agent.records import StepBatch
+from gradwatch.agent.records import OutgoingBatch, StepBatch, as_wire
 from gradwatch.agent.transport import RunInfo
 
 NormGenerator = Callable[[np.random.Generator, int, int], np.ndarray]
@@ -54,7 +54,7 @@ class BlockingTransport:
     def create_run(self, run: RunInfo) -> None:
         self.release.wait()
 
-    def send_batch(self, run_id: str, batch: dict[str, Any]) -> None:
+    def send_batch(self, run_id: str, batch: OutgoingBatch) -> None:
         self.release.wait()
 
     def set_status(self, run_id: str, status: str) -> None:
@@ -104,9 +104,9 @@ class RecordingTransport:
         with self._lock:
             self.runs.append(run)
 
-    def send_batch(self, run_id: str, batch: dict[str, Any]) -> None:
+    def send_batch(self, run_id: str, batch: OutgoingBatch) -> None:
         with self._lock:
-            self.batches.append(batch)
+            self.batches.append(as_wire(batch))
 
     def set_status(self, run_id: str, status: str) -> None:
         with self._lock:

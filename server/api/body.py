@@ -3,11 +3,13 @@
 Used by :class:`~gradwatch.server.api.route.DecodedBodyRoute` once the caller is
 authenticated. Each step refuses before the next one costs anything:
 
-1. :func:`check_media_type`: a body must be ``application/json`` (or ``+json``), else 415.
+1. :func:`check_media_type`: a body must be ``application/json`` (or ``+json``), or where the
+   route takes one the binary batch (``gradwatch.wire.binary.MEDIA_TYPE``), else 415.
 2. :func:`read_body`: at most ``max_bytes`` read from the client, else 413.
 3. :func:`decode_body`: gzip decoded to at most ``max_bytes``, else 413 (a bomb stops there);
    broken gzip is 400; an encoding other than gzip/identity 415.
-4. :func:`parse_json`: strict JSON, else 422: no bare ``NaN``/``Infinity`` (non-finite floats
+4. :func:`parse_json`: strict JSON, else 422 (a binary batch is parsed by
+   :mod:`gradwatch.server.api.binary_batch`): no bare ``NaN``/``Infinity`` (non-finite floats
    travel as strings), no duplicate keys (which one would win is up to the parser), no nesting
    deeper than the parser's recursion limit, no integer of more than 4300 digits. orjson parses
    (with the checks below, about twice as fast as the standard library on a 500-layer batch);
@@ -50,8 +52,13 @@ _GZIP = ("gzip", "x-gzip")
 _IDENTITY = "identity"
 
 
-def check_media_type(request: Request) -> None:
-    """Refuse a body not declared as JSON (``application/json`` or ``application/*+json``).
+def check_media_type(request: Request, binary: str | None = None) -> bool:
+    """Whether the body is the binary media type ``binary``; refuse it unless it is that or
+    JSON (``application/json`` or ``application/*+json``).
+
+    Args:
+        binary: The route's binary media type (parameters ignored), or None if it takes JSON
+            only.
 
     Raises:
         UnsupportedMediaTypeError: Another or no ``Content-Type``.
@@ -64,11 +71,14 @@ def check_media_type(request: Request) -> None:
         if message.get_content_maintype() == "application" and (
             subtype == "json" or subtype.endswith("+json")
         ):
-            return
+            return False
+        if binary is not None and message.get_content_type() == binary:
+            return True
     shown = "none" if not declared else repr(declared[:100])
+    also = "" if binary is None else f" or as MessagePack with 'Content-Type: {binary}'"
     raise UnsupportedMediaTypeError(
         f"Content-Type: {shown} not supported; send the body as JSON with "
-        "'Content-Type: application/json'"
+        f"'Content-Type: application/json'{also}"
     )
 
 

@@ -9,11 +9,14 @@ caller who may not send it:
    being read, decompressed or parsed (and failed tokens are rate-limited per address);
 2. the body's media type (415) and encoding (415) are checked from the headers;
 3. the body is read and gzip-decoded under ``Settings.max_body_bytes`` (413, 400);
-4. it is parsed as strict JSON (422; see :mod:`gradwatch.server.api.body`).
+4. it is parsed as strict JSON (422; see :mod:`gradwatch.server.api.body`), or on
+   :class:`IngestRoute` as the binary batch body when sent as one
+   (:mod:`gradwatch.server.api.binary_batch`).
 
 Endpoints still declare pydantic bodies, which appear in OpenAPI; FastAPI then validates the
-parsed value. Routes without a body are left to FastAPI (their access dependency runs as
-usual, and nothing reads a body).
+parsed value. The batch endpoint takes either body, so it reads it through
+:func:`batch_body` instead (and declares both media types in OpenAPI). Routes without a body
+are left to FastAPI (their access dependency runs as usual, and nothing reads a body).
 """
 
 from __future__ import annotations
@@ -27,12 +30,18 @@ from fastapi import Request, Response
 from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
+from pydantic import ValidationError
+
+from gradwatch.wire.binary import MEDIA_TYPE
 
 from ..errors import VALIDATION_ERROR_CODE, GradwatchError
+from ..ingest.columns import BatchColumns, from_json
+from ..schemas import StepBatch
+from .binary_batch import parse_binary_batch
 from .body import check_media_type, content_encoding, decode_body, parse_json, read_body
 from .deps import Access, check_access, get_metrics, get_settings
 
-__all__ = ["DecodedBodyRoute", "IngestRoute"]
+__all__ = ["DecodedBodyRoute", "IngestRoute", "batch_body"]
 
 _Handler = Callable[[Request], Coroutine[Any, Any, Response]]
 _NOTHING = object()
@@ -43,6 +52,7 @@ class _DecodedRequest(Request):
 
     _decoded: bytes = b""
     _parsed: Any = _NOTHING
+    _binary: bool = False
 
     async def body(self) -> bytes:
         """Return the decoded body."""
@@ -51,7 +61,8 @@ class _DecodedRequest(Request):
     async def json(self) -> Any:
         """Return the parsed body (parsed once, off the event loop)."""
         if self._parsed is _NOTHING:
-            self._parsed = await to_thread.run_sync(parse_json, self._decoded)
+            parse = parse_binary_batch if self._binary else parse_json
+            self._parsed = await to_thread.run_sync(parse, self._decoded)
         return self._parsed
 
 
@@ -76,10 +87,15 @@ def _declares_body(request: Request) -> bool:
 class DecodedBodyRoute(APIRoute):
     """An ``APIRoute`` that authenticates, then caps, decodes and parses request bodies."""
 
+    binary_media_type: str | None = None
+    """A binary media type the route takes besides JSON (its endpoint reads the body with
+    :func:`batch_body`), or None."""
+
     def get_route_handler(self) -> _Handler:
         """Wrap FastAPI's handler so the caller is checked and the body decoded first."""
         handle = super().get_route_handler()
-        if self.body_field is None:
+        takes_binary = self.binary_media_type is not None and "POST" in (self.methods or ())
+        if self.body_field is None and not takes_binary:
             return handle
         access = _find_access(self.dependant)
 
@@ -88,7 +104,7 @@ class DecodedBodyRoute(APIRoute):
                 await to_thread.run_sync(check_access, request, access)
             decoded = _DecodedRequest(request.scope, request.receive)
             if _declares_body(request):
-                check_media_type(request)
+                decoded._binary = check_media_type(request, self.binary_media_type)
                 encoding = content_encoding(request)
                 max_bytes = get_settings(request).max_body_bytes
                 metrics = get_metrics(request)
@@ -109,7 +125,10 @@ class DecodedBodyRoute(APIRoute):
 
 
 class IngestRoute(DecodedBodyRoute):
-    """A :class:`DecodedBodyRoute` that also times requests and counts rejected batches."""
+    """A :class:`DecodedBodyRoute` that takes binary batches too, times requests and counts
+    rejected batches."""
+
+    binary_media_type = MEDIA_TYPE
 
     def get_route_handler(self) -> _Handler:
         """Wrap the decoding handler with the ingest self-metrics."""
@@ -130,3 +149,28 @@ class IngestRoute(DecodedBodyRoute):
                 metrics.ingest_duration.observe(time.perf_counter() - started)
 
         return handle_timed
+
+
+def batch_body(request: Request) -> BatchColumns:
+    """The batch an :class:`IngestRoute` request carries, JSON or binary, validated.
+
+    A FastAPI dependency: a JSON body is validated as
+    :class:`~gradwatch.server.schemas.StepBatch`, with the errors FastAPI would give (``loc``
+    under ``body``). Blocks for CPU time (FastAPI runs it in a worker thread).
+
+    Raises:
+        RequestValidationError: No body, or a JSON body that is not a valid batch (422).
+    """
+    parsed = request._parsed if isinstance(request, _DecodedRequest) else _NOTHING
+    if isinstance(parsed, BatchColumns):
+        return parsed
+    if parsed is _NOTHING:
+        raise RequestValidationError(
+            [{"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}]
+        )
+    try:
+        return from_json(StepBatch.model_validate(parsed))
+    except ValidationError as error:
+        raise RequestValidationError(
+            [{**item, "loc": ("body", *item["loc"])} for item in error.errors(include_url=False)]
+        ) from None

@@ -31,8 +31,6 @@ import numpy as np
 from numpy.typing import NDArray
 from sqlalchemy.orm import Session
 
-from gradwatch.wire import LAYER_FIELDS, RUN_FIELDS
-
 from ..detect import StepColumns
 from ..detect import service as events
 from ..errors import BatchConflictError, InvalidBatchError, RunNotFoundError
@@ -41,18 +39,17 @@ from ..store import runs as run_store
 from ..store import series as series_store
 from ..store.block import decode_blocks, encode_blocks
 from ..store.incidents import add_incidents
-from ..store.metric import METRICS, Metric, MetricKind, MetricSpec, Scope
+from ..store.metric import METRICS, Metric, Scope
 from ..store.models import RUN_LEVEL, Run
 from ..store.rollup import chunk_maxima
 from ..store.runs import BatchRecord
 from .blocks import MetricBlocks, store_blocks
+from .columns import BatchColumns, Columns, from_json
 
 __all__ = ["IngestOptions", "PreparedBatch", "ingest_batch", "ingest_batches", "prepare_batch"]
 
 _INT64_MAX = 2**63 - 1
-_NULL = np.array(None, dtype=object)
-_Columns = tuple[NDArray[np.float32] | NDArray[np.int64], NDArray[np.bool_] | None]
-_Arrays = Mapping[Metric, _Columns | None]
+_Arrays = Mapping[Metric, Columns | None]
 """Per metric: ``(values (n, S), present or None)``, or None when the batch lacks it."""
 
 
@@ -109,7 +106,7 @@ class PreparedBatch:
     global_norm_max: float | None
 
 
-def prepare_batch(batch: StepBatch, limits: IngestOptions) -> PreparedBatch:
+def prepare_batch(batch: BatchColumns | StepBatch, limits: IngestOptions) -> PreparedBatch:
     """Check server limits and build the blocks of every series of a batch.
 
     Pure and vectorised (NumPy over the steps and layers of each metric); thread-safe; does
@@ -118,7 +115,8 @@ def prepare_batch(batch: StepBatch, limits: IngestOptions) -> PreparedBatch:
     Raises:
         InvalidBatchError: Too many steps or layers, or counts whose totals overflow int64.
     """
-    n = len(batch.step)
+    batch = _columns(batch)
+    n = len(batch)
     if n > limits.max_steps:
         raise InvalidBatchError(
             f"step: {n} steps in one batch, at most {limits.max_steps} allowed; "
@@ -128,8 +126,8 @@ def prepare_batch(batch: StepBatch, limits: IngestOptions) -> PreparedBatch:
         raise InvalidBatchError(
             f"layers: {len(batch.layers)} layers, at most {limits.max_layers} allowed"
         )
-    steps = np.asarray(batch.step, dtype=np.int64)
-    arrays = {spec.metric: _to_arrays(batch, spec, n) for spec in METRICS.values()}
+    steps = batch.steps
+    arrays = batch.metrics
     prepared: list[MetricBlocks] = []
     for spec in METRICS.values():
         columns = arrays[spec.metric]
@@ -151,7 +149,7 @@ def prepare_batch(batch: StepBatch, limits: IngestOptions) -> PreparedBatch:
     finite_or_inf = global_norm[~np.isnan(global_norm)]
     return PreparedBatch(
         record=BatchRecord(
-            batch_id=str(batch.batch_id),
+            batch_id=batch.batch_id,
             first_step=int(steps[0]),
             last_step=int(steps[-1]),
             n_steps=n,
@@ -166,7 +164,11 @@ def prepare_batch(batch: StepBatch, limits: IngestOptions) -> PreparedBatch:
 
 
 def ingest_batch(
-    session: Session, run_id: str, batch: StepBatch, options: IngestOptions, now: datetime
+    session: Session,
+    run_id: str,
+    batch: BatchColumns | StepBatch,
+    options: IngestOptions,
+    now: datetime,
 ) -> BatchAck:
     """Store a batch for a run in one transaction (committed here), or nothing at all.
 
@@ -177,7 +179,7 @@ def ingest_batch(
         session: A write session not yet in a transaction; committed on success, rolled
             back on any error.
         run_id: Canonical run uuid.
-        batch: The validated batch.
+        batch: The validated batch (a JSON ``StepBatch`` or the columns of either body).
         options: Server limits and the global-norm window.
         now: Ingest time (timezone-aware).
 
@@ -196,7 +198,7 @@ def ingest_batch(
 def ingest_batches(
     session: Session,
     run_id: str,
-    batches: Sequence[StepBatch],
+    batches: Sequence[BatchColumns | StepBatch],
     options: IngestOptions,
     now: datetime,
 ) -> list[BatchAck]:
@@ -210,18 +212,19 @@ def ingest_batches(
         InvalidBatchError, RunNotFoundError, BatchConflictError: As :func:`ingest_batch`;
             nothing is stored.
     """
-    prepared = [prepare_batch(batch, options) for batch in batches]
+    columns = [_columns(batch) for batch in batches]
+    prepared = [prepare_batch(batch, options) for batch in columns]
     with session.begin():
         return [
             _store(session, run_id, batch, item, options, now)
-            for item, batch in zip(prepared, batches, strict=True)
+            for item, batch in zip(prepared, columns, strict=True)
         ]
 
 
 def _store(
     session: Session,
     run_id: str,
-    batch: StepBatch,
+    batch: BatchColumns,
     prepared: PreparedBatch,
     options: IngestOptions,
     now: datetime,
@@ -288,7 +291,7 @@ def _same_batch(stored: BatchRecord, steps: NDArray[np.int64]) -> bool:
 def _new_steps(
     session: Session,
     run_id: str,
-    batch: StepBatch,
+    batch: BatchColumns,
     prepared: PreparedBatch,
     overlapping: Sequence[BatchRecord],
     options: IngestOptions,
@@ -299,14 +302,11 @@ def _new_steps(
     split = int(np.searchsorted(prepared.steps, stored_end, side="right"))
     if split >= prepared.steps.size or not _are_stored(session, run_id, prepared.steps[:split]):
         return None
-    return prepare_batch(_steps_from(batch, split), options)
+    return prepare_batch(batch.tail(split), options)
 
 
-def _steps_from(batch: StepBatch, start: int) -> StepBatch:
-    """``batch`` without its first ``start`` steps (every per-step field sliced)."""
-    fields = ("step", *RUN_FIELDS, *LAYER_FIELDS)
-    update = {name: getattr(batch, name)[start:] for name in fields if getattr(batch, name)}
-    return batch.model_copy(update=update)
+def _columns(batch: BatchColumns | StepBatch) -> BatchColumns:
+    return batch if isinstance(batch, BatchColumns) else from_json(batch)
 
 
 def _partial_ack(run_id: str, whole: PreparedBatch, stored: PreparedBatch) -> BatchAck:
@@ -374,27 +374,6 @@ def _fold_norm_window(
     elif batch_max is not None:
         current = run.norm_window_max
         run.norm_window_max = batch_max if current is None else max(current, batch_max)
-
-
-def _to_arrays(batch: StepBatch, spec: MetricSpec, n: int) -> _Columns | None:
-    """Return ``(values (n, S), present or None)`` of one metric, or None when absent."""
-    raw = getattr(batch, spec.metric.value)
-    if raw is None:
-        return None
-    if spec.kind is MetricKind.COUNT:
-        return np.asarray(raw, dtype=np.int64).reshape(n, -1), None
-    if spec.required:
-        wide = np.asarray(raw, dtype=np.float64)
-        present = None
-    else:
-        objects = np.asarray(raw, dtype=object)
-        present = np.not_equal(objects, _NULL).astype(np.bool_)
-        wide = np.where(present, objects, np.nan).astype(np.float64)
-        if present.all():
-            present = None
-    with np.errstate(over="ignore"):
-        values = wide.astype(np.float32).reshape(n, -1)
-    return values, None if present is None else present.reshape(n, -1)
 
 
 def _total(arrays: _Arrays, n: int) -> _RunTotals:

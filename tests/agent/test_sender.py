@@ -23,6 +23,7 @@ import pytest
 
 from gradwatch.agent import lifecycle
 from gradwatch.agent.lifecycle import close_at_exit
+from gradwatch.agent.records import OutgoingBatch, as_wire
 from gradwatch.agent.sender import DropReason, Sender
 from gradwatch.agent.spool import Spool, SpoolState
 from gradwatch.agent.transport import RejectedError, RetryableError, RetryPolicy, RunInfo
@@ -76,9 +77,9 @@ class ScriptedTransport:
     def create_run(self, run: RunInfo) -> None:
         self._call("create_run")
 
-    def send_batch(self, run_id: str, batch: dict[str, Any]) -> None:
+    def send_batch(self, run_id: str, batch: OutgoingBatch) -> None:
         self._call("send_batch")
-        self.batches.append(batch)
+        self.batches.append(as_wire(batch))
 
     def set_status(self, run_id: str, status: str) -> None:
         self._call(f"status:{status}")
@@ -196,8 +197,8 @@ def test_sender_never_retries_a_rejection_logs_it_once_and_counts_it(make_sender
 class OldServerTransport(ScriptedTransport):
     """A server from before incident announcements: extra fields are a 422 naming them."""
 
-    def send_batch(self, run_id: str, batch: dict[str, Any]) -> None:
-        if "incidents" in batch:
+    def send_batch(self, run_id: str, batch: OutgoingBatch) -> None:
+        if "incidents" in as_wire(batch):
             self.calls.append("send_batch")
             raise RejectedError(
                 "POST /api/v1/runs/x/batches: HTTP 422: incidents: Extra inputs are not permitted",

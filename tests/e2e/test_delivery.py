@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 from gradwatch.agent import GradientMonitor, clip
+from gradwatch.agent.records import OutgoingBatch, as_wire
 from gradwatch.agent.sender import DropReason
 from gradwatch.agent.transport import HttpTransport
 from gradwatch.server import embedded
@@ -200,8 +201,8 @@ def test_server_killed_mid_ingest_then_restarted_duplicates_and_loses_nothing(
     class Announcing(HttpTransport):
         """Tells the test when the POST of a batch starts."""
 
-        def send_batch(self, run_id: str, batch: dict[str, Any]) -> None:
-            posting.setdefault(batch["step"][0], threading.Event()).set()
+        def send_batch(self, run_id: str, batch: OutgoingBatch) -> None:
+            posting.setdefault(as_wire(batch)["step"][0], threading.Event()).set()
             super().send_batch(run_id, batch)
 
     monitor = GradientMonitor(
