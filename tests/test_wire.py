@@ -8,6 +8,7 @@ on the server with every float32 value (NaN and ±Inf included) unchanged.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -109,3 +110,56 @@ def test_wire_agent_batch_reads_back_on_the_server_unchanged(values, first):
         assert np.array_equal(got, values.astype(np.float64), equal_nan=True), name
     loss = np.array(parsed.loss, dtype=np.float64)
     assert np.array_equal(loss, values[:, 0].astype(np.float64), equal_nan=True)
+
+
+def _columns_equal(left, right) -> None:
+    """Two ``BatchColumns`` hold the same batch, bit for bit (NaN payloads aside)."""
+    assert (left.batch_id, left.layers) == (right.batch_id, right.layers)
+    assert np.array_equal(left.steps, right.steps)
+    assert left.metrics.keys() == right.metrics.keys()
+    for metric, item in left.metrics.items():
+        other = right.metrics[metric]
+        assert (item is None) == (other is None), metric
+        if item is None:
+            continue
+        assert item[0].dtype == other[0].dtype, metric
+        assert np.array_equal(item[0], other[0], equal_nan=True), metric
+        assert (item[1] is None) == (other[1] is None), metric
+        if item[1] is not None:
+            assert np.array_equal(item[1], other[1]), metric
+    assert left.dropped_batches == right.dropped_batches
+    assert left.incidents == right.incidents
+
+
+@given(
+    values=hnp.arrays(
+        np.float32,
+        hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=6),
+        elements=st.floats(width=32, allow_nan=True, allow_infinity=True),
+    ),
+    first=st.integers(0, wire.MAX_STEP - 10),
+    data=st.data(),
+)
+def test_wire_binary_body_reads_as_the_same_batch_as_its_json(values, first, data):
+    """The agent's binary body and its JSON body make the same arrays on the server, with
+    unmeasured values (JSON ``null``) in the same places."""
+    from gradwatch.server.api.binary_batch import parse_binary_batch
+    from gradwatch.server.ingest.columns import from_json
+
+    n, width = values.shape
+    steps = np.arange(first, first + n, dtype=np.int64)
+    known = data.draw(hnp.arrays(np.bool_, n))
+    counts = data.draw(hnp.arrays(np.int64, (n, width), elements=st.integers(0, wire.MAX_COUNT)))
+    batch = dataclasses.replace(
+        _full_agent_batch(values, steps),
+        loss_known=data.draw(hnp.arrays(np.bool_, n)),
+        weights_known=known,
+        skipped=data.draw(hnp.arrays(np.bool_, n)),
+        nonfinite=counts,
+        dropped_batches=data.draw(st.sampled_from([None, {"queue_full": 3}])),
+    )
+
+    from_binary = parse_binary_batch(batch.to_binary())
+    from_text = from_json(ServerBatch.model_validate_json(json.dumps(batch.to_wire())))
+
+    _columns_equal(from_binary, from_text)

@@ -81,6 +81,8 @@ def parse_binary_batch(body: bytes) -> BatchColumns:
         shaped = values.reshape(steps.size, -1)
         mask = masks.get(name)
         present = None if mask is None or mask.all() else mask.reshape(shaped.shape)
+        if present is not None:  # an unmeasured value reads as NaN, as JSON's null does
+            shaped = np.where(present, shaped, np.float32(np.nan))
         metrics[metric] = (shaped, present)
     return BatchColumns(
         batch_id=str(header.batch_id),
@@ -147,6 +149,8 @@ def _steps(raw: bytes | None, errors: list[_Error]) -> NDArray[np.int64] | None:
         _error("greater_than_equal", ("step", i), "Input should be greater than or equal to 0")
         for i in negative.tolist()
     )
+    if negative.size:  # as JSON: order is checked once every step is valid
+        return None
     not_increasing = np.flatnonzero(np.diff(steps) <= 0)
     if not_increasing.size:
         i = int(not_increasing[0]) + 1
@@ -157,7 +161,7 @@ def _steps(raw: bytes | None, errors: list[_Error]) -> NDArray[np.int64] | None:
                 f"follows step[{i - 1}] = {steps[i - 1]}",
             )
         )
-    return None if negative.size or not_increasing.size else steps
+    return None if not_increasing.size else steps
 
 
 def _values(

@@ -89,3 +89,43 @@ def get_series(client: TestClient, run_id: str, metric: str, **params: Any) -> A
     response = client.get(f"/api/v1/runs/{run_id}/series", params={"metric": metric, **params})
     assert response.status_code == 200, response.text
     return response.json()
+
+
+def binary_body(body: dict[str, Any]) -> bytes:
+    """The binary form (``gradwatch.wire.binary``) of a JSON batch body, valid or not:
+    numeric columns become raw arrays (``null`` entries unmeasured), the rest stays."""
+    import numpy as np
+
+    from gradwatch.wire.binary import COLUMNS, pack
+
+    fields = {key: value for key, value in body.items() if key not in COLUMNS}
+    columns: dict[str, Any] = {}
+    measured: dict[str, Any] = {}
+    for name, values in body.items():
+        if name not in COLUMNS:
+            continue
+        flat = (
+            [v for row in values for v in row] if values and isinstance(values[0], list) else values
+        )
+        if COLUMNS[name].dtype.kind == "f":
+            columns[name] = np.array([math.nan if v is None else decode_float(v) for v in flat])
+            known = [v is not None for v in flat]
+            if not all(known):
+                measured[name] = np.array(known)
+        else:
+            columns[name] = np.array(flat, dtype=np.int64)
+    return pack(fields, columns, measured)
+
+
+def post_binary(
+    client: TestClient, run_id: str, body: dict[str, Any] | bytes, *, compress: bool = True
+) -> Any:
+    """POST a batch as the binary body (a JSON body dict is converted by :func:`binary_body`)."""
+    from gradwatch.wire.binary import MEDIA_TYPE
+
+    raw = body if isinstance(body, bytes) else binary_body(body)
+    headers = {"Content-Type": MEDIA_TYPE}
+    if compress:
+        raw = gzip.compress(raw)
+        headers["Content-Encoding"] = "gzip"
+    return client.post(f"/api/v1/runs/{run_id}/batches", content=raw, headers=headers)
