@@ -606,6 +606,52 @@ def test_http_transport_classifies_failures_by_the_retry_rules():
     transport.close()
 
 
+def test_http_transport_sends_its_batches_binary_and_json_to_a_server_without_binary(caplog):
+    """A batch made in this process goes as the binary body; a server that answers 415 to
+    it (older than binary batches) gets the same batch again as JSON, and JSON from then on,
+    with one warning. A wire dict (read back from the spool) goes as JSON."""
+    import gzip
+
+    import httpx
+
+    from gradwatch.agent.transport import HttpTransport
+    from gradwatch.server.api.binary_batch import parse_binary_batch
+    from gradwatch.wire.binary import MEDIA_TYPE
+
+    sent: list[tuple[str, bytes]] = []
+    takes_binary = True
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        kind = request.headers["Content-Type"]
+        sent.append((kind, gzip.decompress(request.content)))
+        if kind == MEDIA_TYPE and not takes_binary:
+            return httpx.Response(415, json={"detail": "Content-Type not supported"})
+        return httpx.Response(200, json={"duplicate": False})
+
+    client = httpx.Client(base_url="http://gw", transport=httpx.MockTransport(handler))
+    transport = HttpTransport("http://gw", client=client)
+    batch = step_batch(0)
+    transport.send_batch(RUN.run_id, batch)
+    transport.send_batch(RUN.run_id, batch.to_wire())
+    assert [kind for kind, _ in sent] == [MEDIA_TYPE, "application/json"]
+    assert parse_binary_batch(sent[0][1]).batch_id == batch.batch_id
+    assert json.loads(sent[1][1]) == batch.to_wire()
+
+    sent.clear()
+    takes_binary = False
+    with caplog.at_level(logging.WARNING, logger="gradwatch.agent"):
+        transport.send_batch(RUN.run_id, batch)
+        transport.send_batch(RUN.run_id, step_batch(10))
+    assert [kind for kind, _ in sent] == [MEDIA_TYPE, "application/json", "application/json"]
+    assert json.loads(sent[1][1]) == batch.to_wire()
+    assert [r.getMessage() for r in caplog.records if "binary" in r.getMessage()] == [
+        "gradwatch: http://gw does not take binary batches (an older gradwatch server?); "
+        "sending JSON, which costs the training process ~25 ms of CPU per 500-layer batch: "
+        "upgrade the server"
+    ]
+    transport.close()
+
+
 def test_local_summary_counts_clipped_skipped_and_nonfinite_steps(tmp_path):
     from gradwatch.agent.local import JsonlTransport, read_run_file
 
