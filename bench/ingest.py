@@ -4,8 +4,10 @@ For each backend (SQLite, and PostgreSQL when its binaries are installed or ``--
 is given):
 
 * **HTTP ingest**: a real uvicorn server on 127.0.0.1 (``EmbeddedServer``); one client posts
-  pre-built gzip JSON ``StepBatch`` bodies of ``--steps`` steps × ``--layers`` layers, one
-  after the other, as one agent does, to a run that already holds ``--preload-steps`` steps
+  pre-built gzip ``StepBatch`` bodies of ``--steps`` steps × ``--layers`` layers, one
+  after the other, as one agent does, for each body in ``--bodies`` (JSON, and the binary body
+  of ``gradwatch.wire.binary`` the agent sends), each into its own new database, to a run that
+  already holds ``--preload-steps`` steps
   (posted untimed first: a run's cost per batch grows until its blocks fill their pages).
   Samples/s = stored samples / wall time (request decoding, validation, block encoding and
   the transaction all included). On a shared
@@ -15,6 +17,7 @@ is given):
 * **ORM baseline**: the database-only path a plain SQLAlchemy app would take for the same
   blocks: ``session.add_all(Block(...) for every block)`` and a commit per batch, no HTTP and
   no validation. The ratio HTTP / ORM is printed beside it.
+* **Agent encoding**: the agent's CPU time to encode one such batch as each body (median).
 * **Query**: one run of ``--query-steps`` steps (blocks of ``--steps`` steps, one layer),
   ``GET /series?metric=grad_norm&layer=…&max_points=2000`` over the whole range via HTTP;
   median and best of ``--query-repeats``.
@@ -26,7 +29,7 @@ is given):
 PostgreSQL runs with its default durability (fsync on) in a throwaway cluster on 127.0.0.1.
 
     python -m bench.ingest [--batches 40] [--layers 500] [--steps 50] [--query-steps 1000000]
-        [--preload-steps 20000] [--sqlite-checkpoint-pages N] [--http-only]
+        [--preload-steps 20000] [--bodies json,binary] [--sqlite-checkpoint-pages N] [--http-only]
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from sqlalchemy import insert, make_url, text
 from sqlalchemy.orm import Session
 
 from bench.cpu import child_pids, find_postmaster, process_seconds
+from gradwatch.agent.records import StepBatch as AgentBatch
 from gradwatch.server.config import Settings
 from gradwatch.server.embedded import EmbeddedServer
 from gradwatch.server.ingest.batch import IngestOptions, ingest_batches, prepare_batch
@@ -67,6 +71,7 @@ from gradwatch.server.store.db import (
     upgrade_database,
 )
 from gradwatch.server.store.models import Block
+from gradwatch.wire.binary import COLUMNS, MEDIA_TYPE, pack
 from tests.fakes import sqlite_file_bytes
 
 _LIMITS = IngestOptions(max_steps=100_000, max_layers=10_000)
@@ -98,6 +103,16 @@ def _batch(first: int, steps: int, layers: list[str], rng: np.random.Generator) 
 
 def _gzip(body: dict[str, Any]) -> bytes:
     return gzip.compress(json.dumps(body, separators=(",", ":")).encode(), compresslevel=1)
+
+
+def _gzip_binary(body: dict[str, Any]) -> bytes:
+    """The same batch as the binary body, gzipped at the agent's level."""
+    fields = {key: body[key] for key in ("schema", "batch_id", "layers")}
+    columns = {name: np.asarray(body[name]) for name in COLUMNS if name in body}
+    return gzip.compress(pack(fields, columns), compresslevel=1)
+
+
+_ENCODERS = {"json": (_gzip, "application/json"), "binary": (_gzip_binary, MEDIA_TYPE)}
 
 
 @contextmanager
@@ -139,12 +154,12 @@ class _HttpResult:
 
 
 def _http_ingest(
-    url: str, bodies: list[tuple[bytes, int]], preload: Iterator[bytes]
+    url: str, bodies: list[tuple[bytes, int]], preload: Iterator[bytes], media_type: str
 ) -> _HttpResult:
     """Post every body; time all but the first, which creates the run's series. The
     ``preload`` bodies are posted first, untimed: the run then holds their steps, as a run
     that has trained for a while does (its blocks spread over more pages)."""
-    headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    headers = {"Content-Type": media_type, "Content-Encoding": "gzip"}
     with (
         EmbeddedServer(Settings(database_url=url)) as server,
         httpx.Client(base_url=server.url, timeout=120) as client,
@@ -236,6 +251,38 @@ def _orm_baseline(url: str, batches: list[dict[str, Any]]) -> tuple[float, int]:
 
 def _none_if_nan(value: float) -> float | None:
     return None if np.isnan(value) else float(value)
+
+
+def _agent_encoding_ms(body: dict[str, Any], repeats: int = 21) -> dict[str, float]:
+    """Median ms the agent's sender thread spends turning one batch into each body: for JSON
+    ``to_wire``, ``json.dumps`` and gzip; for binary ``to_binary`` and gzip (both at level 1,
+    as ``HttpTransport`` sends them)."""
+    n = len(body["step"])
+    batch = AgentBatch(
+        layers=tuple(body["layers"]),
+        step=np.asarray(body["step"], np.int64),
+        loss=np.asarray(body["loss"], np.float32),
+        loss_known=np.ones(n, np.bool_),
+        global_norm=np.asarray(body["global_norm"], np.float32),
+        global_norm_clipped=np.asarray(body["global_norm_clipped"], np.float32),
+        clip_coef=np.asarray(body["clip_coef"], np.float32),
+        skipped=np.asarray(body["skipped"], np.bool_),
+        grad_norm=np.asarray(body["grad_norm"], np.float32),
+        nonfinite=np.asarray(body["nonfinite"], np.int64),
+    )
+    encoders = {
+        "json": lambda: gzip.compress(
+            json.dumps(batch.to_wire(), separators=(",", ":"), allow_nan=False).encode(), 1
+        ),
+        "binary": lambda: gzip.compress(batch.to_binary(), 1),
+    }
+    times: dict[str, list[float]] = {kind: [] for kind in encoders}
+    for _ in range(repeats):
+        for kind, encode in encoders.items():
+            started = time.perf_counter()
+            encode()
+            times[kind].append(time.perf_counter() - started)
+    return {kind: 1000 * statistics.median(values) for kind, values in times.items()}
 
 
 def _now() -> datetime:
@@ -330,6 +377,11 @@ def main() -> None:
     parser.add_argument("--query-steps", type=int, default=1_000_000)
     parser.add_argument("--query-repeats", type=int, default=20)
     parser.add_argument("--backends", default="sqlite,postgresql")
+    parser.add_argument(
+        "--bodies",
+        default="json,binary",
+        help="request bodies to time HTTP ingest with, side by side: json, binary",
+    )
     parser.add_argument("--postgres-url", default=None, help="use this server, not a new one")
     parser.add_argument(
         "--preload-steps",
@@ -370,13 +422,22 @@ def main() -> None:
     batches = [
         _batch(first + i * args.steps, args.steps, layers, rng) for i in range(args.batches + 1)
     ]
-    bodies = [(_gzip(b), len(b["step"])) for b in batches]
+    kinds = args.bodies.split(",")
+    bodies = {kind: [(_ENCODERS[kind][0](b), len(b["step"])) for b in batches] for kind in kinds}
     float_fraction = (args.layers + 4) / (2 * args.layers + 5)
-    kib = np.mean([len(body) for body, _ in bodies]) / 1024
+    sizes = ", ".join(
+        f"{np.mean([len(body) for body, _ in bodies[kind]]) / 1024:.0f} KiB gzip {kind}"
+        for kind in kinds
+    )
     print(
         f"{args.batches} batches of {args.steps} steps × {args.layers} layers "
-        f"({(2 * args.layers + 5) * args.steps} samples, {kib:.0f} KiB gzip each), "
+        f"({(2 * args.layers + 5) * args.steps} samples; {sizes} each), "
         f"timed after {first:,} steps"
+    )
+    encoding = _agent_encoding_ms(batches[0])
+    print(
+        "the agent's encoding of one batch (its sender thread, median of 21): "
+        + ", ".join(f"{kind} {ms:.1f} ms" for kind, ms in encoding.items())
     )
     workdir = Path(tempfile.mkdtemp(prefix="gradwatch-bench-"))
     rows = []
@@ -392,24 +453,30 @@ def main() -> None:
                     continue
                 else:
                     make = make_postgres
-                http_url = make()
-                preload = (
-                    _gzip(_batch(step, args.steps, layers, rng))
-                    for step in range(0, first, args.steps)
-                )
-                http = _http_ingest(http_url, bodies, preload)
-                stored = http.stored
-                http_rate = stored / http.seconds
-                cpu_rate = stored / (http.cpu_seconds + http.database_cpu_seconds)
-                cpu_ms = (
-                    1000 * http.cpu_seconds / args.batches,
-                    1000 * http.database_cpu_seconds / args.batches,
-                )
-                if args.http_only:
-                    print(
-                        f"{backend}: HTTP ingest {http_rate:,.0f} samples/s, "
-                        f"{cpu_rate:,.0f} samples per CPU second"
+                http: dict[str, tuple[float, float, tuple[float, float]]] = {}
+                for kind in kinds:
+                    http_url = make()
+                    encode, media_type = _ENCODERS[kind]
+                    preload = (
+                        encode(_batch(step, args.steps, layers, rng))
+                        for step in range(0, first, args.steps)
                     )
+                    result = _http_ingest(http_url, bodies[kind], preload, media_type)
+                    stored = result.stored
+                    http[kind] = (
+                        stored / result.seconds,
+                        stored / (result.cpu_seconds + result.database_cpu_seconds),
+                        (
+                            1000 * result.cpu_seconds / args.batches,
+                            1000 * result.database_cpu_seconds / args.batches,
+                        ),
+                    )
+                    print(
+                        f"{backend}, {kind} body: HTTP ingest {http[kind][0]:,.0f} samples/s, "
+                        f"{http[kind][1]:,.0f} samples per CPU second",
+                        flush=True,
+                    )
+                if args.http_only:
                     continue
                 size = _size_bytes(http_url)
                 total_samples = stored * (args.batches + 1 + first // args.steps) / args.batches
@@ -418,35 +485,37 @@ def main() -> None:
                 query_url = make()
                 run_id, layer = _load_long_run(query_url, args.query_steps, args.steps)
                 median_ms, best_ms = _query(query_url, run_id, layer, args.query_repeats)
-                rows.append(
-                    (
-                        backend,
-                        http_rate,
-                        cpu_rate,
-                        cpu_ms,
-                        orm_rate,
-                        http_rate / orm_rate,
-                        median_ms,
-                        best_ms,
-                        size / total_samples,
-                        size / (total_samples * float_fraction),
+                for kind, (http_rate, cpu_rate, cpu_ms) in http.items():
+                    rows.append(
+                        (
+                            backend,
+                            kind,
+                            http_rate,
+                            cpu_rate,
+                            cpu_ms,
+                            orm_rate,
+                            http_rate / orm_rate,
+                            median_ms,
+                            best_ms,
+                            size / total_samples,
+                            size / (total_samples * float_fraction),
+                        )
                     )
-                )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     if args.http_only:
         return
     print(
-        f"{'backend':<11} {'HTTP samples/s':>15} {'per CPU s':>10} {'CPU ms/batch':>14} "
-        f"{'ORM add_all/s':>14} {'ratio':>6} "
+        f"{'backend':<11} {'body':<7} {'HTTP samples/s':>15} {'per CPU s':>10} "
+        f"{'CPU ms/batch':>14} {'ORM add_all/s':>14} {'ratio':>6} "
         f"{'query ms (median/best)':>23} {'B/sample':>9} {'B/float sample':>15}"
     )
     for row in rows:
-        backend, http_rate, cpu_rate, (own_ms, db_ms), orm_rate, ratio = row[:6]
-        median_ms, best_ms, per, per_float = row[6:]
+        backend, kind, http_rate, cpu_rate, (own_ms, db_ms), orm_rate, ratio = row[:7]
+        median_ms, best_ms, per, per_float = row[7:]
         print(
-            f"{backend:<11} {http_rate:>15,.0f} {cpu_rate:>10,.0f} {own_ms:>6.1f} + {db_ms:<5.1f} "
-            f"{orm_rate:>14,.0f} {ratio:>6.2f} "
+            f"{backend:<11} {kind:<7} {http_rate:>15,.0f} {cpu_rate:>10,.0f} "
+            f"{own_ms:>6.1f} + {db_ms:<5.1f} {orm_rate:>14,.0f} {ratio:>6.2f} "
             f"{median_ms:>11.1f} / {best_ms:<9.1f} {per:>9.2f} {per_float:>15.2f}"
         )
 
