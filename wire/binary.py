@@ -153,5 +153,7 @@ def unpack(body: bytes) -> Any:
         raise
     except msgpack.ExtraData:
         raise UnpackError("bytes after the MessagePack value; send one map") from None
+    except msgpack.StackError:
+        raise UnpackError("nested too deeply for this server to decode") from None
     except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as error:
         raise UnpackError(f"not MessagePack ({type(error).__name__}: {error})"[:300]) from None

@@ -137,6 +137,7 @@ def _with_duplicate_key() -> bytes:
 _BINARY_DEFECTS = [
     ("not_msgpack", b"\xc1", "body", "MessagePack decode error"),
     ("truncated", _packed()[:-5], "body", "MessagePack decode error"),
+    ("too_deep", b"\x91" * 100_000 + b"\x00", "body", "nested too deeply"),
     ("trailing_bytes", _packed() + b"\x00", "body", "bytes after the MessagePack value"),
     ("not_a_map", msgpack.packb([1, 2]), "body", "valid dictionary"),
     ("duplicate_key", _with_duplicate_key(), "body", "'schema' more than once"),
