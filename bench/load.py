@@ -65,9 +65,10 @@ from bench.cpu import (
 )
 from bench.ingest import postgres_databases
 from bench.workload import Options, Workload
+from gradwatch.wire.binary import MEDIA_TYPE
 from tests.server_process import ServerProcess
 
-_HEADERS = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+_MEDIA_TYPES = {"binary": MEDIA_TYPE, "json": "application/json"}
 _TIMEOUT = httpx.Timeout(60.0)
 _RETRIES = 5
 
@@ -95,13 +96,14 @@ def _agent(
     log = _RunLog()
     clients = [httpx.Client(base_url=url, timeout=_TIMEOUT) for url in urls]
     path = f"/api/v1/runs/{run_id}/batches"
+    headers = {"Content-Type": _MEDIA_TYPES[options.body], "Content-Encoding": "gzip"}
 
     def post(body: bytes) -> httpx.Response | None:
         for _ in range(_RETRIES):
             client = clients[rng.randrange(len(clients))]
             started = time.perf_counter()
             try:
-                response = client.post(path, content=body, headers=_HEADERS)
+                response = client.post(path, content=body, headers=headers)
             except httpx.HTTPError as error:
                 log.errors[type(error).__name__] += 1
                 continue
@@ -427,6 +429,13 @@ def main() -> None:
     parser.add_argument("--resend-fraction", type=float, default=0.02)
     parser.add_argument("--postgres-url", default=None, help="use this server, not a new one")
     parser.add_argument("--no-profile", action="store_true", help="do not run py-spy")
+    parser.add_argument(
+        "--body",
+        choices=("binary", "json"),
+        default="binary",
+        help="the batches' body: binary (what the agent sends) or json (the figures in README "
+        "were measured with json, before the agent sent binary)",
+    )
     args = parser.parse_args()
     if not 1 <= args.runs <= 1000 or not 1 <= args.layers <= 10_000 or args.seconds > 3600:
         parser.error("--runs 1..1000, --layers 1..10000, --seconds ≤ 3600")
@@ -439,6 +448,7 @@ def main() -> None:
         scrape_seconds=args.scrape_seconds,
         read_seconds=args.read_seconds,
         resend_fraction=args.resend_fraction,
+        body=args.body,
     )
     profile = not args.no_profile and Sampler.available() is not None
     if not args.no_profile and not profile:
@@ -449,7 +459,7 @@ def main() -> None:
     print(
         f"{options.runs} runs × {options.layers} layers, a batch of {options.steps_per_batch} "
         f"steps every {options.batch_seconds:g} s per run ({options.samples_per_batch:,} "
-        f"samples, {kib:.0f} KiB gzip), {options.seconds:g} s per window; built in "
+        f"samples, {kib:.0f} KiB gzip {options.body}), {options.seconds:g} s per window; built in "
         f"{time.perf_counter() - started:.1f} s"
     )
     results = []

@@ -1,7 +1,8 @@
 """The batches of ``bench/load.py``: what each simulated agent sends, built before the clock
 starts, and what the detectors should make of it.
 
-Pure (NumPy, JSON, gzip); no I/O; building one is CPU work of a few seconds at full size.
+Pure (NumPy, JSON or MessagePack, gzip); no I/O; building one is CPU work of a few seconds
+at full size.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class Options:
     """The load: ``runs`` agents of ``layers`` layers, a step every ``step_seconds``, a batch
     of ``steps_per_batch`` steps per ``batch_seconds``, for a window of ``seconds``; scrapes
     and reads every ``scrape_seconds`` and ``read_seconds``; ``resend_fraction`` of batches
-    sent twice."""
+    sent twice; each batch as the ``body`` kind."""
 
     runs: int
     layers: int
@@ -39,6 +40,8 @@ class Options:
     scrape_seconds: float
     read_seconds: float
     resend_fraction: float
+    body: str = "binary"
+    """``binary`` (what the agent sends) or ``json``."""
 
     @property
     def batch_seconds(self) -> float:
@@ -58,8 +61,8 @@ class Options:
 
 
 class Workload:
-    """Every batch of every run as gzip JSON (``bodies[run][batch]``, the agent's own
-    ``StepBatch.to_wire`` and the transport's encoding), and the detections by (rule,
+    """Every batch of every run gzipped as ``options.body`` (``bodies[run][batch]``, the
+    agent's own ``StepBatch`` encodings), and the detections by (rule,
     severity) after each prefix of a run's batches (``expected[variant][batches]``). Eight
     data sets (``variants``); run ``r`` sends set ``r % 8`` under its own batch ids."""
 
@@ -67,22 +70,29 @@ class Workload:
         self.options = options
         layers = tuple(f"model/block_{i}/dense" for i in range(options.layers))
         variants = min(_VARIANTS, options.runs)
-        templates: list[list[str]] = []
+        templates: list[list[bytes]] = []
         self.expected: list[list[Counter[tuple[str, str]]]] = []
         for v in range(variants):
             batches = [
                 self._batch(layers, v, b, np.random.default_rng([seed, v, b]))
                 for b in range(options.batches_per_run)
             ]
-            templates.append(
-                [json.dumps(b.to_wire(), separators=(",", ":"), allow_nan=False) for b in batches]
-            )
+            templates.append([self._encode(b, options.body) for b in batches])
             self.expected.append(self._detections(batches))
+        placeholder = _PLACEHOLDER.encode()
         self.bodies = [
-            [gzip.compress(t.replace(_PLACEHOLDER, str(uuid.uuid4())).encode(), 5) for t in ts]
+            [gzip.compress(t.replace(placeholder, str(uuid.uuid4()).encode()), 5) for t in ts]
             for ts in (templates[r % variants] for r in range(options.runs))
         ]
         self.variants = variants
+
+    @staticmethod
+    def _encode(batch: StepBatch, body: str) -> bytes:
+        """The batch as the agent's transport sends it (before gzip): the binary body, or
+        JSON; its batch id (a 36-character placeholder) is replaced per run, in place."""
+        if body == "binary":
+            return batch.to_binary()
+        return json.dumps(batch.to_wire(), separators=(",", ":"), allow_nan=False).encode()
 
     def _batch(
         self, layers: tuple[str, ...], variant: int, index: int, rng: np.random.Generator

@@ -24,9 +24,11 @@ from gradwatch.server.auth import TokenScope, create_token
 from gradwatch.server.config import Settings
 from gradwatch.server.embedded import EmbeddedServer
 from gradwatch.server.store.db import Database, create_db_engine
+from gradwatch.wire.binary import MEDIA_TYPE
 from tests.server.wire import make_batch
 
 _GZIP = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+_BINARY = {"Content-Type": MEDIA_TYPE}
 
 
 @pytest.fixture
@@ -74,11 +76,27 @@ def _bodies(max_body_bytes):
         "broken-gzip": (b"not gzip at all", _GZIP),
         "malformed-json": (b'{"schema": 1, "schema": ', {"Content-Type": "application/json"}),
         "wrong-type": (b"<xml/>", {"Content-Type": "application/xml"}),
+        "binary-bomb": (
+            gzip.compress(
+                b"\xc6" + (4 * max_body_bytes).to_bytes(4, "big") + b"\0" * 4 * max_body_bytes
+            ),
+            {**_BINARY, "Content-Encoding": "gzip"},
+        ),
+        "malformed-binary": (b"\xc1\xc1", _BINARY),
     }
 
 
 @pytest.mark.parametrize(
-    "kind", ["gzip-bomb", "oversized", "broken-gzip", "malformed-json", "wrong-type"]
+    "kind",
+    [
+        "gzip-bomb",
+        "oversized",
+        "broken-gzip",
+        "malformed-json",
+        "wrong-type",
+        "binary-bomb",
+        "malformed-binary",
+    ],
 )
 @pytest.mark.parametrize("credentials", ["none", "invalid"])
 def test_auth_first_refused_body_is_401_without_being_read(database_url, token, kind, credentials):
