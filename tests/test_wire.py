@@ -34,6 +34,14 @@ _INCIDENT = {
 }
 
 
+_FLOAT_MATRICES = hnp.arrays(
+    np.float32,
+    hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=6),
+    elements=st.floats(width=32, allow_nan=True, allow_infinity=True),
+)
+"""Steps × layers of float32 values, NaN and ±Inf included."""
+
+
 def _full_agent_batch(values: np.ndarray, steps: np.ndarray) -> AgentBatch:
     n, width = values.shape
     known = np.ones(n, bool)
@@ -92,11 +100,7 @@ def test_wire_float_codec_round_trips(value):
 
 
 @given(
-    values=hnp.arrays(
-        np.float32,
-        hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=6),
-        elements=st.floats(width=32, allow_nan=True, allow_infinity=True),
-    ),
+    values=_FLOAT_MATRICES,
     first=st.integers(0, wire.MAX_STEP - 10),
 )
 def test_wire_agent_batch_reads_back_on_the_server_unchanged(values, first):
@@ -132,11 +136,7 @@ def _columns_equal(left, right) -> None:
 
 
 @given(
-    values=hnp.arrays(
-        np.float32,
-        hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=6),
-        elements=st.floats(width=32, allow_nan=True, allow_infinity=True),
-    ),
+    values=_FLOAT_MATRICES,
     first=st.integers(0, wire.MAX_STEP - 10),
     data=st.data(),
 )

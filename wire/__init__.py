@@ -34,10 +34,12 @@ __all__ = [
     "OPTIONAL_FIELDS",
     "RUN_FIELDS",
     "SCHEMA_VERSION",
+    "DuplicateKeyError",
     "decode_float",
     "decode_floats",
     "encode_float",
     "encode_floats",
+    "unique_keys",
 ]
 
 SCHEMA_VERSION: Final = 1
@@ -130,3 +132,32 @@ def decode_floats(values: Sequence[Any]) -> tuple[FloatArray, BoolArray]:
     known = np.array([v is not None for v in flat], dtype=bool).reshape(shape)
     decoded = [math.nan if v is None else decode_float(v) for v in flat]
     return np.array(decoded, dtype=np.float32).reshape(shape), known
+
+
+class DuplicateKeyError(ValueError):
+    """An object (JSON) or map (MessagePack) has a key more than once.
+
+    Attributes:
+        key: The repeated key.
+    """
+
+    def __init__(self, key: Any) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def unique_keys(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    """A decoder's ``object_pairs_hook``: the pairs as a dict, refusing a repeated key
+    (which value would win is up to the decoder otherwise).
+
+    Raises:
+        DuplicateKeyError: A key appears more than once.
+    """
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[Any] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise DuplicateKeyError(key)
+            seen.add(key)
+    return result

@@ -32,6 +32,8 @@ import msgpack
 import numpy as np
 import numpy.typing as npt
 
+from gradwatch.wire import DuplicateKeyError, unique_keys
+
 __all__ = ["COLUMNS", "MEASURED", "MEDIA_TYPE", "Column", "UnpackError", "pack", "unpack"]
 
 MEDIA_TYPE: Final = "application/vnd.gradwatch.batch+msgpack"
@@ -108,21 +110,6 @@ def pack(
     return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
 
 
-class _DuplicateKeyError(Exception):
-    pass
-
-
-def _unique_map(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        seen: set[Any] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise _DuplicateKeyError(key)
-            seen.add(key)
-    return result
-
-
 def _no_extension(code: int, data: bytes) -> Any:
     raise UnpackError(f"MessagePack extension type {code} is not part of a batch")
 
@@ -141,12 +128,12 @@ def unpack(body: bytes) -> Any:
             body,
             raw=False,
             strict_map_key=True,
-            object_pairs_hook=_unique_map,
+            object_pairs_hook=unique_keys,
             ext_hook=_no_extension,
             timestamp=0,
         )
-    except _DuplicateKeyError as error:
-        key = error.args[0]
+    except DuplicateKeyError as error:
+        key = error.key
         shown = key[:100] if isinstance(key, str | bytes) else key
         raise UnpackError(f"map has the key {shown!r} more than once; send each key once") from None
     except UnpackError:

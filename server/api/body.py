@@ -33,6 +33,8 @@ import orjson
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 
+from gradwatch.wire import DuplicateKeyError, unique_keys
+
 from ..errors import (
     MalformedBodyError,
     PayloadTooLargeError,
@@ -155,12 +157,6 @@ def decode_body(raw: bytes, encoding: str, max_bytes: int) -> bytes:
             return bytes(out)
 
 
-class _DuplicateKeyError(Exception):
-    def __init__(self, key: str) -> None:
-        super().__init__(key)
-        self.key = key
-
-
 def _refuse_constant(token: str) -> Any:
     raise json.JSONDecodeError(
         f"bare {token} is not JSON; send non-finite floats as the strings "
@@ -168,17 +164,6 @@ def _refuse_constant(token: str) -> Any:
         token,
         0,
     )
-
-
-def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise _DuplicateKeyError(key)
-            seen.add(key)
-    return obj
 
 
 def parse_json(body: bytes) -> Any:
@@ -243,10 +228,10 @@ def _same_as_standard(body: bytes, value: Any) -> bool:
 def _parse_standard(body: bytes) -> Any:
     """Parse with the standard library's parser, refusing what the module docstring says."""
     try:
-        return json.loads(body, parse_constant=_refuse_constant, object_pairs_hook=_unique_object)
+        return json.loads(body, parse_constant=_refuse_constant, object_pairs_hook=unique_keys)
     except json.JSONDecodeError as error:
         raise _invalid("json_invalid", f"JSON decode error: {error.msg}", error.pos) from None
-    except _DuplicateKeyError as error:
+    except DuplicateKeyError as error:
         raise _invalid(
             "json_duplicate_key",
             f"JSON object has the key {error.key[:100]!r} more than once; send each key once",
