@@ -142,43 +142,39 @@ class StepBatch:
             dropped_batches: Cumulative counts of batches the agent dropped, by
                 reason, to report with this batch (default: the batch's own).
         """
-        if dropped_batches is None:
-            dropped_batches = self.dropped_batches
-        wire: dict[str, Any] = {
-            "schema": SCHEMA_VERSION,
-            "batch_id": self.batch_id,
-            "layers": list(self.layers),
-            "step": self.step.tolist(),
-            "global_norm": encode_floats(self.global_norm),
-            "global_norm_clipped": encode_floats(self.global_norm_clipped),
-            "clip_coef": encode_floats(self.clip_coef),
-            "skipped": self.skipped.tolist(),
-            "grad_norm": encode_floats(self.grad_norm),
-            "nonfinite": self.nonfinite.tolist(),
-        }
-        if self.loss_known.any():
-            wire["loss"] = encode_floats(self.loss, self.loss_known)
-        known = self.weights_known
-        if known is not None and known.any():
-            assert self.weight_norm is not None
-            assert self.update_ratio is not None
-            mask = np.broadcast_to(known[:, np.newaxis], self.weight_norm.shape)
-            wire["weight_norm"] = encode_floats(self.weight_norm, mask)
-            wire["update_ratio"] = encode_floats(self.update_ratio, mask)
-        if dropped_batches:
-            wire["dropped_batches"] = dict(dropped_batches)
-        if self.incidents:
-            wire["incidents"] = [dict(incident) for incident in self.incidents]
+        wire = self._fields(dropped_batches)
+        columns, measured = self._columns()
+        for name, values in columns.items():
+            if values.dtype.kind == "f":
+                wire[name] = encode_floats(values, measured.get(name))
+            else:
+                wire[name] = values.tolist()
         return wire
 
     def to_binary(self) -> bytes:
         """The batch as the binary body (:mod:`gradwatch.wire.binary`), with the same fields
         as :meth:`to_wire`. ~0.1 ms for 50 steps × 500 layers."""
+        return binary.pack(self._fields(None), *self._columns())
+
+    def _fields(self, dropped_batches: Mapping[str, int] | None) -> dict[str, Any]:
+        """The batch's fields that are not numeric columns."""
+        if dropped_batches is None:
+            dropped_batches = self.dropped_batches
         fields: dict[str, Any] = {
             "schema": SCHEMA_VERSION,
             "batch_id": self.batch_id,
             "layers": list(self.layers),
         }
+        if dropped_batches:
+            fields["dropped_batches"] = dict(dropped_batches)
+        if self.incidents:
+            fields["incidents"] = [dict(incident) for incident in self.incidents]
+        return fields
+
+    def _columns(self) -> tuple[dict[str, npt.NDArray[Any]], dict[str, BoolArray]]:
+        """The numeric columns the batch sends, and the measured-mask of each optional one
+        that was not measured at every step (an optional column measured at no step is left
+        out)."""
         columns: dict[str, npt.NDArray[Any]] = {
             "step": self.step,
             "global_norm": self.global_norm,
@@ -202,11 +198,7 @@ class StepBatch:
             if not known.all():
                 mask = np.broadcast_to(known[:, np.newaxis], self.weight_norm.shape)
                 measured["weight_norm"] = measured["update_ratio"] = mask
-        if self.dropped_batches:
-            fields["dropped_batches"] = dict(self.dropped_batches)
-        if self.incidents:
-            fields["incidents"] = [dict(incident) for incident in self.incidents]
-        return binary.pack(fields, columns, measured)
+        return columns, measured
 
     @classmethod
     def from_wire(cls, wire: Mapping[str, Any]) -> StepBatch:
