@@ -151,6 +151,8 @@ class _HttpResult:
     """CPU of this process (the server's threads and the client) while posting."""
     database_cpu_seconds: float
     """CPU of the PostgreSQL server processes while posting (0 for SQLite)."""
+    latencies: list[float]
+    """Seconds of each timed request, from send to reply."""
 
 
 def _http_ingest(
@@ -171,17 +173,20 @@ def _http_ingest(
             client.post(path, content=body, headers=headers).raise_for_status()
         client.post(path, content=bodies[0][0], headers=headers).raise_for_status()
         stored = 0
+        latencies = []
         database_before = _database_cpu(url)
         cpu_before = time.process_time()
         started = time.perf_counter()
         for body, _ in bodies[1:]:
+            sent = time.perf_counter()
             response = client.post(path, content=body, headers=headers)
+            latencies.append(time.perf_counter() - sent)
             response.raise_for_status()
             stored += response.json()["stored_samples"]
         seconds = time.perf_counter() - started
         cpu = time.process_time() - cpu_before
         database = {pid: s - database_before.get(pid, 0.0) for pid, s in _database_cpu(url).items()}
-        return _HttpResult(seconds, stored, cpu, sum(database.values()))
+        return _HttpResult(seconds, stored, cpu, sum(database.values()), latencies)
 
 
 def _database_cpu(url: str) -> dict[int, float]:
@@ -471,9 +476,11 @@ def main() -> None:
                             1000 * result.database_cpu_seconds / args.batches,
                         ),
                     )
+                    p50, p99 = np.percentile(result.latencies, [50, 99]) * 1000
                     print(
                         f"{backend}, {kind} body: HTTP ingest {http[kind][0]:,.0f} samples/s, "
-                        f"{http[kind][1]:,.0f} samples per CPU second",
+                        f"{http[kind][1]:,.0f} samples per CPU second, a request p50 {p50:.1f} "
+                        f"/ p99 {p99:.1f} / max {max(result.latencies) * 1000:.1f} ms",
                         flush=True,
                     )
                 if args.http_only:
