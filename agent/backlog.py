@@ -20,7 +20,6 @@ import random
 import threading
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
 
 from .clock import Clock
 from .delivery_log import DeliveryLog
@@ -230,8 +229,9 @@ class SpoolBacklog:
 
     # -- spooling -----------------------------------------------------------------------------
 
-    def _to_spool(self, wire: dict[str, Any], reason_without_spool: str) -> None:
-        """Write a batch to the spool and start (or continue) replaying; count it if impossible."""
+    def _to_spool(self, batch: OutgoingBatch, reason_without_spool: str) -> None:
+        """Write a batch to the spool (as its JSON wire dict) and start (or continue)
+        replaying; count it if impossible."""
         spool = self._spool
         if spool is None:
             self._count(reason_without_spool)
@@ -239,7 +239,7 @@ class SpoolBacklog:
         try:
             if not self._state_saved:
                 self._save_state()  # run info first, so a leftover spool can always be uploaded
-            evicted = spool.put(wire)
+            evicted = spool.put(as_wire(batch))
         except OSError as exc:
             self._spool_failed(exc)
             self._count(DropReason.SPOOL_ERROR)

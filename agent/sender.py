@@ -417,22 +417,22 @@ class Sender(SpoolBacklog):
                 self._spool_status(item.status)
             return
         if backlog:
-            self._to_spool(item.to_wire(), DropReason.SHUTDOWN)
+            self._to_spool(item, DropReason.SHUTDOWN)
             return
         try:
             self._with_retry(self._ensure_run)
             self._with_retry(lambda: self._send(item))
         except RunRejectedError:
-            self._to_spool(item.to_wire(), DropReason.REJECTED)
+            self._to_spool(item, DropReason.REJECTED)
             return
         except RejectedError:
             self._count(DropReason.REJECTED)
             return
         except RetryableError:
-            self._to_spool(item.to_wire(), DropReason.SERVER_UNAVAILABLE)
+            self._to_spool(item, DropReason.SERVER_UNAVAILABLE)
             return
         except _ShutdownError:
-            self._to_spool(item.to_wire(), DropReason.SHUTDOWN)
+            self._to_spool(item, DropReason.SHUTDOWN)
             return
         self._delivered(len(item))
 
