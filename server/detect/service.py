@@ -31,7 +31,7 @@ from .detector import detect
 from .event import Detection, Rule, Severity, StepColumns
 from .state import DetectorState
 
-__all__ = ["detect_batch", "get_detector_config", "set_detector_config"]
+__all__ = ["detect_batch", "get_detector_config", "load_state", "set_detector_config"]
 
 _logger = logging.getLogger(__name__)
 
@@ -69,13 +69,22 @@ def set_detector_config(
     return config
 
 
-def detect_batch(session: Session, run: Run, columns: StepColumns, now: datetime) -> None:
+def detect_batch(
+    session: Session, run: Run, state: DetectorState | None, columns: StepColumns, now: datetime
+) -> DetectorState:
     """Run the detectors over a stored batch and store events, counts and state.
 
     Call inside the ingest transaction while holding the run's lock.
+
+    Args:
+        state: The run's stored state (:func:`load_state`; or remembered, see
+            ``ingest.memo``), not modified.
+
+    Returns:
+        The run's state after the batch, as stored.
     """
     config = get_detector_config(session, run.project)
-    result = detect(_load_state(session, run.id), columns, config)
+    result = detect(state, columns, config)
     _store_events(session, run.id, result.events, now)
     event_store.add_detector_counts(
         session,
@@ -83,9 +92,11 @@ def detect_batch(session: Session, run: Run, columns: StepColumns, now: datetime
         {(rule.value, severity.value): n for (rule, severity), n in result.triggers.items() if n},
     )
     event_store.put_detector_state(session, run.id, result.state.to_bytes(), now)
+    return result.state
 
 
-def _load_state(session: Session, run_id: str) -> DetectorState | None:
+def load_state(session: Session, run_id: str) -> DetectorState | None:
+    """A run's stored detector state; None before its first batch or when unreadable."""
     raw = event_store.get_detector_state(session, run_id)
     if raw is None:
         return None

@@ -45,6 +45,7 @@ from ..store.rollup import chunk_maxima
 from ..store.runs import BatchRecord
 from .blocks import MetricBlocks, store_blocks
 from .columns import BatchColumns, Columns, from_json
+from .memo import RunMemo, TransactionMemos, run_version
 
 __all__ = ["IngestOptions", "PreparedBatch", "ingest_batch", "ingest_batches", "prepare_batch"]
 
@@ -214,11 +215,14 @@ def ingest_batches(
     """
     columns = [_columns(batch) for batch in batches]
     prepared = [prepare_batch(batch, options) for batch in columns]
+    memos = TransactionMemos.of(session)
     with session.begin():
-        return [
-            _store(session, run_id, batch, item, options, now)
+        acks = [
+            _store(session, run_id, batch, item, options, now, memos)
             for item, batch in zip(prepared, columns, strict=True)
         ]
+    memos.publish()  # only now: a rolled-back batch must leave no memo
+    return acks
 
 
 def _store(
@@ -228,11 +232,13 @@ def _store(
     prepared: PreparedBatch,
     options: IngestOptions,
     now: datetime,
+    memos: TransactionMemos,
 ) -> BatchAck:
     record = prepared.record
     run = run_store.get_run(session, run_id, for_update=True)
     if run is None:
         raise RunNotFoundError(run_id)
+    memo = memos.get(run_id, run_version(run))
     if batch.incidents:  # before the resend checks: a restarted job's bundle is new
         add_incidents(session, run_id, batch.incidents, now)
     stored = run_store.get_batch(session, run_id, record.batch_id)
@@ -264,12 +270,17 @@ def _store(
     dropped_batches = batch.dropped_batches or {}
     _check_totals(run, prepared.totals)
     run_store.insert_batch(session, run_id, record, now)
-    store_blocks(session, run_id, prepared.metrics)
+    summaries = store_blocks(
+        session, run_id, prepared.metrics, None if memo is None else memo.summaries
+    )
     if run.last_step is None or record.last_step > run.last_step:
         run.top_layers = _top_layers(prepared.columns, options.top_k_layers)
     _add_totals(run, prepared, now)
     _fold_norm_window(run, prepared.global_norm_max, now, options.norm_window_seconds)
-    events.detect_batch(session, run, prepared.columns, now)
+    state = events.load_state(session, run_id) if memo is None else memo.detector
+    state = events.detect_batch(session, run, state, prepared.columns, now)
+    if summaries is not None:
+        memos.stage(run_id, RunMemo(run_version(run), summaries, state))
     if dropped_batches:
         run_store.upsert_agent_drops(session, run_id, dropped_batches, record.last_step)
     if prepared is not whole:

@@ -17,6 +17,7 @@ from ..store import summary as summary_store
 from ..store.block import BlockSet, concat_blocks
 from ..store.metric import Metric
 from ..store.rollup import ChunkMaxima, fold_into_rollups
+from ..store.summary import RunSummaries
 
 __all__ = ["MetricBlocks", "store_blocks"]
 
@@ -33,19 +34,31 @@ class MetricBlocks:
     """Per-chunk maxima of a per-layer metric (its heatmap rollup); None for run-level ones."""
 
 
-def store_blocks(session: Session, run_id: str, metrics: Sequence[MetricBlocks]) -> None:
+def store_blocks(
+    session: Session,
+    run_id: str,
+    metrics: Sequence[MetricBlocks],
+    remembered: RunSummaries | None = None,
+) -> RunSummaries | None:
     """Store the blocks of a batch, fold them into the series summaries and the rollups.
 
     Call under the run's lock, in the ingest transaction; blocks on the database. The series'
-    summaries are read in one query, folded with NumPy over every series of the batch at once
-    (:func:`~gradwatch.server.store.summary.fold_blocks`) and written in one statement; the
-    block rows go in with one ``COPY`` or executemany.
+    summaries (``remembered``, or read in one query) are folded with NumPy over every series
+    of the batch at once (:func:`~gradwatch.server.store.summary.fold_blocks`) and written in
+    one statement; the block rows go in with one ``COPY`` or executemany.
+
+    Args:
+        remembered: Every series of the run with its summary as stored now (see :mod:`.memo`);
+            None reads them.
+
+    Returns:
+        Every series of the run with its summary after this batch (None for no metrics).
     """
     if not metrics:
-        return
+        return remembered
     keys = [(item.metric.value, layer) for item in metrics for layer in item.layers]
     blocks = concat_blocks([item.blocks for item in metrics])
-    run = summary_store.read_summaries(session, run_id)
+    run = summary_store.read_summaries(session, run_id) if remembered is None else remembered
     has_values = blocks.count > 0
     missing = [
         key
@@ -62,7 +75,8 @@ def store_blocks(session: Session, run_id: str, metrics: Sequence[MetricBlocks])
     new_blocks = blocks.take(stored)
     old = run.summaries.take(position[stored])
     series_store.insert_blocks(session, old.id, new_blocks)
-    summary_store.write_summaries(session, summary_store.fold_blocks(old, new_blocks))
+    folded = summary_store.fold_blocks(old, new_blocks)
+    summary_store.write_summaries(session, folded)
     series_ids = np.full(len(keys), -1, dtype=np.int64)  # -1: no series (no value yet)
     known = position >= 0
     series_ids[known] = run.summaries.id[position[known]]
@@ -73,3 +87,4 @@ def store_blocks(session: Session, run_id: str, metrics: Sequence[MetricBlocks])
             ids = series_ids[offset : offset + width]
             fold_into_rollups(session, run_id, item.metric, ids, item.maxima)
         offset += width
+    return RunSummaries(run.position, run.summaries.put(position[stored], folded))

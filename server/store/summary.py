@@ -71,6 +71,15 @@ class Summaries:
             vlast=self.vlast[index],
         )
 
+    def put(self, index: NDArray[np.intp], new: Summaries) -> Summaries:
+        """A copy with the series at ``index`` (positions) replaced by ``new``'s, in order."""
+        columns = {}
+        for name in _FIELDS:
+            column = getattr(self, name).copy()
+            column[index] = getattr(new, name)
+            columns[name] = column
+        return Summaries(**columns)
+
 
 @dataclass(frozen=True, slots=True)
 class RunSummaries:
