@@ -187,7 +187,7 @@ def test_a_rolled_back_transaction_leaves_no_memo(two_databases, memos, monkeypa
 
 def test_a_deleted_and_recreated_run_is_read_afresh(two_databases, memos, monkeypatch):
     """The re-created run reaches the remembered step count in another worker: only its
-    ``created_at`` tells the memo from it."""
+    ``created_at`` and ``updated_at`` tell the memo from it."""
     tested, reference = two_databases
     run_id = str(uuid.uuid4())
     first_life, batches = _batches(seed=4, count=2), _batches(seed=5, count=3)
