@@ -249,6 +249,21 @@ def test_detectors_config_invalid_is_422_naming_the_field(client, change, field)
     assert client.get("/api/v1/projects/vision/detectors").json()["layers"] == []
 
 
+def test_detectors_config_changed_mid_run_applies_from_the_next_batch(client):
+    """The server keeps validated thresholds between batches: a change (and a change back to
+    thresholds it has seen) still applies from the next batch on."""
+    run_id = create_run(client, project="vision")
+    for step, ceiling in enumerate([10.0, 100.0, 10.0]):
+        config = {"thresholds": {"explosion": {"ceiling": ceiling}}}
+        assert client.put("/api/v1/projects/vision/detectors", json=config).status_code == 200
+        batch = make_batch([step], _LAYERS, grad_norm=[[1.0, 1.0, 50.0]], global_norm=[5.0])
+        assert post_batch(client, run_id, batch).status_code == 200
+    (event,) = _events(client, run_id, rule="explosion")
+    # Steps 0 and 2 (ceiling 10) fired and merged; step 1 (ceiling 100) did not fire.
+    assert (event["layer"], event["first_step"], event["last_step"]) == ("head", 0, 2)
+    assert event["count"] == 2
+
+
 def test_detectors_config_ceiling_applies_per_layer_pattern(client):
     config = {
         "thresholds": {"explosion": {"ceiling": 10.0}},
