@@ -15,7 +15,7 @@ that take a session block on the database and are not thread-safe per session).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -74,10 +74,10 @@ class Summaries:
     def put(self, index: NDArray[np.intp], new: Summaries) -> Summaries:
         """A copy with the series at ``index`` (positions) replaced by ``new``'s, in order."""
         columns = {}
-        for name in _FIELDS:
-            column = getattr(self, name).copy()
-            column[index] = getattr(new, name)
-            columns[name] = column
+        for field in fields(self):
+            column = getattr(self, field.name).copy()
+            column[index] = getattr(new, field.name)
+            columns[field.name] = column
         return Summaries(**columns)
 
 
