@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from .clock import Clock
 from .delivery_log import DeliveryLog
-from .records import OutgoingBatch, StepBatch, as_wire, with_report
+from .records import OutgoingBatch, StepBatch, announced_incidents, as_wire, with_report
 from .spool import Spool, SpoolState
 from .transport import (
     RejectedError,
@@ -119,7 +119,7 @@ class SpoolBacklog:
         try:
             self._transport.send_batch(self._run.run_id, body)
         except RejectedError as exc:
-            announced = as_wire(body).get("incidents") if exc.status_code == 422 else None
+            announced = announced_incidents(body) if exc.status_code == 422 else ()
             if not announced or "incidents" not in str(exc):
                 raise
             paths = ", ".join(str(item.get("path")) for item in announced)

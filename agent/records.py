@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "OutgoingBatch",
     "StepBatch",
+    "announced_incidents",
     "as_wire",
     "decode_floats",
     "encode_floats",
@@ -248,6 +249,13 @@ the spool or a local file (sent as JSON, as it was written)."""
 def as_wire(batch: OutgoingBatch) -> dict[str, Any]:
     """The JSON wire dict of an outgoing batch."""
     return batch.to_wire() if isinstance(batch, StepBatch) else dict(batch)
+
+
+def announced_incidents(batch: OutgoingBatch) -> Sequence[Mapping[str, Any]]:
+    """The incident bundles an outgoing batch announces (usually none), without encoding it."""
+    if isinstance(batch, StepBatch):
+        return batch.incidents
+    return batch.get("incidents") or ()
 
 
 def with_report(

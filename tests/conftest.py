@@ -1,4 +1,5 @@
-"""Test-wide settings: quiet TensorFlow, and two logical CPUs for tf.distribute tests.
+"""Test-wide settings: quiet TensorFlow, two logical CPUs for tf.distribute tests, and no
+wall-clock deadline for hypothesis examples.
 
 The logical devices must be configured before TensorFlow initialises its runtime,
 so it happens here, when pytest first loads the test tree. Server-only runs do not
@@ -9,6 +10,13 @@ import os
 import tempfile
 
 import pytest
+from hypothesis import settings
+
+# Hypothesis fails an example that takes over 200 ms by default: a wall-clock limit, which a
+# loaded 2-core machine breaks (a first example that imports the server took 272 ms). Tests
+# check behaviour; speed is the benchmarks' job.
+settings.register_profile("gradwatch", deadline=None)
+settings.load_profile("gradwatch")
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
