@@ -209,6 +209,11 @@ class Ring(tf.Module):
     def weigh_last_if(self, step: tf.Tensor, measure: Callable[[], tf.Tensor]) -> None:
         """In-graph: fill the weight columns of the last row if it is ``step`` and has none.
 
+        Measures whether due or not and keeps the row as it was where not: a
+        ``tf.cond`` would capture every weight and its copy into a branch graph,
+        which doubled the cost of tracing this function (its run time is one
+        call in ``stats_every`` steps, and it is nearly always due when called).
+
         Args:
             step: Scalar int64: the step after the weight snapshot.
             measure: Returns the ``[2, num_layers]`` weight norms and update ratios.
@@ -217,21 +222,21 @@ class Ring(tf.Module):
         assert weight_buf is not None, "the ring was built without weight columns"
         recorded = self.recorded.read_value()
         index = tf.math.floormod(recorded - 1, self.capacity)
+        run_buf = self.run_buf.read_value()
+        weighed = run_buf[index, _WEIGHED]
         due = tf.logical_and(
             recorded > 0,
             tf.logical_and(
                 tf.equal(tf.gather(self.step_buf.read_value(), index), step),
-                tf.equal(self.run_buf.read_value()[index, _WEIGHED], 0.0),
+                tf.equal(weighed, 0.0),
             ),
         )
-
-        def weigh() -> tf.Tensor:
-            _write_row(weight_buf, tf.reshape(index, [1, 1]), measure()[tf.newaxis])
-            flag = tf.stack([index, tf.constant(_WEIGHED, tf.int64)])[tf.newaxis]
-            self.run_buf.assign(tf.tensor_scatter_nd_update(self.run_buf, flag, [1.0]))
-            return tf.constant(True)
-
-        tf.cond(due, weigh, lambda: tf.constant(False))
+        values = tf.where(due, measure(), tf.gather(weight_buf.read_value(), index))
+        _write_row(weight_buf, tf.reshape(index, [1, 1]), values[tf.newaxis])
+        flag = tf.stack([index, tf.constant(_WEIGHED, tf.int64)])[tf.newaxis]
+        self.run_buf.assign(
+            tf.tensor_scatter_nd_update(run_buf, flag, tf.where(due, 1.0, weighed)[tf.newaxis])
+        )
 
     def read(self, since: int) -> RingRead:
         """Host side: read the rows written after the first ``since`` (blocks on a device read).

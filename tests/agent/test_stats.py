@@ -13,6 +13,7 @@ from hypothesis.extra import numpy as hnp
 
 from gradwatch.agent.layers import LayerLayout, layout_of
 from gradwatch.agent.stats import compute_gradient_stats, sum_of_squares
+from gradwatch.agent.weights import layer_norms_two_pass
 
 LAYOUT = LayerLayout(names=("a", "b"), segment_ids=(0, 0, 1))
 
@@ -150,3 +151,72 @@ def test_careful_norms_of_many_tensors_match_float64_in_every_compiler(mode, sca
     assert np.isnan(variable_norms.numpy()[2])
     assert layer_norms.numpy()[0] == pytest.approx(_ref_norm(*grads[0:2]), rel=1e-5)
     assert nonfinite.numpy().tolist() == [0, 2, 0]
+
+
+def _ref_layer_norms(arrays: list[np.ndarray], segment_ids: tuple[int, ...], layers: int):
+    """float64 norms per layer, NaN over +Inf, rounded to float32 (which may overflow to Inf)."""
+    norms = []
+    for layer in range(layers):
+        values = [
+            a.astype(np.float64).ravel()
+            for a, s in zip(arrays, segment_ids, strict=True)
+            if s == layer
+        ]
+        flat = np.concatenate(values) if values else np.zeros(0)
+        if np.isnan(flat).any():
+            norms.append(np.nan)
+        elif np.isinf(flat).any():
+            norms.append(np.inf)
+        else:
+            scale = np.abs(flat).max(initial=0.0) or 1.0
+            norms.append(scale * math.sqrt(float(np.sum(np.square(flat / scale)))))
+    with np.errstate(over="ignore"):
+        return np.array(norms).astype(np.float32)
+
+
+_SPECIALS = st.sampled_from([0.0, np.nan, np.inf, -np.inf, 3e38, -1e30, 1e-30, 2e-38])
+_TWO_PASS_LAYOUT = LayerLayout(names=("a", "b", "c"), segment_ids=(0, 0, 1, 2))
+
+
+@settings(max_examples=60)
+@given(
+    st.lists(
+        hnp.arrays(
+            np.float32,
+            st.integers(0, 12),
+            elements=st.one_of(
+                st.floats(-1e3, 1e3, width=32, allow_subnormal=False),
+                st.floats(width=32, allow_subnormal=False, allow_nan=False, allow_infinity=False),
+                _SPECIALS,
+            ),
+        ),
+        min_size=4,
+        max_size=4,
+    )
+)
+def test_two_pass_layer_norms_match_float64_with_nan_inf_overflow_and_underflow(arrays):
+    # The measurement between steps (weights.layer_norms_two_pass) must give what the
+    # in-step statistics give: NaN over +Inf, true norms of values whose squares leave
+    # the float32 range, 0 for a layer of zeros or of no values.
+    got = layer_norms_two_pass([tf.constant(a) for a in arrays], _TWO_PASS_LAYOUT).numpy()
+    want = _ref_layer_norms(arrays, _TWO_PASS_LAYOUT.segment_ids, 3)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    in_step = compute_gradient_stats([tf.constant(a) for a in arrays], _TWO_PASS_LAYOUT)
+    np.testing.assert_allclose(got, in_step.layer_norms.numpy(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["graph", "xla"])
+def test_two_pass_layer_norms_match_float64_in_every_compiler(mode):
+    # Traced into the measurement function (graph) and, with steps_per_execution > 1,
+    # into the train step (XLA under jit_compile).
+    rng = np.random.default_rng(3)
+    arrays = [
+        (rng.normal(size=s) * k).astype(np.float32)
+        for s, k in [((3, 4), 1e30), ((0,), 1.0), ((5,), 1e-30), ((2, 2), 1.0)]
+    ]
+    arrays[3][0, 1] = np.inf
+    compiled = tf.function(
+        lambda *ts: layer_norms_two_pass(list(ts), _TWO_PASS_LAYOUT), jit_compile=mode == "xla"
+    )
+    got = compiled(*(tf.constant(a) for a in arrays)).numpy()
+    np.testing.assert_allclose(got, _ref_layer_norms(arrays, (0, 0, 1, 2), 3), rtol=1e-5)
