@@ -62,6 +62,7 @@ from .bundle import (
 )
 from .clip.base import state_variable
 from .cluster import cluster_task
+from .copy_branch import CopyBranch
 from .incident_batch import BatchCopy, many_replicas
 from .incident_rolling import RollingSnapshot, bundle_parts, rolls
 from .incident_state import SharedCapture
@@ -122,6 +123,7 @@ class IncidentCapture:
         self._shadows: list[tf.Variable] = []
         self._inner: Any = None
         self._batch = BatchCopy()
+        self._copies = CopyBranch("incident_copies")  # kept a branch under XLA
         self._replicas = 1
         self._writes = True  # False on a multi-worker job's non-chief workers
         self._jit_compile = False  # whether the step that copies was traced for XLA
@@ -202,6 +204,7 @@ class IncidentCapture:
             self._step = state_variable(-1, tf.int64, "incident_step")
             self._cause = state_variable(0, tf.int32, "incident_cause")
             self._batch.build()
+            self._copies.build()
             self._explosion.build()
         self._variables, self._inner = watched, inner
         self.shared.prepare(model)  # a custom loop's RNG states (fit copies them in-graph)
@@ -327,7 +330,7 @@ class IncidentCapture:
             )
 
     def _copy_when(self, trigger: Any, cause: Any, step: Any, copy_state: bool = True) -> None:
-        def copy() -> tf.Tensor:
+        def copy() -> None:
             if copy_state:
                 self._copy_state()
             self._armed.assign(False)
@@ -335,9 +338,8 @@ class IncidentCapture:
             self._batch.mark_due()
             self._step.assign(tf.cast(step, tf.int64))
             self._cause.assign(tf.cast(cause, tf.int32))
-            return tf.constant(True)
 
-        tf.cond(trigger, copy, lambda: tf.constant(False))
+        self._copies(trigger, copy)
 
     def capture_batch(self, data: Any) -> None:
         """In-graph, at the end of a train step: copy its batch if that step was captured."""

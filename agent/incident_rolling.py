@@ -8,7 +8,9 @@ update does not interfere, so under XLA the capture
 
 * copies the state (weights, optimizer variables, the model's RNG states and other
   non-trainable variables) after the update of every step ``s`` with ``(s + 1) % K == 0``
-  (a ``tf.cond`` taken once every ``K`` steps): the state step ``s + 1`` begins with; and
+  (a :class:`~gradwatch.agent.copy_branch.CopyBranch` taken once every ``K`` steps: a plain
+  ``tf.cond`` that only copies, XLA compiles into a copy on every step): the state step
+  ``s + 1`` begins with; and
   once, eagerly, when the first step is traced (the state the first step begins with);
 * copies each step's batch into slot ``step % K`` of a ring (a ``K``-slot buffer, updated in
   place), while armed;
@@ -37,6 +39,7 @@ import tensorflow as tf
 
 from .bundle import describe
 from .clip.base import state_variable
+from .copy_branch import CopyBranch
 from .incident_batch import BatchCopy
 from .notice import say
 
@@ -53,12 +56,14 @@ class RollingSnapshot:
     def __init__(self, every: int) -> None:
         self.every = every
         self.begins: tf.Variable | None = None
+        self._branch = CopyBranch("incident_snapshots")
 
     def build(self, first_step: int, copy: Callable[[], None]) -> None:
         """Eagerly (at the first trace, before any step of it ran): copy the state now, the
         state step ``first_step`` begins with."""
         with tf.init_scope():
             self.begins = state_variable(first_step, tf.int64, "incident_snapshot_step")
+            self._branch.build()
             copy()
 
     def after_update(self, step: Any, armed: Any, copy: Callable[[], None]) -> None:
@@ -69,12 +74,11 @@ class RollingSnapshot:
         following = tf.cast(step, tf.int64) + 1
         due = tf.logical_and(armed, tf.equal(following % self.every, 0))
 
-        def take() -> tf.Tensor:
+        def take() -> None:
             copy()
             begins.assign(following)
-            return tf.constant(True)
 
-        tf.cond(due, take, lambda: tf.constant(False))
+        self._branch(due, take)
 
 
 @dataclass(frozen=True, slots=True)
