@@ -23,8 +23,9 @@ replays the bad step. Cost: the copy ÷ ``K`` plus one batch copy per step; memo
 of the state and ``K`` batches.
 
 Used only where the replay can run the steps in between as training did: ``fit`` under XLA
-on one replica, without a clip policy, groups or gradient accumulation, and when the ring
-fits ``incident_max_bytes``; everywhere else the exact copy (:mod:`.incident`).
+on one replica, without groups or gradient accumulation (a clip policy's state is copied
+with the rest), and when the ring fits ``incident_max_bytes``; everywhere else the exact
+copy (:mod:`.incident`).
 
 Variables are made eagerly (``tf.init_scope``). Not thread-safe: the training thread owns it.
 """
