@@ -38,9 +38,9 @@ import keras
 import tensorflow as tf
 
 from .layers import LayerLayout
-from .stats import compute_gradient_stats
+from .stats import compute_gradient_stats, layer_norms_two_pass
 
-__all__ = ["WeightSnapshot", "layer_norms_two_pass", "read_weights", "update_ratio", "weight_stats"]
+__all__ = ["WeightSnapshot", "read_weights", "update_ratio", "weight_stats"]
 
 
 def _raw(variable: Any) -> Any:
@@ -69,33 +69,6 @@ def weight_stats(
     norms = compute_gradient_stats(weights, layout).layer_norms
     updates = compute_gradient_stats(deltas, layout).layer_norms
     return tf.stack([norms, update_ratio(updates, norms)])
-
-
-def layer_norms_two_pass(tensors: Sequence[tf.Tensor], layout: LayerLayout) -> tf.Tensor:
-    """``[L]`` float32 L2 norm per layer of ``tensors``, overflow- and underflow-safe, no branch.
-
-    Two passes over each tensor: the layer's largest finite magnitude M, then Σ(x/M)²,
-    so the norm is M·√Σ(x/M)². A NaN gives NaN, an Inf (and no NaN) +Inf, and a layer
-    of zeros 0, as :func:`~gradwatch.agent.stats.compute_gradient_stats` does. One
-    scale per layer is enough: a value too small next to M to survive squaring is too
-    small to change the sum. For the measurements between steps, where the size of
-    the traced graph matters and the run time does not (one call in ``stats_every``
-    steps): no ``tf.cond``, about 9 graph nodes per tensor instead of about 25.
-    """
-    flat, axis, zero = tf.constant([-1]), tf.constant([0]), tf.constant(0.0)
-    flats = [tf.reshape(tf.cast(t, tf.float32), flat) for t in tensors]
-    maxima = tf.stack(
-        [tf.reduce_max(tf.where(tf.math.is_finite(f), tf.abs(f), zero), axis) for f in flats]
-    )
-    segment_ids = tf.constant(layout.segment_ids, tf.int32)
-    scale = tf.math.unsorted_segment_max(maxima, segment_ids, layout.num_layers)
-    # A layer of zeros (or only non-finite values, or no values) is scaled by 1.
-    scale = tf.where(scale > 0.0, scale, tf.ones_like(scale))
-    divisors = tf.unstack(tf.gather(scale, segment_ids), num=len(flats))
-    ssqs = tf.stack(
-        [tf.reduce_sum(tf.square(f / d), axis) for f, d in zip(flats, divisors, strict=True)]
-    )
-    return scale * tf.sqrt(tf.math.unsorted_segment_sum(ssqs, segment_ids, layout.num_layers))
 
 
 class WeightSnapshot(tf.Module):

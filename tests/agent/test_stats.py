@@ -12,8 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from gradwatch.agent.layers import LayerLayout, layout_of
-from gradwatch.agent.stats import compute_gradient_stats, sum_of_squares
-from gradwatch.agent.weights import layer_norms_two_pass
+from gradwatch.agent.stats import compute_gradient_stats, layer_norms_two_pass, sum_of_squares
 
 LAYOUT = LayerLayout(names=("a", "b"), segment_ids=(0, 0, 1))
 
@@ -195,7 +194,7 @@ _TWO_PASS_LAYOUT = LayerLayout(names=("a", "b", "c"), segment_ids=(0, 0, 1, 2))
     )
 )
 def test_two_pass_layer_norms_match_float64_with_nan_inf_overflow_and_underflow(arrays):
-    # The measurement between steps (weights.layer_norms_two_pass) must give what the
+    # The measurement between steps (stats.layer_norms_two_pass) must give what the
     # in-step statistics give: NaN over +Inf, true norms of values whose squares leave
     # the float32 range, 0 for a layer of zeros or of no values.
     got = layer_norms_two_pass([tf.constant(a) for a in arrays], _TWO_PASS_LAYOUT).numpy()
