@@ -479,6 +479,8 @@ class IncidentCapture:
             f"the state step {rolled.earlier.begins} began with and the batches since"
             if rolled
             else "its weights, optimizer state and batch"
+            if slot is not None
+            else "its weights and optimizer state (not its batch)"
         )
         say(
             f"step {step} {_SAID[manifest['cause']]}: {held} are in {directory} "

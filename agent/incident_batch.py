@@ -3,7 +3,11 @@ or under a rolling capture the batch of every step since its last copy of the st
 
 XLA cannot change a variable's shape, so each numeric input keeps a flat buffer the size of
 the first traced batch plus its shape; a larger batch is not copied (the bundle then has no
-batch and says so). Under ``tf.distribute`` with several replicas the buffers hold the
+batch and says so). A batch traced with a dynamic shape (``fit`` on data whose size is not a
+multiple of ``batch_size``) gets a buffer whose size follows the copied batch in graph mode,
+and none under XLA or in a rolling ring (said once, at the first trace).
+
+Under ``tf.distribute`` with several replicas the buffers hold the
 *global* batch: the replicas' shards are gathered in replica order (their order in the
 global batch; across workers, an all-gather that every worker runs, since they all take
 the same branch) in cross-replica context, only on the captured step.
@@ -20,8 +24,10 @@ from typing import Any
 
 import tensorflow as tf
 
+from . import _keras_compat as compat
 from .bundle import nest_template, structure
 from .clip.base import state_variable
+from .notice import say
 
 __all__ = ["BatchCopy", "many_replicas"]
 
@@ -60,6 +66,7 @@ class BatchCopy:
         self.structure = ""
         self.packed = True
         self.nest: Any = None
+        self._said_dynamic = False  # the user was told a dynamic shape keeps no batch
 
     def build(self) -> None:
         """Create the flags (eagerly; call under ``tf.init_scope``)."""
@@ -120,15 +127,18 @@ class BatchCopy:
             step = current.read_value()  # read only when copying: nothing more on other steps
             slot = tf.reshape(tf.cast(step % self.slots, tf.int32), [1])
             leaves = gather()
-            pairs = [(leaf, b) for leaf, b in zip(leaves, buffers, strict=True) if b is not None]
+            # A buffer of unknown size (a dynamic shape, graph mode) takes any batch.
+            pairs = [
+                (leaf, b.shape[1])
+                for leaf, b in zip(leaves, buffers, strict=True)
+                if b is not None and b.shape[1] is not None
+            ]
             known = [leaf.shape.num_elements() for leaf, _ in pairs]
-            if any(
-                n is not None and n > b.shape[1] for n, (_, b) in zip(known, pairs, strict=True)
-            ):
+            if any(n is not None and n > size for n, (_, size) in zip(known, pairs, strict=True)):
                 self._put(steps, tf.constant(-1, tf.int64), slot)  # a larger batch (known now)
                 return tf.constant(False)
             fits = tf.reduce_all(
-                [tf.size(leaf, tf.int64) <= b.shape[1] for leaf, b in pairs] or [True]
+                [tf.size(leaf, tf.int64) <= size for leaf, size in pairs] or [True]
             )
 
             def assign() -> tf.Tensor:
@@ -137,8 +147,9 @@ class BatchCopy:
                     if buffer is None:
                         continue
                     flat = tf.reshape(tf.cast(leaf, buffer.dtype), [-1])
-                    padded = tf.pad(flat, [[0, buffer.shape[1] - tf.size(flat)]])
-                    self._put(buffer, padded, slot)
+                    if buffer.shape[1] is not None:
+                        flat = tf.pad(flat, [[0, buffer.shape[1] - tf.size(flat)]])
+                    self._put(buffer, flat, slot)
                     self._put(self.shapes[index], tf.shape(leaf, out_type=tf.int64), slot)
                 self._put(steps, step, slot)
                 self.copied.assign(True)
@@ -170,20 +181,38 @@ class BatchCopy:
             for leaf in leaves:
                 tensor_like = hasattr(leaf, "shape") and hasattr(leaf, "dtype")
                 dtype = tf.as_dtype(leaf.dtype) if tensor_like else None
-                size = leaf.shape.num_elements() if tensor_like else None
-                if dtype is None or not (dtype.is_floating or dtype.is_integer or dtype.is_bool):
-                    size = None
-                rank = (leaf.shape.rank or 0) if size is not None else 0
+                numeric = dtype is not None and (
+                    dtype.is_floating or dtype.is_integer or dtype.is_bool
+                )
+                size = leaf.shape.num_elements() if numeric else None
+                # A dynamic shape (in fit: the data's size is not a multiple of batch_size):
+                # a buffer that takes any size, where a variable may change its shape (one
+                # slot, not XLA); elsewhere no buffer, and the user is told once.
+                dynamic = numeric and size is None and leaf.shape.rank is not None
+                resizable = dynamic and slots == 1 and not compat.in_xla_context()
+                if dynamic and not resizable and not self._said_dynamic:
+                    self._said_dynamic = True
+                    say(
+                        f"incident capture keeps no batch under XLA when an input's shape is "
+                        f"not static as the step is traced ({leaf.shape}; in fit, the data's "
+                        f"size is not a multiple of batch_size); a bundle's manifest gives the "
+                        f"bad batch's position (epoch, step in epoch) in the data instead"
+                    )
+                rank = (leaf.shape.rank or 0) if size is not None or resizable else 0
                 self.shapes.append(
                     state_variable(tf.zeros([slots, rank], tf.int64), tf.int64, "shape")
                 )
-                if size is None:
+                if size is None and not resizable:
                     buffers.append(None)
                     continue
                 assert dtype is not None
+                columns = None if size is None else size * replicas
                 buffers.append(
                     state_variable(
-                        tf.zeros([slots, size * replicas], dtype), dtype, "incident_batch"
+                        tf.zeros([slots, columns or 0], dtype),
+                        dtype,
+                        "incident_batch",
+                        shape=tf.TensorShape([slots, columns]),
                     )
                 )
             self.steps = state_variable(

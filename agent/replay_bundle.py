@@ -68,6 +68,14 @@ def read_batch(manifest: dict[str, Any], reader: Any, prefix: str = "") -> tuple
     earlier batch (:mod:`.incident_rolling`), as NumPy leaves."""
     batch = manifest.get("batch")
     if not batch:
+        position = manifest.get("position")
+        if position:  # fit: the step was traced with a dynamic batch shape
+            raise BundleError(
+                f"the bundle holds no batch: its shape was not static when the step was "
+                f"traced (in fit, the data's size is not a multiple of batch_size); the bad "
+                f"batch is step {position['step_in_epoch']} of epoch {position['epoch']} of "
+                f"the data"
+            )
         raise BundleError(
             "the bundle holds no batch: in a custom loop, call monitor.capture_batch((x, y)) "
             "after apply_gradients in the step"

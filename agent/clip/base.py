@@ -36,7 +36,9 @@ class PolicyState(tf.Module):
     """
 
 
-def state_variable(initial_value: Any, dtype: tf.DType, name: str) -> tf.Variable:
+def state_variable(
+    initial_value: Any, dtype: tf.DType, name: str, shape: tf.TensorShape | None = None
+) -> tf.Variable:
     """Create one variable of policy state.
 
     Call only from ``ClipPolicy.init``, which the monitor runs eagerly under the
@@ -50,11 +52,13 @@ def state_variable(initial_value: Any, dtype: tf.DType, name: str) -> tf.Variabl
     no-variable-creation variant), and that second trace of the whole train step
     cost about as much as the first (measured: 0.6 s of a 1.4 s first ``fit`` step
     for a two-layer model). Registering would only lift an initializer, and an
-    eager variable is already initialized.
+    eager variable is already initialized. ``shape``: a less specific shape than the
+    initial value's, which assignments may then change (not under XLA).
     """
     return tf.Variable(
         initial_value,
         dtype=dtype,
+        shape=shape,
         trainable=False,
         name=name,
         aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,

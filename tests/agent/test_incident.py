@@ -156,6 +156,44 @@ def test_a_custom_loop_captures_the_batch_it_offers(tmp_path):
     assert "first NaN/Inf: op Log" in result.stdout
 
 
+def test_fit_on_data_not_a_multiple_of_the_batch_size_keeps_the_batch_and_replays(tmp_path):
+    """The last batch is partial, so Keras traces the step with a dynamic batch dimension:
+    the capture's buffer takes the batch's size when it copies it (graph mode)."""
+    x, y = planted_data()
+    model = planted_log()
+    monitor = planted_monitor(tmp_path)
+    fit_planted(model, monitor, x[:-5], y[:-5])
+    (bundle,) = monitor.incidents
+
+    assert read_manifest(bundle)["batch"] is not None
+    np.testing.assert_array_equal(
+        bundle_tensor(bundle, "batch", 0).reshape(BATCH, 4),
+        x[BAD_STEP * BATCH : (BAD_STEP + 1) * BATCH],
+    )
+    result = run_replay(bundle, "tests.agent.incident_models:planted_log")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "first NaN/Inf: op Log" in result.stdout
+
+
+def test_under_xla_a_dynamic_batch_shape_is_said_and_the_replay_names_its_position(
+    tmp_path, capsys
+):
+    x, y = planted_data()
+    model = planted_log()
+    model.compile(optimizer="adam", loss="mse", jit_compile=True)
+    monitor = planted_monitor(tmp_path)
+    fit_planted(model, monitor, x[:-5], y[:-5])
+    (bundle,) = monitor.incidents
+
+    said = capsys.readouterr().err
+    assert "incident capture keeps no batch under XLA" in said
+    assert "its weights and optimizer state (not its batch) are in" in said
+    assert read_manifest(bundle)["batch"] is None
+    result = run_replay(bundle, "tests.agent.incident_models:planted_log")
+    assert result.returncode == 2
+    assert f"the bad batch is step {BAD_STEP} of epoch 0 of the data" in result.stderr
+
+
 def test_only_max_incidents_bundles_are_written_and_zero_turns_capture_off(tmp_path):
     x, y = planted_data()
     x[12 * BATCH, 0] = 0.0  # a second bad step
