@@ -69,12 +69,11 @@ def read_batch(manifest: dict[str, Any], reader: Any, prefix: str = "") -> tuple
     batch = manifest.get("batch")
     if not batch:
         position = manifest.get("position")
-        if position:  # fit: the step was traced with a dynamic batch shape
+        if position:  # fit: as the monitor said when training began
             raise BundleError(
-                f"the bundle holds no batch: its shape was not static when the step was "
-                f"traced (in fit, the data's size is not a multiple of batch_size); the bad "
-                f"batch is step {position['step_in_epoch']} of epoch {position['epoch']} of "
-                f"the data"
+                f"the bundle holds no batch (in fit under XLA, when the data's size is not a "
+                f"multiple of batch_size); the bad batch is step {position['step_in_epoch']} "
+                f"of epoch {position['epoch']} of the data"
             )
         raise BundleError(
             "the bundle holds no batch: in a custom loop, call monitor.capture_batch((x, y)) "
