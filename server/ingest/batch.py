@@ -250,9 +250,13 @@ def _store(
                 f"has steps {record.first_step}..{record.last_step} ({record.n_steps} steps)"
             )
         return _acknowledge(run_id, prepared, duplicate=True)
-    overlapping = run_store.find_overlapping_batches(
-        session, run_id, record.first_step, record.last_step
-    )
+    # Every stored batch ends at or before the run's last step, so a batch after it (the usual
+    # case) overlaps none: no lookup.
+    overlapping: list[BatchRecord] = []
+    if run.last_step is not None and record.first_step <= run.last_step:
+        overlapping = run_store.find_overlapping_batches(
+            session, run_id, record.first_step, record.last_step
+        )
     whole = prepared
     if overlapping:
         if _are_stored(session, run_id, prepared.steps):
